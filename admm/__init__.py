@@ -1,0 +1,1 @@
+"""The method: ADMM-constrained low-tensor-rank training (projections, accounting, ...)."""

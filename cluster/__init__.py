@@ -1,0 +1,1 @@
+"""Ray: local/cluster runtime, job submission, storage paths."""

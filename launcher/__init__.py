@@ -1,0 +1,1 @@
+"""Command line, configuration and the driver-side phase pipeline."""

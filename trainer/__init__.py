@@ -1,0 +1,1 @@
+"""Trainer: models, data, the engine, the train/eval loop, checkpoints and tracking."""

@@ -1,0 +1,112 @@
+"""DeepSpeed engine setup: config dict, optimizer, warmup + cosine schedule.
+
+The engine runs on whatever process group the caller set up (Ray Train's,
+or the in-process one of the ``local`` backend). On CPU DeepSpeed picks its
+CPU accelerator and gloo by itself; we only switch off its shared-memory
+all-reduce op, whose JIT build costs ~30 s per process and buys nothing for
+the gradient sizes of CNNs on gloo (the all-reduce stays correct without it).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.schema import Config
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What the engine does with numbers on this device."""
+
+    bf16: bool  # autocast the forward pass to bfloat16 (parameters and optimizer stay fp32)
+    channels_last: bool  # feed channels_last inputs (parameters stay contiguous: DeepSpeed needs that)
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> Precision:
+    """Turn ``auto`` settings into concrete ones for ``device``."""
+    on_gpu = device.type == "cuda"
+    bf16 = cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and on_gpu)
+    cl = cfg.engine.channels_last == "on" or (cfg.engine.channels_last == "auto" and on_gpu)
+    return Precision(bf16=bf16, channels_last=cl)
+
+
+def prepare_deepspeed_env() -> None:
+    """Set what DeepSpeed needs before it is first used in this process."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # noqa: WPS433 (import after the env is set)
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def deepspeed_config(cfg: Config, world_size: int, precision: Precision) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run.
+
+    Autocast is requested through DeepSpeed's own ``torch_autocast`` section:
+    an outer ``torch.autocast`` is switched off inside the engine (measured
+    0.58x on an H100: the model silently trains in fp32).
+    """
+    micro = cfg.data.batch_size // (world_size * cfg.optim.grad_accum)
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        # We pass a torch SGD; DeepSpeed asks for this flag to pair it with ZeRO >= 1.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if precision.bf16:
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only; BN parameters and biases (1-D) get none."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
+    """LR multiplier: linear warmup from ~0 to 1, then cosine down to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        t = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def build_engine(model: nn.Module, cfg: Config, *, lr: float, total_steps: int, steps_per_epoch: int,
+                 world_size: int, precision: Precision):
+    """Wrap ``model`` in a DeepSpeed engine with SGD and a warmup+cosine schedule.
+
+    Args:
+        total_steps: optimizer steps of the phase (sets the cosine length).
+        steps_per_epoch: optimizer steps per epoch (converts warmup_epochs).
+    Returns:
+        The DeepSpeed engine; ``engine.module`` is the (unwrapped) model.
+    """
+    import deepspeed
+
+    o = cfg.optim
+    opt = torch.optim.SGD(param_groups(model, o.weight_decay), lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+    warmup = int(round(o.warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup, o.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(cfg, world_size, precision))
+    if cfg.engine.compile:
+        engine.compile()
+    return engine

@@ -1,0 +1,142 @@
+"""The train/eval loop. It knows nothing of compression: components hook in at fixed points.
+
+Hook points, in order, for every optimizer step:
+  forward + loss -> engine.backward (gradient hooks registered by components
+  run here, before DeepSpeed's data-parallel average) -> engine.step ->
+  ``on_step_end``; and ``on_epoch_end`` after each epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.engine import Precision
+
+
+@dataclass
+class LoopState:
+    """Counters of the running phase (optimizer steps, not micro-batches)."""
+
+    phase: str
+    epoch: int = 0  # completed epochs in this phase
+    step: int = 0  # optimizer steps done in this phase
+    epochs: int = 0
+    steps_per_epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Hook(Protocol):
+    def on_step_end(self, state: LoopState) -> None: ...
+
+    def on_epoch_end(self, state: LoopState) -> None: ...
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _to(x: torch.Tensor, device: torch.device, precision: Precision) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if precision.channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train_epoch(engine, loader: Iterable, state: LoopState, *, device: torch.device, precision: Precision,
+                label_smoothing: float, hooks: list[Hook], log_every: int,
+                log: Callable[[dict[str, float], int], None]) -> dict[str, float]:
+    """One epoch (or ``state.steps_per_epoch`` optimizer steps) through the DeepSpeed engine.
+
+    Returns:
+        Mean training loss of the epoch, images/s (all ranks) and the last lr.
+    """
+    rank, world = rank_and_world()
+    engine.train()
+    accum = engine.gradient_accumulation_steps()
+    total_loss = torch.zeros((), device=device)
+    window_loss = torch.zeros((), device=device)
+    n_steps = window_steps = 0
+    t_window = t_start = time.perf_counter()
+    images = 0
+    for i, (x, y) in enumerate(loader):
+        x, y = _to(x, device, precision), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(engine(x), y, label_smoothing=label_smoothing)
+        engine.backward(loss)
+        engine.step()
+        images += x.shape[0] * world
+        if (i + 1) % accum != 0:  # engine.step() only stepped the optimizer on the boundary
+            continue
+        # Accumulate on device: a .item() per step would synchronise a GPU every step.
+        total_loss += loss.detach()
+        window_loss += loss.detach()
+        n_steps += 1
+        window_steps += 1
+        state.step += 1
+        for h in hooks:
+            h.on_step_end(state)
+        if state.step % log_every == 0 or n_steps == state.steps_per_epoch:
+            now = time.perf_counter()
+            ips = images / max(now - t_window, 1e-9)
+            metrics = {"train_loss": (window_loss / window_steps).item(), "lr": engine.get_lr()[0],
+                       "images_per_s": ips}
+            log(metrics, state.step)
+            if rank == 0:
+                done = state.epoch * state.steps_per_epoch + n_steps
+                left = state.epochs * state.steps_per_epoch - done
+                eta = (now - t_start) / n_steps * left
+                print(f"[{state.phase}] epoch {state.epoch + 1}/{state.epochs} step {n_steps}/{state.steps_per_epoch}"
+                      f" loss {metrics['train_loss']:.4f} lr {metrics['lr']:.4g} {ips:,.0f} img/s"
+                      f" eta {_fmt_time(eta)}", flush=True, file=sys.stdout)
+            window_loss.zero_()
+            window_steps = images = 0
+            t_window = now
+        if n_steps >= state.steps_per_epoch:
+            break
+    state.epoch += 1
+    for h in hooks:
+        h.on_epoch_end(state)
+    return {"epoch_train_loss": (total_loss / max(n_steps, 1)).item(),
+            "epoch_time_s": time.perf_counter() - t_start}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, precision: Precision) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) and mean loss over the whole eval set, summed over ranks.
+
+    The eval loader shards without padding, so summed counts are exact.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision.bf16 else contextlib.nullcontext())
+    with autocast:
+        for x, y in loader:
+            x, y = _to(x, device, precision), y.to(device, non_blocking=True)
+            logits = model(x).float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top.eq(y[:, None])
+            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                                 hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
+                                 torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss, top1, top5, n = sums.tolist()
+    n = max(n, 1.0)
+    return {"eval_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "eval_images": n}
