@@ -30,6 +30,7 @@ float precision.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from numbers import Integral
 from typing import Iterator, Sequence, Union
@@ -231,7 +232,11 @@ def project_cp(weight: Tensor, rank: int, n_iter: int = CP_N_ITER) -> Tensor:
         if r == max_rank(weight.shape, "cp"):
             z = w.clone()
         else:
-            cp = parafac(to_3way(w), rank=r, n_iter_max=n_iter, init="svd", random_state=0)
+            with warnings.catch_warnings():
+                # R above a mode size is expected: the SVD init fills the extra
+                # columns randomly (seeded) and tensorly warns about it each time.
+                warnings.filterwarnings("ignore", "Trying to compute SVD with n_eigenvecs")
+                cp = parafac(to_3way(w), rank=r, n_iter_max=n_iter, init="svd", random_state=0)
             z = from_3way(tl.cp_to_tensor(cp), w.shape)
     return z.to(weight.dtype)
 

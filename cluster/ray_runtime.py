@@ -23,12 +23,16 @@ WORKER_ENV = {
     "DS_ACCELERATOR": "cpu",  # only used when the worker has no GPU (see worker_env)
     "PYTHONUNBUFFERED": "1",  # progress lines reach the driver as they are printed
     "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray Train's print patch re-emits every worker print through its logger: each line showed twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
     env = {k: v for k, v in WORKER_ENV.items() if not (use_gpu and k == "DS_ACCELERATOR")}
     repo = str(Path(__file__).resolve().parents[1])
+    # The project's own switches (data root, fault injection) follow the driver to every worker.
+    env.update({k: v for k, v in os.environ.items() if k.startswith("TDC_")})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
     return env
 

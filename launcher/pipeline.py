@@ -130,13 +130,15 @@ def prepare(cfg: Config) -> RunInfo:
 def run(cfg: Config) -> RunInfo:
     """Run (or resume) the phase sequence of ``cfg``; raises on failure after recording it."""
     from cluster.ray_runtime import run_workers
-    from trainer.worker import train_func
+    from trainer.worker import data_root, train_func
 
     info = prepare(cfg)
     print(f"run {info.name}: {info.dir}", flush=True)
     if info.tracking_uri:
         print(f"mlflow: {info.tracking_uri} parent run {info.parent_id}", flush=True)
-    payload = {"config": to_dict(cfg), "run_dir": str(info.dir), "tracking_uri": info.tracking_uri,
+    resolved = to_dict(cfg)
+    resolved["data"]["root"] = data_root(cfg)  # workers on other nodes do not see this shell's variables
+    payload = {"config": resolved, "run_dir": str(info.dir), "tracking_uri": info.tracking_uri,
                "run_ids": {"parent": info.parent_id, "phases": info.phase_ids}}
     t0 = time.time()
     try:

@@ -241,6 +241,7 @@ def test_imagenet_folder_layout(tmp_path: Path) -> None:
     x, y = d.train[3]
     assert x.shape == (3, 24, 24) and x.dtype == torch.float32 and y == 1
     assert torch.equal(load_datasets("imagenet", str(tmp_path), image_size=24, seed=3).train[3][0], x)
+    d.eval.set_epoch(2)
     assert d.eval[0][0].shape == (3, 24, 24) and torch.equal(d.eval[0][0], d.eval[0][0])
 
 
@@ -256,9 +257,10 @@ def test_synthetic_deterministic() -> None:
     a.train.set_epoch(4)
     assert torch.equal(a.train[7][0], x)  # fixed per index, no augmentation
     assert not torch.equal(a.train[8][0], x) and not torch.equal(a.eval[7][0], x)
-    c = load_datasets("synthetic", None, seed=6)
-    assert (c.num_classes, c.image_size, len(c.train)) == (10, 32, 1024)
-    assert not torch.equal(c.train[7][0][:, :16, :16], x)
+    c = load_datasets("synthetic", None, seed=6, synthetic_train=64, image_size=16, num_classes=5)
+    assert not torch.equal(c.train[7][0], x)
+    d = load_datasets("synthetic", None)
+    assert (d.num_classes, d.image_size, len(d.train), len(d.eval)) == (10, 32, 1024, 256)
 
 
 # ---------------------------------------------------------------- loaders ---

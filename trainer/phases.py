@@ -7,6 +7,7 @@ an atomic checkpoint after every epoch. ADMM and decomposition live in
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -32,6 +33,24 @@ def restore_model(model: nn.Module, shared: dict[str, Any], cfg) -> nn.Module:
     return model
 
 
+def fingerprint(model: nn.Module) -> torch.Tensor:
+    """Per-tensor float64 sums of the model's state: (n_tensors,), equal on all replicas."""
+    return torch.stack([t.detach().double().sum().cpu() for t in model.state_dict().values()])
+
+
+def maybe_inject_failure(ctx: WorkerContext, index: int, epoch: int) -> None:
+    """Fault injection for tests of recovery: ``TDC_FAIL_AT=<phase>:<epoch>`` fails once, after that checkpoint."""
+    spec = os.environ.get("TDC_FAIL_AT")
+    marker = ctx.run_dir / f"injected-failure-{index}-{epoch}"
+    if spec != f"{index}:{epoch}" or marker.exists():
+        return
+    dist.barrier()
+    if ctx.rank == 0:
+        marker.touch()
+    dist.barrier()
+    raise RuntimeError(f"injected failure after phase {index} epoch {epoch} (TDC_FAIL_AT={spec})")
+
+
 def _components(ctx: WorkerContext, index: int, model: nn.Module) -> list[Any]:
     phase = ctx.cfg.phases[index]
     if phase.kind == "admm":
@@ -50,7 +69,9 @@ def _save(ctx: WorkerContext, index: int, engine, components: list[Any], state: 
           model: nn.Module) -> None:
     stage = ctx.cfg.engine.zero_stage
     shared: dict[str, Any] = {"model": model.state_dict(), "surgery": _surgery_manifest(model)}
-    per_rank: dict[str, Any] = {"components": [c.state_dict() for c in components]}
+    per_rank: dict[str, Any] = {"components": [c.state_dict() for c in components],
+                                # Lets tests and resume check that replicas agree without gathering weights.
+                                "fingerprint": fingerprint(model)}
     if engine is not None and not done:  # optimizer state matters only to resume inside the phase
         shared["scheduler"] = engine.lr_scheduler.state_dict()
         if stage == 0:
@@ -120,6 +141,7 @@ def _train_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) -> tu
             print(f"[{phase.kind}] epoch {state.epoch}/{phase.epochs} train_loss {out['epoch_train_loss']:.4f} "
                   f"top1 {out['top1']:.2f}% top5 {out['top5']:.2f}% ({out['epoch_time_s']:.1f}s)", flush=True)
         _save(ctx, index, engine, components, state, state.epoch == phase.epochs, engine.module)
+        maybe_inject_failure(ctx, index, state.epoch)
     if phase.epochs == 0:
         _save(ctx, index, None, components, state, True, engine.module)
     for c in components:

@@ -1,0 +1,215 @@
+"""Parameter and FLOP counts of a dense layer and of the factored module each format implies.
+
+Units and conventions:
+
+* Params: number of weight entries; biases are excluded everywhere (a factored
+  layer keeps the dense layer's bias, so it cancels in every comparison).
+* FLOPs: per image, ``2 x multiply-accumulates`` -- the convention of
+  ``torch.utils.flop_counter.FlopCounterMode``. Element-wise work (bias, BN,
+  reshapes) is not counted.
+* ``out_hw = (H_out, W_out)`` is the dense conv's output size, ``(1, 1)`` for
+  Linear. ``in_hw`` (default: ``out_hw``, i.e. stride 1 with "same" padding)
+  matters only for modules whose first factor is a 1x1 conv at input resolution
+  (tucker2, cp).
+
+The factored modules (what ``admm.layers`` must build so these counts hold),
+for a kernel ``(C_out, C_in, kh, kw)``, ``s = kh*kw``:
+
+* svd (r): kxk conv ``C_in -> r`` (the dense conv's stride/padding) then 1x1 ``r -> C_out``.
+* tucker2 (r_out, r_in), Kim et al. 2016: 1x1 ``C_in -> r_in``, kxk ``r_in -> r_out``,
+  1x1 ``r_out -> C_out``.
+* tt (r): cores of :meth:`admm.reshape.TTLayout.core_shapes`. Spatial core first
+  (Garipov et al. 2016): a kxk conv with ``r_1`` filters applied to every input
+  channel separately, giving ``(i_1..i_d, r_1)`` per output pixel; then channel
+  core ``j`` contracts ``(i_j, r_j) -> (o_j, r_{j+1})``, all at output resolution.
+* cp (R), Lebedev et al. 2015: 1x1 ``C_in -> R``, depthwise kxk on ``R`` channels,
+  1x1 ``R -> C_out``; params ``R*(C_out + C_in + s)``.
+* lowrank_sparse (r, k), Yu et al. 2017: the svd pair plus a sparse kernel with
+  ``k`` non-zeros. Its ``k`` values are params; its ``k`` integer indices are
+  storage, reported separately as ``ParamCount.extra`` and never in ``params``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, NamedTuple, Sequence, TypeVar
+
+from admm.projections import RankSpec, max_rank, validate_rank
+from admm.reshape import kernel_shape, tt_layout
+
+__all__ = [
+    "ParamCount",
+    "dense_flops",
+    "dense_params",
+    "factored_flops",
+    "factored_param_count",
+    "factored_params",
+    "rank_for_keep_ratio",
+]
+
+T = TypeVar("T")
+
+
+class ParamCount(NamedTuple):
+    """Weights of a factored layer: ``params`` (float entries) and ``extra`` (int indices)."""
+
+    params: int
+    extra: int
+
+
+def _hw(hw: Sequence[int], name: str) -> int:
+    h, w = (int(v) for v in hw)
+    if h < 1 or w < 1:
+        raise ValueError(f"{name} must be two positive ints, got {tuple(hw)}")
+    return h * w
+
+
+def dense_params(shape: Sequence[int]) -> int:
+    """``C_out * C_in * kh * kw`` (``out * in`` for a Linear weight), bias excluded."""
+    return math.prod(kernel_shape(shape))
+
+
+def factored_param_count(shape: Sequence[int], fmt: str, rank: RankSpec) -> ParamCount:
+    """Parameter count of the factored module of ``fmt`` at ``rank`` (see module docstring)."""
+    c_out, c_in, kh, kw = kernel_shape(shape)
+    s = kh * kw
+    spec = validate_rank(shape, fmt, rank)
+    if fmt == "svd":
+        return ParamCount(spec * (c_in * s + c_out), 0)  # type: ignore[operator]
+    if fmt == "tucker2":
+        r_out, r_in = spec  # type: ignore[misc]
+        return ParamCount(c_in * r_in + r_in * r_out * s + r_out * c_out, 0)
+    if fmt == "tt":
+        cores = tt_layout(shape).core_shapes(spec)  # type: ignore[arg-type]
+        return ParamCount(sum(math.prod(c) for c in cores), 0)
+    if fmt == "cp":
+        return ParamCount(spec * (c_out + c_in + s), 0)  # type: ignore[operator]
+    r, k = spec  # type: ignore[misc]
+    return ParamCount(r * (c_in * s + c_out) + k, k)
+
+
+def factored_params(shape: Sequence[int], fmt: str, rank: RankSpec) -> int:
+    """Float parameters of the factored module (lowrank_sparse: without its int indices)."""
+    return factored_param_count(shape, fmt, rank).params
+
+
+def dense_flops(shape: Sequence[int], out_hw: Sequence[int]) -> int:
+    """FLOPs (2 x MACs) per image of the dense conv/Linear: ``2*C_out*C_in*kh*kw*H_out*W_out``."""
+    return 2 * dense_params(shape) * _hw(out_hw, "out_hw")
+
+
+def _tt_macs_per_pixel(shape: Sequence[int], rank: int) -> int:
+    """MACs per output pixel of the TT module (spatial core, then channel cores in order)."""
+    layout = tt_layout(shape)
+    ranks = layout.ranks(rank)
+    macs, offset = 0, 0
+    if layout.has_spatial:
+        macs += layout.c_in * ranks[1] * layout.spatial
+        offset = 1
+    outs, ins = layout.out_factors, layout.in_factors
+    for j, (o, i) in enumerate(zip(outs, ins)):
+        # state (o_1..o_{j-1}, i_j..i_d, r_j) -> (o_1..o_j, i_{j+1}..i_d, r_{j+1})
+        r_left, r_right = ranks[offset + j], ranks[offset + j + 1]
+        macs += math.prod(outs[:j]) * math.prod(ins[j + 1 :]) * o * i * r_left * r_right
+    return macs
+
+
+def factored_flops(
+    shape: Sequence[int],
+    fmt: str,
+    rank: RankSpec,
+    out_hw: Sequence[int],
+    in_hw: Sequence[int] | None = None,
+) -> int:
+    """FLOPs (2 x MACs) per image of the factored module of ``fmt`` at ``rank``.
+
+    ``in_hw`` is the input spatial size (default ``out_hw``); only tucker2 and cp
+    run a 1x1 conv before the strided kxk conv and so depend on it.
+    """
+    c_out, c_in, kh, kw = kernel_shape(shape)
+    s = kh * kw
+    spec = validate_rank(shape, fmt, rank)
+    n_out = _hw(out_hw, "out_hw")
+    n_in = n_out if in_hw is None else _hw(in_hw, "in_hw")
+    if fmt == "svd":
+        macs = spec * (c_in * s + c_out) * n_out  # type: ignore[operator]
+    elif fmt == "tucker2":
+        r_out, r_in = spec  # type: ignore[misc]
+        macs = c_in * r_in * n_in + (r_in * r_out * s + r_out * c_out) * n_out
+    elif fmt == "tt":
+        macs = _tt_macs_per_pixel(shape, spec) * n_out  # type: ignore[arg-type]
+    elif fmt == "cp":
+        macs = c_in * spec * n_in + spec * (s + c_out) * n_out  # type: ignore[operator]
+    else:
+        r, k = spec  # type: ignore[misc]
+        # Each stored non-zero of the sparse kernel is one MAC per output pixel.
+        macs = (r * (c_in * s + c_out) + k) * n_out
+    return 2 * macs
+
+
+def _largest(candidates: Iterable[T], fits: Callable[[T], bool]) -> T | None:
+    """Last candidate before the first that does not fit (candidates grow in size)."""
+    best = None
+    for cand in candidates:
+        if not fits(cand):
+            break
+        best = cand
+    return best
+
+
+def rank_for_keep_ratio(
+    shape: Sequence[int], fmt: str, keep: float, *, sparse_share: float = 0.1
+) -> RankSpec:
+    """Largest rank spec whose ``factored_params <= keep * dense_params``.
+
+    * svd, tt, cp: the largest int (tt: one uniform max bond rank).
+    * tucker2: ``r_out / R_out ~= r_in / R_in`` with ``(R_out, R_in) = max_rank``,
+      which is ``(C_out, C_in)`` for every kxk conv with ``k*k >= C_out/C_in`` and
+      ``C_in/C_out`` (all ResNet 3x3 convs). For 1x1 convs and Linear the mode
+      ranks are capped at ``min(C_out, C_in)``, and splitting by channel counts
+      would waste the wider side. The wider side steps by 1, the other follows
+      rounded (at least 1).
+    * lowrank_sparse: r is the largest rank whose low-rank part fits in
+      ``(1 - sparse_share)`` of the budget (or 1 if only the whole budget holds
+      it), and k takes the rest of the budget; k = 0 once L is full rank.
+
+    Raises ValueError when even rank 1 does not fit, or for a non-positive ``keep``.
+    """
+    if not (keep > 0 and math.isfinite(keep)):
+        raise ValueError(f"keep must be a positive finite ratio, got {keep!r}")
+    if not 0.0 <= sparse_share < 1.0:
+        raise ValueError(f"sparse_share must be in [0, 1), got {sparse_share!r}")
+    budget = keep * dense_params(shape)
+    full = max_rank(shape, fmt)
+
+    def within(limit: float) -> Callable[[RankSpec], bool]:
+        return lambda spec: factored_params(shape, fmt, spec) <= limit
+
+    best: RankSpec | None
+    if fmt in ("svd", "tt", "cp"):
+        smallest: RankSpec = 1
+        best = _largest(range(1, full + 1), within(budget))  # type: ignore[operator]
+    elif fmt == "tucker2":
+        smallest, (hi_out, hi_in) = (1, 1), full  # type: ignore[misc]
+        if hi_out >= hi_in:
+            pairs = [(r, max(1, round(r * hi_in / hi_out))) for r in range(1, hi_out + 1)]
+        else:
+            pairs = [(max(1, round(r * hi_out / hi_in)), r) for r in range(1, hi_in + 1)]
+        best = _largest(pairs, within(budget))
+    else:
+        smallest, hi_r = (1, 0), full[0]  # type: ignore[index]
+        lows = [(r, 0) for r in range(1, hi_r + 1)]
+        low = _largest(lows, within((1.0 - sparse_share) * budget))
+        if low is None and within(budget)((1, 0)):
+            low = (1, 0)
+        best = None
+        if low is not None:
+            r = low[0]
+            room = 0 if r == hi_r else int(budget - factored_params(shape, fmt, low))
+            best = (r, min(room, dense_params(shape)))
+    if best is None:
+        raise ValueError(
+            f"{fmt} at rank {smallest} needs {factored_params(shape, fmt, smallest)} params for "
+            f"weight shape {tuple(shape)}, more than keep={keep} x {dense_params(shape)} = {budget:.0f}"
+        )
+    return best

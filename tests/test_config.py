@@ -1,0 +1,104 @@
+"""Config loading, overrides and every bad-input path: each message names the key and what is allowed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.cli import main
+from launcher.config import ConfigError, apply_overrides, flatten, from_dict, load_config, to_dict
+from launcher.schema import Config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_every_shipped_config_loads():
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert files, "configs/ has no experiments"
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.name and cfg.phases
+
+
+def test_overrides_reach_nested_and_list_items():
+    cfg = load_config(CONFIGS / "quickstart.yaml",
+                      ["optim.lr=0.05", "phases.0.epochs=3", "cluster.address=null", "data.augment=false",
+                       "compression.ranks={layer1.0.conv1: [4, 4]}"])
+    assert cfg.optim.lr == 0.05 and cfg.phases[0].epochs == 3
+    assert cfg.cluster.address is None and cfg.data.augment is False
+    assert cfg.compression.ranks == {"layer1.0.conv1": [4, 4]}
+
+
+def test_int_accepted_for_float_and_roundtrip():
+    cfg = load_config(CONFIGS / "quickstart.yaml", ["optim.lr=1", "optim.weight_decay=5e-4"])
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.weight_decay == 5e-4
+    assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("optim.lrr=1", ["optim.lrr", "unknown key", "lr, momentum"]),
+    ("bogus=1", ["bogus", "unknown key", "allowed keys"]),
+    ("data.dataset=mnist", ["data.dataset", "'mnist'", "'packed'", "'imagenet'"]),
+    ("model.name=vgg", ["model.name", "'resnet20'", "'resnet50'"]),
+    ("engine.zero_stage=3", ["engine.zero_stage", "0, 1, 2"]),
+    ("engine.zero_stage=two", ["engine.zero_stage", "integer"]),
+    ("optim.lr=-0.1", ["optim.lr", "> 0"]),
+    ("optim.momentum=1.5", ["optim.momentum", "[0, 1)"]),
+    ("data.batch_size=0", ["data.batch_size", ">= 1"]),
+    ("data.batch_size=127", ["data.batch_size", "divisible"]),
+    ("cluster.num_workers=0", ["cluster.num_workers", ">= 1"]),
+    ("cluster.backend=slurm", ["cluster.backend", "'ray'", "'local'"]),
+    ("cluster.backend=local", ["cluster.num_workers", "exactly one"]),
+    ("data.augment=maybe", ["data.augment", "true/false"]),
+    ("phases.0.kind=train", ["phases.0.kind", "'pretrain'", "'finetune'"]),
+    ("phases.0.epochs=-1", ["phases.0.epochs", ">= 0"]),
+    ("phases.7.epochs=1", ["phases.7", "0..1"]),
+    ("phases=[]", ["phases", "at least one"]),
+    ("phases=[{kind: finetune}]", ["phases.0.kind", "decompose"]),
+    ("compression.keep_ratio=0", ["compression.keep_ratio", "(0, 1]"]),
+    ("admm.rho_max=1e-9", ["admm.rho_max", ">= rho"]),
+    ("optim", ["override", "key.sub=value"]),
+])
+def test_bad_input_names_key_and_allowed_values(override, fragments):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "quickstart.yaml", [override])
+    for frag in fragments:
+        assert frag in str(e.value), (frag, str(e.value))
+
+
+def test_missing_required_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("phases: [ {kind: pretrain\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+    with pytest.raises(ConfigError, match="phases.0.kind: required key is missing"):
+        from_dict(Config, {"name": "x", "phases": [{"epochs": 1}]})
+
+
+def test_name_defaults_to_file_stem(tmp_path):
+    f = tmp_path / "myexp.yaml"
+    f.write_text(yaml.safe_dump({"model": {"name": "tinycnn"}}))
+    assert load_config(f).name == "myexp"
+
+
+def test_apply_overrides_does_not_mutate_and_flatten():
+    raw = {"a": {"b": 1}, "l": [{"x": 1}]}
+    out = apply_overrides(raw, ["a.b=2", "l.0.x=3", "a.c=[1, 2]"])
+    assert raw == {"a": {"b": 1}, "l": [{"x": 1}]}
+    assert flatten(out) == {"a.b": 2, "a.c": [1, 2], "l.0.x": 3}
+
+
+def test_cli_config_show_and_error_exit_code(capsys):
+    assert main(["config", "show", str(CONFIGS / "quickstart.yaml"), "optim.lr=0.2"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["optim"]["lr"] == 0.2
+    assert main(["config", "show", str(CONFIGS / "quickstart.yaml"), "engine.precision=fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "engine.precision" in err and "'bf16'" in err
