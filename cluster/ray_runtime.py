@@ -95,13 +95,16 @@ def run_local(train_func: Callable[[dict], Any], payload: dict[str, Any], cfg: C
     gpu = wants_gpu(cfg)
     if not gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
-    try:
-        return train_func({**payload, "backend": "local"})
-    finally:
-        dist.destroy_process_group()
+    # One group for the life of the process: DeepSpeed caches the group it first sees, so a
+    # destroyed-and-recreated group would leave it holding a dead handle on the next run.
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError("backend 'local' needs a one-rank process group; this process has "
+                           f"{dist.get_world_size()} ranks")
+    return train_func({**payload, "backend": "local"})
 
 
 def run_workers(train_func: Callable[[dict], Any], payload: dict[str, Any], cfg: Config, run_name: str) -> Any:

@@ -25,3 +25,28 @@ def cifar_root() -> Path:
             pytrace=False,
         )
     return root
+
+
+def tiny_config(tmp_path: Path, data_root: Path, **sections) -> "Config":
+    """A seconds-long run: tinycnn (no BatchNorm) on a real CIFAR-10 subset, local MLflow in tmp_path.
+
+    ``sections`` are override strings keyed by anything (``phases="[...]"`` style is not used):
+    pass them as ``overrides=[...]``.
+    """
+    from launcher.config import load_config
+
+    overrides = [
+        "model.name=tinycnn", "data.dataset=packed", f"data.root={data_root}", "data.batch_size=64",
+        "data.train_subset=512", "data.eval_subset=256", "data.eval_batch_size=128", "optim.lr=0.05",
+        "cluster.backend=local", "cluster.num_workers=1", f"cluster.storage={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "log_every=2",
+        "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, {kind: evaluate}]",
+        *sections.get("overrides", []),
+    ]
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", overrides)
+
+
+@pytest.fixture
+def tiny(tmp_path, cifar_root):
+    """Factory: ``tiny(*overrides)`` -> Config for a seconds-long run in tmp_path."""
+    return lambda *overrides: tiny_config(tmp_path, cifar_root, overrides=list(overrides))
