@@ -51,6 +51,24 @@ from admm.reshape import (
     tt_layout,
 )
 
+__all__ = [
+    "CP_N_ITER",
+    "FORMATS",
+    "LOWRANK_SPARSE_N_ITER",
+    "RankSpec",
+    "lowrank_sparse_parts",
+    "max_rank",
+    "project",
+    "project_cp",
+    "project_lowrank_sparse",
+    "project_svd",
+    "project_tt",
+    "project_tucker2",
+    "tt_cores",
+    "validate_rank",
+]
+
+# An int for svd/tt/cp, a pair for tucker2 (r_out, r_in) and lowrank_sparse (r, k).
 RankSpec = Union[int, tuple[int, int]]
 
 FORMATS: tuple[str, ...] = ("svd", "tucker2", "tt", "cp", "lowrank_sparse")
@@ -138,10 +156,11 @@ def validate_rank(shape: Sequence[int], fmt: str, rank: object) -> RankSpec:
 
 @contextmanager
 def _computing(weight: Tensor) -> Iterator[Tensor]:
-    """Yield a detached float32/float64 copy-free view of ``weight`` inside no_grad + tensorly/pytorch.
+    """Yield ``weight`` detached in the compute dtype, inside no_grad and tensorly's pytorch backend.
 
-    The tensorly backend is switched for this thread only and restored after,
-    so code elsewhere that uses tensorly with another backend is unaffected.
+    float32/float64 inputs are not copied (callers never write into them);
+    bf16/fp16 are upcast to float32. The tensorly backend is switched for this
+    thread only and restored after, so other tensorly users are unaffected.
     """
     if not weight.is_floating_point():
         raise TypeError(f"projections need a floating-point weight, got {weight.dtype}")
@@ -175,7 +194,8 @@ def project_tucker2(weight: Tensor, rank: Sequence[int], n_iter: int = 0) -> Ten
     ``n_iter = 0`` (default) is the one-shot truncated HOSVD: factor matrices are
     the leading left singular vectors of the mode-0 and mode-1 unfoldings, and
     Z = W x_0 U_o U_o^T x_1 U_i U_i^T. It is quasi-optimal (error <= sqrt(2) x
-    best) and 5x cheaper than HOOI; ``n_iter > 0`` adds that many HOOI sweeps.
+    best) and about 5x cheaper than 10 HOOI sweeps (DESIGN.md: 0.94 s vs
+    4.9 s for all ResNet-50 convs on an H100); ``n_iter > 0`` adds HOOI sweeps.
     """
     r_out, r_in = validate_rank(weight.shape, "tucker2", rank)  # type: ignore[misc]
     if n_iter < 0:

@@ -63,7 +63,9 @@ def ensure_ray(cfg: Config) -> None:
         return
     need = c.num_workers * c.cpus_per_worker
     ray.init(num_cpus=max(need, os.cpu_count() or 1), num_gpus=torch.cuda.device_count() if gpu else 0,
-             object_store_memory=c.object_store_mb * 2**20, include_dashboard=False,
+             # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls;
+             # without it that cleaner logs a warning every few seconds. Loopback only.
+             object_store_memory=c.object_store_mb * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", runtime_env=env, log_to_driver=True)
 
 

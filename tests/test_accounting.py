@@ -118,10 +118,10 @@ def tt_forward(x: torch.Tensor, cores: list[torch.Tensor], shape, stride=1, padd
         u = F.conv2d(x.reshape(b * c_in, 1, *x.shape[2:]), kernel, stride=stride, padding=padding)
         ho, wo = u.shape[2:]
         state = u.reshape(b, c_in, -1, ho * wo)  # (B, C_in, r_1, HW)
-    else:
-        x = x.reshape(b, c_in, -1) if x.ndim > 2 else x.reshape(b, c_in, 1)
-        ho, wo = (x.shape[2], 1)
-        state = x.reshape(b, c_in, 1, -1)
+    else:  # 1x1 conv (padding 0) or Linear: no spatial core
+        x = x[:, :, ::stride, ::stride] if x.ndim == 4 else x.reshape(b, c_in, 1, 1)
+        ho, wo = x.shape[2:]
+        state = x.reshape(b, c_in, 1, ho * wo)
     outs, ins = layout.out_factors, layout.in_factors
     for j, core in enumerate(cores):
         rank_in, rank_out = core.shape[0], core.shape[2]
@@ -197,7 +197,7 @@ def test_rank_for_keep_ratio_is_largest_that_fits(fmt, shape, keep):
 def test_rank_for_keep_ratio_edges():
     assert rank_for_keep_ratio((16, 8, 3, 3), "svd", 10.0) == 16  # capped at full rank
     assert rank_for_keep_ratio((16, 8, 3, 3), "tucker2", 0.5) == (9, 4)
-    assert rank_for_keep_ratio((64, 32, 1, 1), "tucker2", 0.5) == (10, 10)  # 1x1: ranks capped at 32
+    assert rank_for_keep_ratio((64, 32, 1, 1), "tucker2", 0.5) == (9, 9)  # 1x1: both ranks cap at 32
     with pytest.raises(ValueError, match=r"svd at rank 1 needs 88 params"):
         rank_for_keep_ratio((16, 8, 3, 3), "svd", 0.05)
     with pytest.raises(ValueError, match="keep"):

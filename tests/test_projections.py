@@ -118,6 +118,7 @@ def test_tensorly_backend_is_left_alone():
     assert tl.get_backend() == before
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_stays_on_gpu(fmt):

@@ -1,0 +1,28 @@
+# `make demo`: set up .venv and run the quickstart (embedded Ray, CPU, local MLflow).
+# `make test`: set up .venv and run the test suite.
+# The packed CIFAR-10 files are looked up in $TDC_DATA_ROOT, by default ../shared/data/cifar10.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TDC_DATA_ROOT ?= $(abspath ../shared/data/cifar10)
+export TDC_DATA_ROOT
+# DeepSpeed picks its CPU accelerator when no GPU is present; saying so silences its probe warning.
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/tdcompress run configs/quickstart.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs mlruns.db mlruns-artifacts .pytest_cache
