@@ -77,6 +77,46 @@ def check_data(cfg: Config) -> None:
             raise ConfigError(f"data.{key}: must be in [0, {len(split)}] for {d.dataset}, got {size}")
 
 
+def make_plan(cfg: Config):
+    """The rank plan (params/FLOPs before and after), or None when no phase compresses; errors are ConfigErrors."""
+    if not any(p.kind in ("admm", "decompose") for p in cfg.phases):
+        return None
+    from admm.component import plan_for_model
+    from trainer.data import load_datasets
+    from trainer.models import build_model
+    from trainer.worker import data_root
+
+    d = cfg.data
+    sets = load_datasets(d.dataset, data_root(cfg), augment=False, seed=cfg.seed,
+                         synthetic_train=d.synthetic_train, synthetic_eval=d.synthetic_eval) \
+        if d.dataset != "imagenet" else None
+    classes, size = (sets.num_classes, sets.image_size) if sets else (1000, 224)
+    try:
+        plan = plan_for_model(build_model(cfg.model.name, classes), cfg.compression, cfg.cluster.num_workers,
+                              input_shape=(1, 3, size, size))
+    except ValueError as e:
+        raise ConfigError(str(e) if str(e).startswith("compression") else f"compression: {e}") from None
+    return plan
+
+
+def record_plan(cfg: Config, plan, info: "RunInfo") -> None:
+    """Print the plan and store it in the run directory and the MLflow parent run."""
+    if plan is None:
+        return
+    table = plan.table()
+    print(f"rank plan ({cfg.compression.format}, keep_ratio {cfg.compression.keep_ratio}, owners for "
+          f"{cfg.cluster.num_workers} workers):\n{table}", flush=True)
+    (info.dir / "rank_plan.txt").write_text(table + "\n")
+    (info.dir / "rank_plan.json").write_text(json.dumps(plan.to_json(), indent=1))
+    if info.tracking_uri:
+        t = tracking.Tracker(info.tracking_uri, info.parent_id)
+        t.artifact(info.dir / "rank_plan.txt")
+        t.artifact(info.dir / "rank_plan.json")
+        t.metrics({"plan_params_before": plan.dense_params_total, "plan_params_after": plan.params_after_total,
+                   "plan_flops_before": plan.dense_flops_total, "plan_flops_after": plan.flops_after_total,
+                   "plan_compression": plan.compression}, 0)
+
+
 def _open_mlflow(cfg: Config, run_name: str, run_dir: Path, state: dict[str, Any]) -> tuple[str | None, str | None, list]:
     if not cfg.tracking.enabled:
         return None, None, [None] * len(cfg.phases)
@@ -132,8 +172,10 @@ def run(cfg: Config) -> RunInfo:
     from cluster.ray_runtime import run_workers
     from trainer.worker import data_root, train_func
 
+    plan = make_plan(cfg)  # before anything is created: a bad plan costs nothing
     info = prepare(cfg)
     print(f"run {info.name}: {info.dir}", flush=True)
+    record_plan(cfg, plan, info)
     if info.tracking_uri:
         print(f"mlflow: {info.tracking_uri} parent run {info.parent_id}", flush=True)
     resolved = to_dict(cfg)

@@ -64,6 +64,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     label_smoothing: float = 0.0
     grad_accum: int = 1  # micro-batches per optimizer step
+    # Global gradient-norm clipping; 0 = off. DeepSpeed 0.19 clips at 1.0 unless told otherwise,
+    # which silently shrank the ADMM penalty gradient; the project always sets it explicitly.
+    grad_clip: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -75,6 +78,7 @@ class OptimConfig:
         check(0 <= self.label_smoothing < 1, "label_smoothing",
               f"must be in [0, 1), got {self.label_smoothing}")
         check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
 
 
 @dataclass

@@ -57,6 +57,8 @@ def deepspeed_config(cfg: Config, world_size: int, precision: Precision) -> dict
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
+        # Explicit: DeepSpeed's default is 1.0, a silent clip (and a global-norm pass every step).
+        "gradient_clipping": cfg.optim.grad_clip,
         # We pass a torch SGD; DeepSpeed asks for this flag to pair it with ZeRO >= 1.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,

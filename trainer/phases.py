@@ -57,7 +57,7 @@ def _components(ctx: WorkerContext, index: int, model: nn.Module) -> list[Any]:
         from admm.component import AdmmComponent
 
         return [AdmmComponent.create(model, ctx.cfg, rank=ctx.rank, world=ctx.world,
-                                     log=ctx.phase_trackers[index].metrics)]
+                                     tracker=ctx.phase_trackers[index], out_dir=ctx.run_dir / f"phase{index}")]
     return []
 
 

@@ -1,0 +1,194 @@
+"""The ADMM phase as a trainer component: owner-sharded Z/U updates and a nearly free penalty.
+
+Owner sharding: every planned layer has one owner rank (``planner.with_owners``).
+Only the owner keeps Z and U and runs the projection. The penalty gradient
+rho (W - Z + U) is added by a gradient hook on the owner's weight, scaled by
+the world size, *before* DeepSpeed's data-parallel average; the other ranks
+add nothing, so after the average every replica holds
+    grad L + rho (W - Z + U)
+and no Z or U ever crosses the network. With one rank this is plain ADMM.
+
+The hook costs two fused element-wise ops per owned layer in the backward
+pass (``g + c W + c V`` with V = U - Z cached at the Z-update), instead of a
+Python sum of per-layer norms in the loss graph.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from admm.inspect import describe_layers
+from admm.planner import RankPlan, plan_ranks, select, with_owners
+from admm.state import AdmmState, UpdateStats
+
+
+def plan_for_model(model: nn.Module, compression, world: int = 1,
+                   input_shape: tuple[int, ...] | None = None) -> RankPlan:
+    """Plan ranks (and owners for ``world`` ranks) for ``model`` from a CompressionConfig."""
+    layers = describe_layers(model, input_shape)
+    planned = select(layers, compression.include, compression.exclude, compression.min_channels)
+    if not planned:
+        raise ValueError("compression: no layer matches include/exclude/min_channels; nothing to compress")
+    plan = plan_ranks(layers, planned, compression.format, compression.keep_ratio, compression.ranks,
+                      sparse_fraction=compression.sparse_fraction)
+    return with_owners(plan, world)
+
+
+class AdmmComponent:
+    """Hooks for the train loop (``on_step_end``/``on_epoch_end``) plus state for checkpoints."""
+
+    def __init__(self, plan: RankPlan, admm_cfg, *, rank: int, world: int, grad_accum: int,
+                 log: Callable[[dict[str, float], int], None], out_dir: Path | None = None,
+                 artifact: Callable[[Path], None] | None = None, decomp_error: bool = True) -> None:
+        self.plan, self.cfg = plan, admm_cfg
+        self.rank, self.world, self.grad_accum = rank, world, grad_accum
+        self.owned = [p for p in plan.layers if p.owner == rank]
+        self.state = AdmmState(rho=admm_cfg.rho)
+        self.log, self.out_dir, self.artifact = log, out_dir, artifact
+        self.decomp_error = decomp_error
+        self.history: list[dict[str, float]] = []  # rank 0: per-layer primal residuals per update
+        self._handles: list[Any] = []
+        self._weights: dict[str, nn.Parameter] = {}
+        self._last: dict[str, float] = {}
+
+    @classmethod
+    def create(cls, model: nn.Module, cfg, *, rank: int, world: int, tracker, out_dir: Path | None = None
+               ) -> "AdmmComponent":
+        plan = plan_for_model(model, cfg.compression, world)
+        return cls(plan, cfg.admm, rank=rank, world=world, grad_accum=cfg.optim.grad_accum, log=tracker.metrics,
+                   out_dir=out_dir, artifact=tracker.artifact)
+
+    # -- attach / detach ---------------------------------------------------------------
+    def attach(self, model: nn.Module, loop_state=None) -> None:
+        """Find the owned layers in ``model`` (unwrapped), initialise missing Z/U, register gradient hooks."""
+        modules = dict(model.named_modules())
+        for p in self.owned:
+            weight = modules[p.name].weight
+            self._weights[p.name] = weight
+            if p.name not in self.state.layers:
+                self.state.init_layer(p.name, weight, p.fmt, p.rank)
+            self._handles.append(weight.register_hook(self._make_hook(p.name, weight)))
+        if self.state.updates == 0 and not self.history:
+            # The curve's starting point: Z = Proj(W), so the residual is the error of decomposing now.
+            stats = {}
+            for p in self.owned:
+                s = self.state.layers[p.name]
+                w = self._weights[p.name].detach().float()
+                r = float((w - s.z).square().sum())
+                stats[p.name] = UpdateStats(w_sq=float(w.square().sum()), primal_sq=r, dual_sq=0.0, decomp_sq=r)
+            self._publish(stats, loop_state.step if loop_state is not None else 0, label="start")
+
+    def _make_hook(self, name: str, weight: nn.Parameter) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            # DeepSpeed divides each micro-batch loss by grad_accum and averages over ranks;
+            # scale so the summed, averaged result carries exactly rho (W - Z + U).
+            c = self.state.rho * self.world / self.grad_accum
+            v = self.state.layers[name].v
+            return torch.add(grad, weight.detach(), alpha=c).add_(v.to(grad.dtype), alpha=c)
+
+        return hook
+
+    def detach(self) -> dict[str, float]:
+        """Remove the hooks; write the residual plot; return the last global metrics."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.rank == 0 and self.history and self.out_dir is not None:
+            path = self._plot()
+            if self.artifact is not None:
+                self.artifact(path)
+        return dict(self._last)
+
+    # -- loop hooks --------------------------------------------------------------------
+    def on_step_end(self, loop_state) -> None:
+        if self.cfg.unit == "step" and loop_state.step % self.cfg.interval == 0:
+            self.z_update(loop_state.step)
+
+    def on_epoch_end(self, loop_state) -> None:
+        if self.cfg.unit == "epoch" and loop_state.epoch % self.cfg.interval == 0:
+            self.z_update(loop_state.step)
+
+    def z_update(self, step: int) -> dict[str, float]:
+        """Owners project their layers; scalar residuals (not tensors) are gathered to rank 0 and logged."""
+        stats = {n: self.state.update_layer(n, self._weights[n], self.decomp_error) for n in
+                 (p.name for p in self.owned)}
+        self.state.updates += 1
+        metrics = self._publish(stats, step, label=f"Z-update {self.state.updates}")
+        self.state.set_rho(min(self.state.rho * self.cfg.rho_growth, self.cfg.rho_max))
+        return metrics
+
+    def _publish(self, stats: dict[str, UpdateStats], step: int, label: str) -> dict[str, float]:
+        """Gather every owner's scalar residuals to rank 0, which logs and prints them."""
+        gathered: list[dict[str, UpdateStats]] = [stats]
+        if self.world > 1:
+            gathered = [None] * self.world  # type: ignore[list-item]
+            dist.all_gather_object(gathered, stats)
+        metrics = self._metrics({k: v for d in gathered for k, v in d.items()})
+        self._last = {k: v for k, v in metrics.items() if "/" not in k}
+        if self.rank == 0:
+            self.history.append({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("primal/")})
+            self.log(metrics, step)
+            decomp = f" decomp_err {metrics['admm_decomp_err']:.4f}" if "admm_decomp_err" in metrics else ""
+            print(f"[admm] {label}: primal ||W-Z||/||W|| {metrics['admm_primal']:.4f} "
+                  f"dual {metrics['admm_dual']:.3g}{decomp} rho {metrics['rho']:.3g}", flush=True)
+        return metrics
+
+    def _metrics(self, stats: dict[str, UpdateStats]) -> dict[str, float]:
+        rho = self.state.rho
+        out: dict[str, float] = {"rho": rho}
+        for name, s in stats.items():
+            w = math.sqrt(max(s.w_sq, 1e-30))
+            out[f"primal/{name}"] = math.sqrt(s.primal_sq) / w
+            out[f"dual/{name}"] = rho * math.sqrt(s.dual_sq)
+            if s.decomp_sq >= 0:
+                out[f"decomp_err/{name}"] = math.sqrt(s.decomp_sq) / w
+        w_all = math.sqrt(max(sum(s.w_sq for s in stats.values()), 1e-30))
+        out["admm_primal"] = math.sqrt(sum(s.primal_sq for s in stats.values())) / w_all
+        out["admm_dual"] = rho * math.sqrt(sum(s.dual_sq for s in stats.values()))
+        if all(s.decomp_sq >= 0 for s in stats.values()):
+            out["admm_decomp_err"] = math.sqrt(sum(s.decomp_sq for s in stats.values())) / w_all
+        return out
+
+    def _plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+        for name in self.history[0]:
+            ax.plot([h[name] for h in self.history], lw=1, alpha=0.8, label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("Z-update")
+        ax.set_ylabel("||W - Z|| / ||W||")
+        ax.set_title("ADMM primal residual per layer")
+        if len(self.history[0]) <= 24:
+            ax.legend(fontsize=5, ncol=2)
+        fig.tight_layout()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / "admm_primal_residuals.png"
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    # -- checkpoint ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.state.state_dict(), "owners": {p.name: p.owner for p in self.plan.layers},
+                "history": self.history}
+
+    def load_shards(self, shards: list[dict[str, Any]], old_world: int) -> None:
+        """Take this rank's layers from every saved shard (works for any old world size: re-sharding)."""
+        merged = {n: d for s in shards for n, d in s["layers"].items()}
+        self.state.rho, self.state.updates = shards[0]["rho"], shards[0]["updates"]
+        self.history = shards[0].get("history", [])
+        from admm.state import LayerState
+
+        for p in self.owned:
+            if p.name in merged:
+                d = merged[p.name]
+                self.state.layers[p.name] = LayerState(p.fmt, p.rank, d["z"], d["u"])

@@ -1,0 +1,70 @@
+"""Rank planning and owner sharding (pure: no training)."""
+from __future__ import annotations
+
+import pytest
+
+from admm.component import plan_for_model
+from admm.planner import assign_owners, projection_cost, select
+from admm.inspect import describe_layers
+from launcher.schema import CompressionConfig
+from trainer.models import build_model
+
+
+@pytest.fixture(scope="module")
+def resnet50_layers():
+    return describe_layers(build_model("resnet50", 1000))
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_owners_balanced_on_resnet50(resnet50_layers, world):
+    planned = select(resnet50_layers, ["*"], ["conv1", "fc", "*downsample*"], 8)
+    costs = [projection_cost(layer.shape, "tucker2") for layer in planned]
+    owners = assign_owners(costs, world)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(world)]
+    mean = sum(costs) / world
+    # Longest-first is within 4/3 of optimal; ask for 15% of the mean, or the largest layer when it dominates.
+    assert max(loads) <= max(1.15 * mean, max(costs)) + 1e-9, (loads, mean, max(costs))
+    assert set(owners) == set(range(world))
+    assert assign_owners(costs, world) == owners  # deterministic: every rank computes the same map
+
+
+def test_one_dominant_layer_is_the_bound():
+    owners = assign_owners([100.0, 1.0, 1.0, 1.0], 2)
+    assert owners[0] != owners[1] or owners.count(owners[0]) == 1
+    assert sum(1 for o in owners if o == owners[0]) == 1  # the big one is alone
+
+
+@pytest.mark.parametrize("fmt", ["svd", "tucker2", "tt", "cp", "lowrank_sparse"])
+def test_plan_meets_global_keep_ratio(fmt):
+    model = build_model("resnet20", 10)
+    plan = plan_for_model(model, CompressionConfig(format=fmt, keep_ratio=0.5), input_shape=(1, 3, 32, 32))
+    kept = plan.params_after_total / plan.dense_params_total
+    assert 0.40 <= kept <= 0.5, kept
+    names = {p.name for p in plan.layers}
+    assert "conv1" not in names and "fc" not in names  # stem and classifier stay dense by default
+    assert not any("downsample" in n for n in names)
+    assert all(p.params_after < p.params_before for p in plan.layers)
+    table = plan.table()
+    assert "layer1.0.conv1" in table and fmt in table and "params" in table
+
+
+def test_explicit_ranks_and_errors():
+    model = build_model("resnet20", 10)
+    cfg = CompressionConfig(format="tucker2", keep_ratio=0.9, ranks={"layer1.0.conv1": [4, 5]})
+    plan = plan_for_model(model, cfg)
+    assert plan.by_name()["layer1.0.conv1"].rank == (4, 5)
+    with pytest.raises(ValueError, match="not planned"):
+        plan_for_model(model, CompressionConfig(format="svd", ranks={"nope": 3}))
+    with pytest.raises(ValueError, match="r_out"):
+        plan_for_model(model, CompressionConfig(format="tucker2", ranks={"layer1.0.conv1": [99, 4]}))
+    with pytest.raises(ValueError, match="impossible"):
+        plan_for_model(model, CompressionConfig(format="svd", keep_ratio=0.01))
+    with pytest.raises(ValueError, match="no layer matches"):
+        plan_for_model(model, CompressionConfig(include=["nothing*"]))
+
+
+def test_flops_come_from_a_forward_pass():
+    model = build_model("resnet20", 10)
+    plan = plan_for_model(model, CompressionConfig(format="svd", keep_ratio=0.5), input_shape=(1, 3, 32, 32))
+    p = plan.by_name()["layer3.0.conv1"]  # stride 2: 32x32 -> 8x8 output at stage 3
+    assert p.flops_before == 2 * 64 * 32 * 9 * 8 * 8
