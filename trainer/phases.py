@@ -71,7 +71,7 @@ def _save(ctx: WorkerContext, index: int, engine, components: list[Any], state: 
     shared: dict[str, Any] = {"model": model.state_dict(), "surgery": _surgery_manifest(model)}
     per_rank: dict[str, Any] = {"components": [c.state_dict() for c in components],
                                 # Lets tests and resume check that replicas agree without gathering weights.
-                                "fingerprint": fingerprint(model)}
+                                "fingerprint": fingerprint(model), "node": ctx.node}
     if engine is not None and not done:  # optimizer state matters only to resume inside the phase
         shared["scheduler"] = engine.lr_scheduler.state_dict()
         if stage == 0:

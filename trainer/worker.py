@@ -42,6 +42,7 @@ class WorkerContext:
     phase_trackers: list[Tracker]
     ckpt_index: int = 0
     report: Any = None  # ray.train.report under Ray Train (a collective: every rank calls it)
+    node: str = "local"  # Ray node id of this worker (recorded in checkpoints)
 
     @property
     def ckpt_root(self) -> Path:
@@ -102,6 +103,7 @@ def train_func(payload: dict[str, Any]) -> dict[str, Any]:
         import ray.train
 
         ctx.report = ray.train.report
+        ctx.node = ray.get_runtime_context().get_node_id()
     cfg = ctx.cfg
     seed_everything(cfg.seed)
     model = build_model(cfg.model.name, ctx.num_classes)

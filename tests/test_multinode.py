@@ -1,0 +1,39 @@
+"""Two Ray nodes on one machine (ray.cluster_utils.Cluster): workers on different nodes train in lockstep.
+
+The driver connects by address, as it would to a real cluster.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from launcher import pipeline
+from trainer import checkpoint as ckpt
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 256 * 2**20,
+                                                            "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    cluster.add_node(num_cpus=1, object_store_memory=256 * 2**20)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_workers_on_two_nodes_agree(tiny, two_nodes):
+    info = pipeline.run(tiny("cluster.backend=ray", "cluster.num_workers=2", f"cluster.address={two_nodes.address}",
+                             "compression.format=tucker2", "compression.exclude=[]", "compression.min_channels=3",
+                             "phases=[{kind: admm, epochs: 1, steps_per_epoch: 3}, {kind: evaluate}]"))
+    path = ckpt.latest_checkpoint(info.dir / "checkpoints")
+    ranks = [ckpt.load_rank(path, r) for r in range(2)]
+    assert ranks[0]["node"] != ranks[1]["node"], "both workers ran on one node"
+    assert torch.equal(ranks[0]["fingerprint"], ranks[1]["fingerprint"])
