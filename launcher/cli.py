@@ -2,6 +2,8 @@
 
     tdcompress run CONFIG [key.sub=value ...]        train (embedded Ray by default)
     tdcompress config show CONFIG [key=value ...]    print the resolved config
+    tdcompress export RUN_DIR                        safetensors + manifest of the run's model
+    tdcompress evaluate EXPORT_DIR                   top-1/top-5 and latency, torch alone
 """
 from __future__ import annotations
 
@@ -19,6 +21,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import export_run
+
+    out = export_run(args.run, args.out)
+    print(f"exported {args.run} -> {out} (model.safetensors, manifest.json)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Load an export with torch alone; report top-1/top-5 on the eval split and latency."""
+    import os
+
+    import torch
+
+    from trainer.data import load_datasets, make_loader
+    from trainer.engine import Precision
+    from trainer.export import load_exported
+    from trainer.latency import measure_latency
+    from trainer.loop import evaluate
+
+    model, manifest = load_exported(args.export)
+    size = manifest["image_size"]
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{manifest['model']} ({len(manifest.get('surgery') or {})} factored layers), {params:,} parameters")
+    dataset = args.dataset or manifest.get("dataset")
+    if dataset and not args.no_data:
+        sets = load_datasets(dataset, args.data_root or os.environ.get("TDC_DATA_ROOT"), augment=False,
+                             eval_subset=args.limit)
+        loader = make_loader(sets.eval, args.batch, rank=0, world_size=1, shuffle=False, seed=0, drop_last=False)
+        res = evaluate(model, loader, device=torch.device("cpu"), precision=Precision(False, False))
+        print(f"top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  on {int(res['eval_images'])} {dataset} images")
+    for batch in args.latency_batches:
+        sec = measure_latency(model, (batch, 3, size, size))
+        print(f"latency batch {batch}: {sec * 1e3:.2f} ms ({batch / sec:,.0f} img/s, CPU, "
+              f"{torch.get_num_threads()} threads)")
+    return 0
+
+
 def _cmd_config_show(args: argparse.Namespace) -> int:
     print(dump_yaml(load_config(args.config, args.overrides)), end="")
     return 0
@@ -33,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. cluster.num_workers=1")
     run.set_defaults(func=_cmd_run)
+
+    export = sub.add_parser("export", help="write a run's model as safetensors + JSON manifest")
+    export.add_argument("run", help="run directory printed by `tdcompress run` (runs/<name>/<run>)")
+    export.add_argument("--out", help="output directory (default: RUN/export)")
+    export.set_defaults(func=_cmd_export)
+
+    ev = sub.add_parser("evaluate", help="load an export with torch alone; top-1/top-5 and latency")
+    ev.add_argument("export", help="directory written by `tdcompress export`")
+    ev.add_argument("--dataset", help="dataset name (default: the one the model was trained on)")
+    ev.add_argument("--data-root", help="dataset directory (default: $TDC_DATA_ROOT)")
+    ev.add_argument("--limit", type=int, default=0, help="evaluate on this many images (0 = all)")
+    ev.add_argument("--batch", type=int, default=256)
+    ev.add_argument("--no-data", action="store_true", help="latency only")
+    ev.add_argument("--latency-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32],
+                    help="comma-separated batch sizes to time (default 1,32)")
+    ev.set_defaults(func=_cmd_evaluate)
 
     config = sub.add_parser("config", help="inspect configs")
     csub = config.add_subparsers(dest="config_command", required=True)

@@ -53,7 +53,7 @@ def test_int_accepted_for_float_and_roundtrip():
     ("data.augment=maybe", ["data.augment", "true/false"]),
     ("phases.0.kind=train", ["phases.0.kind", "'pretrain'", "'finetune'"]),
     ("phases.0.epochs=-1", ["phases.0.epochs", ">= 0"]),
-    ("phases.7.epochs=1", ["phases.7", "0..1"]),
+    ("phases.9.epochs=1", ["phases.9", "list index must be 0..4"]),
     ("phases=[]", ["phases", "at least one"]),
     ("phases=[{kind: finetune}]", ["phases.0.kind", "decompose"]),
     ("compression.keep_ratio=0", ["compression.keep_ratio", "(0, 1]"]),

@@ -82,7 +82,8 @@ def _save(ctx: WorkerContext, index: int, engine, components: list[Any], state: 
             per_rank["optimizer"] = sd
     meta = {"index": ctx.ckpt_index, "phase_index": index, "phase": ctx.cfg.phases[index].kind,
             "epoch": state.epoch, "step": state.step, "phase_done": done, "world_size": ctx.world,
-            "zero_stage": stage, "time": time.time()}
+            "zero_stage": stage, "time": time.time(), "model": ctx.cfg.model.name,
+            "num_classes": ctx.num_classes, "image_size": ctx.image_size, "dataset": ctx.cfg.data.dataset}
     ckpt.save_checkpoint(ctx.ckpt_root, ctx.ckpt_index, shared=shared, per_rank=per_rank, meta=meta)
     ctx.ckpt_index += 1
 

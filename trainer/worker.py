@@ -38,6 +38,7 @@ class WorkerContext:
     train_loader: Any
     eval_loader: Any
     num_classes: int
+    image_size: int
     parent: Tracker
     phase_trackers: list[Tracker]
     ckpt_index: int = 0
@@ -90,6 +91,7 @@ def build_context(payload: dict[str, Any]) -> WorkerContext:
     phases = [Tracker(uri, rid if lead else None) for rid in ids.get("phases", [None] * len(cfg.phases))]
     return WorkerContext(cfg=cfg, rank=rank, world=world, device=device, run_dir=Path(payload["run_dir"]),
                          train_loader=train_loader, eval_loader=eval_loader, num_classes=sets.num_classes,
+                         image_size=sets.image_size,
                          parent=parent, phase_trackers=phases)
 
 

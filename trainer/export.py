@@ -1,0 +1,71 @@
+"""Export a run's model as safetensors + a JSON manifest, and load it back with torch alone.
+
+The manifest names the architecture (model registry name, classes, input
+size) and the factored layers (``surgery``: layer -> spec), so loading builds
+the dense model, rebuilds the factored structure and reads the weights: no
+pickle, no Ray, no DeepSpeed, no MLflow.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write ``model.safetensors`` and ``manifest.json`` for the newest checkpoint of ``run_dir``."""
+    from safetensors.torch import save_file
+
+    from trainer import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if last is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint (expected {run_dir / 'checkpoints' / 'latest'}); "
+                                "pass the run directory printed by `tdcompress run`")
+    meta = ckpt.read_meta(last)
+    shared = ckpt.load_shared(last)
+    out = Path(out_dir) if out_dir else run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in shared["model"].items()}
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(out / WEIGHTS)
+    manifest = {"format_version": FORMAT_VERSION, "model": meta["model"], "num_classes": meta["num_classes"],
+                "image_size": meta["image_size"], "dataset": meta.get("dataset"), "surgery": shared.get("surgery"),
+                "source_checkpoint": str(last), "phase": meta["phase"]}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    file = path / MANIFEST if path.is_dir() else path
+    manifest = json.loads(file.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Build the exported model from ``path`` (a directory with manifest.json + model.safetensors)."""
+    from safetensors.torch import load_file
+
+    from trainer.models import build_model
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    model = build_model(manifest["model"], manifest["num_classes"])
+    if manifest.get("surgery"):
+        from admm.surgery import apply_manifest
+
+        model = apply_manifest(model, manifest["surgery"])
+    model.load_state_dict(load_file(str(path / WEIGHTS), device=str(device)), strict=True)
+    return model.to(device).eval(), manifest
