@@ -1,0 +1,164 @@
+"""Training throughput: the project's DeepSpeed step divided by a plain PyTorch loop, same process.
+
+For each model: a plain loop (SGD, bf16 autocast + channels_last on a GPU,
+fp32 on CPU) and the project's engine (trainer.engine.build_engine with the
+config the project uses on that device) run the same synthetic batch; both
+are timed A/B/A so drift shows. On a GPU it also reports peak memory per
+ZeRO stage 0/1/2. No Ray, no MLflow: runs on a bare GPU box.
+
+    PYTHONPATH=. python bench/train_throughput.py                # device defaults
+    PYTHONPATH=. python bench/train_throughput.py --models resnet50 --batch 256 --steps 30 --compile
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from launcher.schema import Config  # noqa: E402
+from trainer.engine import Precision, build_engine, prepare_deepspeed_env, resolve_precision  # noqa: E402
+from trainer.models import build_model  # noqa: E402
+
+
+def init_group(gpu: bool) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29677", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def image_size(name: str, device: torch.device) -> int:
+    if name.startswith("resnet") and name in ("resnet18", "resnet50"):
+        return 224 if device.type == "cuda" else 64
+    return 32
+
+
+def time_steps(step, n: int, warmup: int, device: torch.device) -> float:
+    """Median seconds per step over ``n`` steps after ``warmup``."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def plain_step_fn(model, x, y, precision: Precision, lr: float = 0.1):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision.bf16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def engine_step_fn(engine, x, y):
+    def step():
+        loss = F.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+
+    return step
+
+
+def bench_model(name: str, batch: int, steps: int, warmup: int, device: torch.device, zero: int,
+                compile_: bool) -> dict:
+    cfg = Config(name="bench")
+    cfg.cluster.num_workers = 1
+    cfg.data.batch_size = batch
+    cfg.engine.zero_stage = zero
+    cfg.engine.compile = compile_
+    precision = resolve_precision(cfg, device)
+    size = image_size(name, device)
+    classes = 1000 if name in ("resnet18", "resnet50") else 10
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, classes, (batch,), generator=g).to(device)
+    if precision.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    torch.manual_seed(0)
+    plain = build_model(name, classes).to(device)
+    if precision.channels_last:
+        plain = plain.to(memory_format=torch.channels_last)
+    plain_fn = plain_step_fn(plain, x, y, precision)
+    torch.manual_seed(0)
+    model = build_model(name, classes).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    engine = build_engine(model, cfg, lr=0.1, total_steps=10**6, steps_per_epoch=1000, world_size=1,
+                          precision=precision)
+    eng_fn = engine_step_fn(engine, x, y)
+    a1 = time_steps(plain_fn, steps, warmup, device)
+    b = time_steps(eng_fn, steps, warmup, device)
+    a2 = time_steps(plain_fn, steps, warmup, device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    plain_ips = batch / statistics.mean([a1, a2])
+    return {"model": name, "batch": batch, "image": size, "zero": zero, "compile": compile_,
+            "bf16": precision.bf16, "channels_last": precision.channels_last,
+            "plain_img_s": plain_ips, "plain_spread": abs(a1 - a2) / min(a1, a2),
+            "engine_img_s": batch / b, "ratio": (batch / b) / plain_ips, "peak_gib": peak}
+
+
+def main() -> None:
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet50,resnet18,resnet32" if gpu else "resnet32,resnet18")
+    p.add_argument("--batch", default="256,256,128" if gpu else "32,16")
+    p.add_argument("--steps", type=int, default=30 if gpu else 5)
+    p.add_argument("--warmup", type=int, default=10 if gpu else 2)
+    p.add_argument("--zero", default="0,1,2" if gpu else "0")
+    p.add_argument("--compile", action="store_true", help="also time engine.compile()")
+    p.add_argument("--json", help="write results here")
+    args = p.parse_args()
+    prepare_deepspeed_env()
+    init_group(gpu)
+    import deepspeed
+
+    name = torch.cuda.get_device_name() if gpu else f"CPU {platform.processor() or platform.machine()}, " \
+                                                     f"{torch.get_num_threads()} threads"
+    print(f"device: {name} | torch {torch.__version__} | deepspeed {deepspeed.__version__} | python "
+          f"{platform.python_version()}", flush=True)
+    models = args.models.split(",")
+    batches = [int(b) for b in args.batch.split(",")]
+    rows = []
+    for m, b in zip(models, batches):
+        for zero in [int(z) for z in args.zero.split(",")]:
+            for comp in ([False, True] if args.compile else [False]):
+                r = bench_model(m, b, args.steps, args.warmup, device, zero, comp)
+                rows.append(r)
+                print(f"{m:9s} batch {b:4d} {r['image']}px zero {zero} compile {comp!s:5s} bf16 {r['bf16']!s:5s} "
+                      f"plain {r['plain_img_s']:9,.0f} img/s (A/A spread {100 * r['plain_spread']:.1f}%)  "
+                      f"engine {r['engine_img_s']:9,.0f} img/s  ratio {r['ratio']:.3f}  peak {r['peak_gib']:.2f} GiB",
+                      flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
