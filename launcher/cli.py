@@ -4,6 +4,7 @@
     tdcompress config show CONFIG [key=value ...]    print the resolved config
     tdcompress export RUN_DIR                        safetensors + manifest of the run's model
     tdcompress evaluate EXPORT_DIR                   top-1/top-5 and latency, torch alone
+    tdcompress compare [RUN ...]                     runs side by side (MLflow) + accuracy-vs-compression plot
 """
 from __future__ import annotations
 
@@ -59,6 +60,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launcher.compare import parent_runs, plot, table
+    from trainer.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    runs = parent_runs(uri, args.experiment, args.runs, args.limit)
+    if not runs:
+        print(f"no runs in experiment {args.experiment!r} at {uri}")
+        return 1
+    print(table(runs))
+    path = plot(runs, Path(args.plot))
+    if path:
+        print(f"plot: {path}")
+    return 0
+
+
 def _cmd_config_show(args: argparse.Namespace) -> int:
     print(dump_yaml(load_config(args.config, args.overrides)), end="")
     return 0
@@ -89,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--latency-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32],
                     help="comma-separated batch sizes to time (default 1,32)")
     ev.set_defaults(func=_cmd_evaluate)
+
+    cmp_ = sub.add_parser("compare", help="runs side by side from MLflow (top-1, compression, params, FLOPs)")
+    cmp_.add_argument("runs", nargs="*", help="run names or ids (default: the newest runs)")
+    cmp_.add_argument("--experiment", default="tdcompress")
+    cmp_.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
+    cmp_.add_argument("--limit", type=int, default=20)
+    cmp_.add_argument("--plot", default="compare.png", help="accuracy-vs-compression plot (PNG)")
+    cmp_.set_defaults(func=_cmd_compare)
 
     config = sub.add_parser("config", help="inspect configs")
     csub = config.add_subparsers(dest="config_command", required=True)

@@ -79,3 +79,15 @@ def test_missing_dataset_fails_before_any_worker(tiny, tmp_path):
     with pytest.raises(DatasetError, match=str(tmp_path / "nowhere")):
         pipeline.run(tiny(f"data.root={tmp_path / 'nowhere'}"))
     assert not (tmp_path / "runs").exists()  # nothing was created
+
+
+def test_compare_lists_runs_side_by_side(tiny, tmp_path, capsys):
+    from launcher.cli import main
+
+    info = pipeline.run(tiny("run_name=cmp"))
+    capsys.readouterr()
+    assert main(["compare", "--tracking-uri", info.tracking_uri, "--plot", str(tmp_path / "cmp.png")]) == 0
+    out = capsys.readouterr().out
+    assert "cmp" in out and "top1 %" in out and "FINISHED" in out
+    assert main(["compare", "--tracking-uri", info.tracking_uri, "--experiment", "nope"]) == 2
+    assert "no MLflow experiment 'nope'" in capsys.readouterr().err
