@@ -7,6 +7,7 @@ an atomic checkpoint after every epoch. ADMM and decomposition live in
 """
 from __future__ import annotations
 
+import enum
 import os
 import time
 from typing import Any
@@ -31,6 +32,28 @@ def restore_model(model: nn.Module, shared: dict[str, Any], cfg) -> nn.Module:
         model = apply_manifest(model, manifest)
     model.load_state_dict(shared["model"])
     return model
+
+
+def _is_plain(obj: Any) -> bool:
+    """Tensors, numbers, strings and containers of them: what torch.load(weights_only=True) accepts."""
+    if isinstance(obj, (torch.Tensor, int, float, str, bool, type(None))) and not isinstance(obj, enum.Enum):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return all(_is_plain(x) for x in obj)
+    if isinstance(obj, dict):
+        return all(isinstance(k, (str, int)) and _is_plain(v) for k, v in obj.items())
+    return False
+
+
+def zero_state(optimizer) -> tuple[dict[str, Any], list[str]]:
+    """A ZeRO optimizer's state_dict without its DeepSpeed objects (loss scaler, enums, slice maps).
+
+    Those entries are set by the config and the model, not by training, so on resume they are
+    taken from the freshly built optimizer; the tensors (fp32 partitions, momentum) are restored.
+    """
+    sd = optimizer.state_dict()
+    plain = {k: v for k, v in sd.items() if _is_plain(v)}
+    return plain, sorted(set(sd) - set(plain))
 
 
 def fingerprint(model: nn.Module) -> torch.Tensor:
@@ -77,9 +100,7 @@ def _save(ctx: WorkerContext, index: int, engine, components: list[Any], state: 
         if stage == 0:
             shared["optimizer"] = engine.optimizer.state_dict()
         else:
-            sd = dict(engine.optimizer.state_dict())
-            sd.pop("loss_scaler", None)  # a DeepSpeed object: not loadable with weights_only=True
-            per_rank["optimizer"] = sd
+            per_rank["optimizer"] = zero_state(engine.optimizer)[0]
     meta = {"index": ctx.ckpt_index, "phase_index": index, "phase": ctx.cfg.phases[index].kind,
             "epoch": state.epoch, "step": state.step, "phase_done": done, "world_size": ctx.world,
             "zero_stage": stage, "time": time.time(), "model": ctx.cfg.model.name,
@@ -104,7 +125,8 @@ def _restore_optim(ctx: WorkerContext, path, engine, components: list[Any], stat
                            "or use engine.zero_stage=0 to change the number of workers")
     else:
         sd = ckpt.load_rank(path, ctx.rank, ctx.device)["optimizer"]
-        sd["loss_scaler"] = engine.optimizer.loss_scaler
+        fresh = engine.optimizer.state_dict()
+        sd.update({k: fresh[k] for k in zero_state(engine.optimizer)[1]})
         engine.optimizer.load_state_dict([sd])
     shards = [r["components"] for r in ckpt.load_all_ranks(path, ctx.device)]
     for i, comp in enumerate(components):

@@ -1,0 +1,67 @@
+"""The DeepSpeed engine as the project drives it: ZeRO stages, gradient accumulation, schedule, resume."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from launcher import pipeline
+from trainer import checkpoint as ckpt
+from trainer.engine import Precision, deepspeed_config, warmup_cosine
+from launcher.schema import Config
+
+
+def _weights(info):
+    return ckpt.load_shared(ckpt.latest_checkpoint(info.dir / "checkpoints"))["model"]
+
+
+def test_deepspeed_config_is_explicit():
+    cfg = Config(name="x")
+    cfg.cluster.num_workers = 2
+    cfg.optim.grad_accum = 2
+    ds = deepspeed_config(cfg, world_size=2, precision=Precision(bf16=True, channels_last=False))
+    assert ds["train_batch_size"] == 128 and ds["train_micro_batch_size_per_gpu"] == 32
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.0  # DeepSpeed would clip at 1.0 by default
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "torch_autocast" not in deepspeed_config(cfg, 2, Precision(bf16=False, channels_last=False))
+
+
+def test_warmup_cosine_shape():
+    f = warmup_cosine(total_steps=100, warmup_steps=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(100) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) - 1e-12 for s in range(10, 100))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny):
+    """tinycnn has no BatchNorm: 2 micro-batches of 32 accumulate to the step of one batch of 64."""
+    one = pipeline.run(tiny("run_name=accum1", "optim.grad_accum=1"))
+    two = pipeline.run(tiny("run_name=accum2", "optim.grad_accum=2"))
+    a, b = _weights(one), _weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stage_matches_stage0_and_resumes(tiny, monkeypatch, stage):
+    ref = pipeline.run(tiny("run_name=z0", "phases.0.epochs=3"))
+    monkeypatch.setenv("TDC_FAIL_AT", "0:1")
+    with pytest.raises(RuntimeError, match="injected"):
+        pipeline.run(tiny(f"run_name=z{stage}", f"engine.zero_stage={stage}", "phases.0.epochs=3"))
+    monkeypatch.delenv("TDC_FAIL_AT")
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(ref.dir.parent / f"z{stage}" / "checkpoints"))
+    assert meta["zero_stage"] == stage
+    resumed = pipeline.run(tiny(f"run_name=z{stage}", f"engine.zero_stage={stage}", "phases.0.epochs=3",
+                                "resume=true"))
+    a, b = _weights(ref), _weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_label_smoothing_and_momentum_change_the_result(tiny):
+    base = _weights(pipeline.run(tiny("run_name=b")))
+    smooth = _weights(pipeline.run(tiny("run_name=s", "optim.label_smoothing=0.2")))
+    assert any(not torch.allclose(base[k], smooth[k]) for k in base)
