@@ -1,0 +1,116 @@
+"""Model surgery: swap planned dense layers for factored ones, and rebuild that structure from a manifest.
+
+Works on the unwrapped ``nn.Module`` (before a DeepSpeed engine is built around
+it). The surgery manifest ``{dotted layer name: FactoredLayer.spec()}`` is a
+plain JSON-able dict stored on the model as ``model.tdc_manifest``; checkpoints
+save it, and :func:`apply_manifest` replays it on a freshly built dense model
+before ``load_state_dict`` (trainer.phases.restore_model, trainer.export).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+from torch import Tensor, nn
+
+from admm.layers import FactoredLayer, Geometry, factorize_module, module_from_spec
+
+if TYPE_CHECKING:  # keep apply_manifest's import light for torch-only export loading
+    from admm.planner import RankPlan
+
+__all__ = ["MANIFEST_ATTR", "apply_manifest", "decompose_model", "get_submodule", "set_submodule"]
+
+MANIFEST_ATTR = "tdc_manifest"
+
+
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at dotted ``name`` (``""`` is the model itself); AttributeError names what is missing."""
+    return model.get_submodule(name)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (e.g. ``"layer1.0.conv1"``, ``"features.3"``) by ``module``."""
+    if not name:
+        raise ValueError("cannot replace the root module")
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if attr not in parent._modules:
+        raise AttributeError(f"{type(parent).__name__} {parent_name or '<root>'!r} has no submodule {attr!r}")
+    setattr(parent, attr, module)
+
+
+def _dense_layer(model: nn.Module, name: str) -> nn.Conv2d | nn.Linear:
+    module = get_submodule(model, name)
+    if isinstance(module, FactoredLayer):
+        raise ValueError(f"layer {name!r} is already factored ({module.format})")
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        raise TypeError(f"layer {name!r} is a {type(module).__name__}, not an nn.Conv2d or nn.Linear")
+    return module
+
+
+def decompose_model(model: nn.Module, plan: "RankPlan", weights: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """Replace every layer of ``plan`` in ``model`` (in place) by its factored layer; return ``model``.
+
+    Factors come from the layer's trained weight, or ``weights[name]`` when given
+    (e.g. ADMM's Z, whose shape must be the weight's). Each new layer keeps the
+    dense layer's bias, device, dtype and train/eval mode. All layers are checked
+    before any is replaced. Sets ``model.tdc_manifest = {name: spec}`` (merged
+    with an existing manifest).
+
+    Raises:
+        ValueError: a planned layer is already factored, its shape differs from
+            the plan, or ``weights`` names a layer the plan does not.
+    """
+    weights = dict(weights or {})
+    planned = {p.name for p in plan.layers}
+    unknown = sorted(set(weights) - planned)
+    if unknown:
+        raise ValueError(f"weights given for layers that are not planned: {unknown}")
+    dense = {}
+    for p in plan.layers:
+        module = _dense_layer(model, p.name)
+        if tuple(module.weight.shape) != tuple(p.shape):
+            raise ValueError(f"layer {p.name!r} has weight shape {tuple(module.weight.shape)}, "
+                             f"the plan says {tuple(p.shape)}")
+        dense[p.name] = module
+    manifest: dict[str, dict[str, Any]] = dict(getattr(model, MANIFEST_ATTR, None) or {})
+    for p in plan.layers:
+        layer = factorize_module(dense[p.name], p.fmt, p.rank, weight=weights.get(p.name))
+        set_submodule(model, p.name, layer)
+        manifest[p.name] = layer.spec()
+    setattr(model, MANIFEST_ATTR, manifest)
+    return model
+
+
+def apply_manifest(model: nn.Module, manifest: Mapping[str, Mapping[str, Any]]) -> nn.Module:
+    """Rebuild the factored structure a manifest describes (zero factors) in ``model``; return ``model``.
+
+    Each named dense layer is replaced by ``module_from_spec(spec)`` on its
+    device and dtype, after checking that its geometry matches the spec. A layer
+    that is already factored with the same spec is kept (replaying is
+    idempotent). Load the weights afterwards with ``load_state_dict``.
+
+    Raises:
+        ValueError: a layer's geometry or existing factored spec disagrees with the manifest.
+    """
+    specs = {name: dict(spec) for name, spec in manifest.items()}
+    built: dict[str, nn.Module] = {}
+    for name, spec in specs.items():  # check everything before changing anything
+        current = get_submodule(model, name)
+        if isinstance(current, FactoredLayer):
+            if current.spec() != module_from_spec(spec, device="meta").spec():
+                raise ValueError(f"layer {name!r} is factored as {current.spec()}, the manifest says {spec}")
+            continue
+        dense = _dense_layer(model, name)
+        if Geometry.of(dense) != Geometry.from_spec(spec):
+            raise ValueError(f"layer {name!r} has geometry {Geometry.of(dense).to_spec()}, "
+                             f"the manifest says {spec}")
+        layer = module_from_spec(spec, device=dense.weight.device, dtype=dense.weight.dtype)
+        layer.train(dense.training)
+        built[name] = layer
+    for name, layer in built.items():
+        set_submodule(model, name, layer)
+    merged = dict(getattr(model, MANIFEST_ATTR, None) or {})
+    merged.update({name: get_submodule(model, name).spec() for name in specs})  # type: ignore[operator]
+    setattr(model, MANIFEST_ATTR, merged)
+    return model
