@@ -61,3 +61,16 @@ def test_finetune_export_and_torch_only_load(tiny, tmp_path):
             "bad = [k for k in ('ray', 'deepspeed', 'mlflow') if k in sys.modules]; assert not bad, bad; print('ok')")
     res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_evaluate_command_on_an_export(tiny, tmp_path, capsys):
+    from launcher.cli import main
+
+    info = pipeline.run(tiny(*BASE, "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 2}, {kind: decompose}]"))
+    assert main(["export", str(info.dir), "--out", str(tmp_path / "exp")]) == 0
+    cfg = tiny()
+    assert main(["evaluate", str(tmp_path / "exp"), "--data-root", cfg.data.root, "--limit", "128",
+                 "--latency-batches", "1,4"]) == 0
+    out = capsys.readouterr().out
+    assert "18 factored layers" in out and "top1" in out and "on 128 packed images" in out
+    assert "latency batch 1:" in out and "latency batch 4:" in out
