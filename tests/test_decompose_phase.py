@@ -13,9 +13,10 @@ from trainer import tracking
 from trainer.export import export_run, load_exported
 
 BASE = ("model.name=resnet20", "data.train_subset=2048", "data.eval_subset=512", "optim.lr=0.05",
-        "compression.format=tucker2", "compression.keep_ratio=0.3", "admm.rho=0.3", "admm.rho_growth=1.3",
+        "compression.format=tucker2", "compression.keep_ratio=0.3", "admm.rho=0.1", "admm.rho_growth=1.4",
+        "admm.unit=step", "admm.interval=4",
         "admm.rho_max=10")
-PRE = "{kind: pretrain, epochs: 3, steps_per_epoch: 24}"
+PRE = "{kind: pretrain, epochs: 2, steps_per_epoch: 16}"
 
 
 def _decompose_metrics(info) -> dict[str, float]:
@@ -27,12 +28,14 @@ def _decompose_metrics(info) -> dict[str, float]:
 def test_admm_makes_decomposition_nearly_free(tiny):
     """The papers' point: after ADMM, decomposing loses far less accuracy than after plain training."""
     with_admm = pipeline.run(tiny(*BASE, "run_name=admm",
-                                  f"phases=[{PRE}, {{kind: admm, epochs: 3, steps_per_epoch: 24}}, {{kind: decompose}}]"))
+                                  f"phases=[{PRE}, {{kind: admm, epochs: 3, steps_per_epoch: 16}}, {{kind: decompose}}]"))
     without = pipeline.run(tiny(*BASE, "run_name=plain",
-                                f"phases=[{PRE}, {{kind: pretrain, epochs: 3, steps_per_epoch: 24}}, {{kind: decompose}}]"))
+                                f"phases=[{PRE}, {{kind: pretrain, epochs: 3, steps_per_epoch: 16}}, {{kind: decompose}}]"))
     a, b = _decompose_metrics(with_admm), _decompose_metrics(without)
-    assert a["dense_top1"] > 20 and b["dense_top1"] > 20, (a, b)  # both learned something
-    assert a["top1_drop"] + 8 < b["top1_drop"], (a["top1_drop"], b["top1_drop"])
+    assert a["dense_top1"] > 15 and b["dense_top1"] > 15, (a, b)  # both learned something (chance: 10)
+    # Measured: drop 4.3 points after ADMM vs 27.5 without (seed 0); a 10-point margin leaves room for noise.
+    assert a["top1_drop"] + 10 < b["top1_drop"], (a["top1_drop"], b["top1_drop"])
+    assert a["decomposed_top1"] > b["decomposed_top1"] + 3
     assert a["compression"] > 1.5 and a["flops_reduction"] > 1.5
     assert a["params_factored"] == b["params_factored"]
 

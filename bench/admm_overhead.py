@@ -1,0 +1,254 @@
+"""ADMM step throughput divided by plain step throughput: same DeepSpeed engine, same process.
+
+For each model the project's engine (trainer.engine.build_engine, world size 1,
+ZeRO 0 unless --zero) trains on one fixed synthetic batch in five timed runs:
+
+    P1 plain -> A admm (AdmmComponent's gradient hooks) -> P2 plain (hooks detached)
+       -> N naive penalty -> P3 plain
+
+A is reported against mean(P1, P2) and N against mean(P2, P3), so drift over
+the run shows up as a P1/P2/P3 spread instead of as overhead. "naive" is the
+alternative DESIGN.md warns against, built here only as the baseline: the
+penalty as a Python sum of per-layer rho/2 ||W - Z + U||^2 added to the loss,
+using the component's own Z, U and rho. Both variants add the same gradient
+rho (W - Z + U) (checked once before timing and printed as `grad check`).
+
+No Z-update runs inside a timed window (the interval is an epoch); its cost
+is bench/zupdate.py's subject. The Z/U initialisation at attach (one
+projection per layer) happens before timing.
+
+    PYTHONPATH=. .venv/bin/python bench/admm_overhead.py        # device defaults
+    PYTHONPATH=. .venv/bin/python bench/admm_overhead.py --models resnet50,resnet18,resnet32 \
+        --batch 256,256,128 --steps 20 --warmup 5 --json admm_overhead.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from admm.component import AdmmComponent  # noqa: E402
+from bench.common import (Timing, banner, banner_line, classes_for, image_size, init_process_group,  # noqa: E402
+                          pick_device, synthetic_batch, time_fn, write_json)
+from launcher.schema import Config  # noqa: E402
+from trainer.engine import build_engine, prepare_deepspeed_env, resolve_precision  # noqa: E402
+from trainer.models import build_model  # noqa: E402
+
+
+class NullTracker:
+    """What AdmmComponent.create wants from a tracker, recording nothing."""
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def artifact(self, path: Path) -> None:
+        pass
+
+
+class NaivePenalty:
+    """The baseline: rho/2 * sum_l ||W_l - Z_l + U_l||^2 as a Python sum in the loss graph."""
+
+    def __init__(self, comp: AdmmComponent, model: nn.Module) -> None:
+        modules = dict(model.named_modules())
+        self.rho = comp.state.rho
+        self.terms = [(modules[name].weight, s.z, s.u) for name, s in comp.state.layers.items()]
+
+    def __call__(self) -> torch.Tensor:
+        total = 0.0
+        for w, z, u in self.terms:
+            total = total + (w - z + u).square().sum()
+        return 0.5 * self.rho * total
+
+
+def step_fn(engine, x: torch.Tensor, y: torch.Tensor,
+            penalty: Callable[[], torch.Tensor] | None = None) -> Callable[[], None]:
+    """One optimizer step as the train loop does it: forward + loss -> engine.backward -> engine.step."""
+
+    def step() -> None:
+        loss = F.cross_entropy(engine(x), y)
+        if penalty is not None:
+            loss = loss + penalty()
+        engine.backward(loss)
+        engine.step()
+
+    return step
+
+
+def grad_check(comp: AdmmComponent, model: nn.Module) -> float:
+    """Max relative difference between the hook's and the naive penalty's gradient (hooks attached).
+
+    The loss is 0 * sum(W), so the hook's gradient is its penalty term alone.
+    """
+    naive = NaivePenalty(comp, model)
+    weights = [w for w, _, _ in naive.terms]
+    hooked = torch.autograd.grad(sum((w * 0).sum() for w in weights), weights)
+    comp.detach()
+    plain = torch.autograd.grad(naive(), weights)
+    comp.attach(model)
+    num = max(float((a - b).abs().max()) for a, b in zip(hooked, plain))
+    den = max(float(b.abs().max()) for b in plain)
+    return num / max(den, 1e-30)
+
+
+def interleaved(plain: Callable[[], None], naive: Callable[[], None], comp: AdmmComponent, model: nn.Module,
+                steps: int, warmup: int, device: torch.device) -> dict[str, Timing]:
+    """Plain, ADMM and naive steps taken in turn (order rotated every round), each timed alone.
+
+    Drift slower than one step (other jobs on a shared machine, clocks) hits all three
+    alike, so the ratios of the medians are steadier than block A/B/A on a busy host.
+    Attaching/detaching the hooks between steps is outside the timed calls.
+    """
+    fns = {"plain": plain, "admm": plain, "naive": naive}  # "admm" is the plain step with the hooks attached
+    out = {k: Timing() for k in fns}
+    kinds = list(fns)
+    for i in range(warmup + steps):
+        for kind in kinds[i % 3:] + kinds[:i % 3]:
+            if kind == "admm":
+                comp.attach(model)
+            t = time_fn(fns[kind], 1, 0, device).times[0]
+            if kind == "admm":
+                comp.detach()
+            if i >= warmup:
+                out[kind].times.append(t)
+    return out
+
+
+def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, device: torch.device, zero: int,
+                fmt: str, size: int | None, inter: bool) -> list[dict]:
+    """``rounds`` cycles of P1 A P2 N P3 on one engine; one result row per cycle."""
+    cfg = Config(name="bench")
+    cfg.cluster.backend, cfg.cluster.num_workers = "local", 1
+    cfg.data.batch_size = batch
+    cfg.engine.zero_stage = zero
+    cfg.compression.format = fmt
+    precision = resolve_precision(cfg, device)
+    size = size or image_size(name, device)
+    classes = classes_for(name)
+    x, y = synthetic_batch(batch, size, classes, device, precision.channels_last)
+    torch.manual_seed(0)
+    model = build_model(name, classes).to(device)
+    # lr 0.01 (not the default 0.1): 100+ steps on one random batch must not diverge; the step's cost
+    # does not depend on it.
+    engine = build_engine(model, cfg, lr=0.01, total_steps=10**6, steps_per_epoch=1000, world_size=1,
+                          precision=precision)
+    comp = AdmmComponent.create(engine.module, cfg, rank=0, world=1, tracker=NullTracker())
+
+    plain = step_fn(engine, x, y)
+    base = {"model": name, "batch": batch, "image": size, "zero": zero, "format": fmt,
+            "planned_layers": len(comp.plan.layers), "bf16": precision.bf16,
+            "channels_last": precision.channels_last, "steps": steps, "warmup": warmup}
+    rows = []
+    for rnd in range(rounds):
+        p1 = time_fn(plain, steps, warmup, device)
+        comp.attach(engine.module)  # first time: Z = Proj(W), U = 0 per planned layer, outside the timed window
+        if rnd == 0:
+            check = grad_check(comp, engine.module)
+            naive = step_fn(engine, x, y, NaivePenalty(comp, engine.module))  # needs Z, U: built after attach
+        a = time_fn(plain, steps, warmup, device)  # the same step; the hooks now add rho (W - Z + U)
+        comp.detach()
+        p2 = time_fn(plain, steps, warmup, device)
+        n = time_fn(naive, steps, warmup, device)
+        p3 = time_fn(plain, steps, warmup, device)
+        il = interleaved(plain, naive, comp, engine.module, steps, warmup, device) if inter else None
+        plains = [p1.median, p2.median, p3.median]
+        base_a = statistics.mean(plains[:2])
+        base_n = statistics.mean(plains[1:])
+        rows.append({**base, "round": rnd + 1,
+                     "plain_img_s": [batch / t for t in plains],
+                     "plain_spread": (max(plains) - min(plains)) / min(plains),
+                     "admm_img_s": batch / a.median, "admm_ratio": base_a / a.median,
+                     "naive_img_s": batch / n.median, "naive_ratio": base_n / n.median,
+                     "grad_check_rel_diff": check,
+                     "timings_s": {"plain1": p1.to_json(), "admm": a.to_json(), "plain2": p2.to_json(),
+                                   "naive": n.to_json(), "plain3": p3.to_json()}})
+        if il is not None:
+            rows[-1].update({"interleaved_admm_ratio": il["plain"].median / il["admm"].median,
+                             "interleaved_naive_ratio": il["plain"].median / il["naive"].median,
+                             "interleaved_plain_img_s": batch / il["plain"].median})
+            rows[-1]["timings_s"].update({f"interleaved_{k}": v.to_json() for k, v in il.items()})
+    del engine, model, comp
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows: list[dict], device: str) -> None:
+    print(f"{'model':9s} {'rnd':>3s} {'batch':>5s} {'px':>4s}  {'plain img/s P1/P2/P3':>22s} {'spread':>6s}  "
+          f"{'admm img/s':>10s} {'(ratio)':>7s}  {'naive img/s':>11s} {'(ratio)':>7s}  "
+          f"{'interleaved admm/naive':>22s}  device")
+    for r in rows:
+        p = "/".join(f"{v:,.1f}" for v in r["plain_img_s"])
+        il = (f"{r['interleaved_admm_ratio']:.3f} / {r['interleaved_naive_ratio']:.3f}"
+              if "interleaved_admm_ratio" in r else "-")
+        print(f"{r['model']:9s} {r['round']:3d} {r['batch']:5d} {r['image']:4d}  {p:>22s} "
+              f"{100 * r['plain_spread']:5.1f}%  {r['admm_img_s']:10,.1f} {r['admm_ratio']:7.3f}  "
+              f"{r['naive_img_s']:11,.1f} {r['naive_ratio']:7.3f}  {il:>22s}  {device}", flush=True)
+
+
+def main() -> None:
+    device = pick_device()
+    gpu = device.type == "cuda"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet50,resnet18,resnet32" if gpu else "resnet32,resnet18")
+    p.add_argument("--batch", default="256,256,128" if gpu else "32,16", help="one per model")
+    p.add_argument("--image", type=int, default=None,
+                   help="input size in px (default: 224 for resnet18/50 on a GPU, 64 on CPU; 32 for CIFAR)")
+    p.add_argument("--steps", type=int, default=20 if gpu else 10, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=5 if gpu else 3, help="untimed steps before each run")
+    p.add_argument("--rounds", type=int, default=1 if gpu else 2,
+                   help="repeat the P1 A P2 N P3 cycle this many times (one table row each)")
+    p.add_argument("--no-interleaved", action="store_true",
+                   help="skip the interleaved run (plain/admm/naive steps in turn) after each cycle")
+    p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2))
+    p.add_argument("--format", default="tucker2", help="compression.format of the plan (sets which layers "
+                   "get hooks; the hook costs the same for every format)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = args.models.split(",")
+    batches = [int(b) for b in args.batch.split(",")]
+    if len(batches) != len(models):
+        p.error(f"--batch needs one value per model ({len(models)}), got {len(batches)}")
+
+    prepare_deepspeed_env()
+    init_process_group(device)
+    info = banner(device)
+    print(banner_line(info), flush=True)
+    rows = []
+    for m, b in zip(models, batches):
+        got = bench_model(m, b, args.steps, args.warmup, args.rounds, device, args.zero, args.format, args.image,
+                          not args.no_interleaved)
+        rows += got
+        r = got[0]
+        print(f"{m}: {r['planned_layers']} planned layers ({args.format}), bf16 {r['bf16']}, channels_last "
+              f"{r['channels_last']}, ZeRO {args.zero}; grad check (hook vs naive) rel diff "
+              f"{r['grad_check_rel_diff']:.1e}", flush=True)
+    print()
+    print_table(rows, info["device"])
+    for m in models:
+        mine = [r for r in rows if r["model"] == m]
+        if len(mine) > 1:
+            for key in ("admm_ratio", "naive_ratio", "interleaved_admm_ratio", "interleaved_naive_ratio"):
+                vals = [r[key] for r in mine if key in r]
+                if not vals:
+                    continue
+                print(f"{m}: {key} median {statistics.median(vals):.3f} over {len(vals)} rounds "
+                      f"(min {min(vals):.3f}, max {max(vals):.3f})", flush=True)
+    if args.json:
+        write_json(args.json, {"banner": info, "args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
