@@ -19,8 +19,12 @@ WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write ``model.safetensors`` and ``manifest.json`` for the newest checkpoint of ``run_dir``."""
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: bool = True) -> Path:
+    """Write ``model.safetensors`` and ``manifest.json`` for the newest checkpoint of ``run_dir``.
+
+    With ``fold_bn`` the BatchNorms are folded into the convs (dense or factored) that feed them:
+    the exported model is for inference, and BN is one full pass over every activation it touches.
+    """
     from safetensors.torch import save_file
 
     from trainer import checkpoint as ckpt
@@ -34,12 +38,28 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     shared = ckpt.load_shared(last)
     out = Path(out_dir) if out_dir else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in shared["model"].items()}
+    from trainer.models import build_model
+
+    model = build_model(meta["model"], meta["num_classes"])
+    surgery = shared.get("surgery")
+    if surgery:
+        from admm.surgery import apply_manifest
+
+        model = apply_manifest(model, surgery)
+    model.load_state_dict(shared["model"])
+    folded: list = []
+    if fold_bn:
+        from admm.fold import fold_batchnorm
+
+        model.eval()
+        folded = [list(p) for p in fold_batchnorm(model)]
+        surgery = getattr(model, "tdc_manifest", None) or surgery
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(out / WEIGHTS)
     manifest = {"format_version": FORMAT_VERSION, "model": meta["model"], "num_classes": meta["num_classes"],
-                "image_size": meta["image_size"], "dataset": meta.get("dataset"), "surgery": shared.get("surgery"),
+                "image_size": meta["image_size"], "dataset": meta.get("dataset"), "surgery": surgery, "folded_bn": folded,
                 "source_checkpoint": str(last), "phase": meta["phase"]}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
@@ -63,6 +83,10 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     path = Path(path)
     manifest = read_manifest(path)
     model = build_model(manifest["model"], manifest["num_classes"])
+    if manifest.get("folded_bn"):  # first: the folded producers carry a bias the manifest's specs expect
+        from admm.fold import apply_folding
+
+        model = apply_folding(model, manifest["folded_bn"])
     if manifest.get("surgery"):
         from admm.surgery import apply_manifest
 
