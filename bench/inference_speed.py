@@ -44,14 +44,20 @@ def main() -> None:
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--repeats", type=int, default=20 if gpu else 5)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (GPU)")
+    p.add_argument("--fold", action="store_true", help="fold BatchNorm into the convs of both models (as export does)")
     p.add_argument("--json")
     args = p.parse_args()
     name = torch.cuda.get_device_name() if gpu else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
     print(f"device: {name} | torch {torch.__version__} | {args.model} {args.image}px | "
-          f"{'bf16' if gpu else 'fp32'}", flush=True)
+          f"{'bf16' if gpu else 'fp32'} | BN folded: {args.fold}", flush=True)
     classes = 1000 if args.model in ("resnet18", "resnet50") else 10
     torch.manual_seed(0)
     dense = build_model(args.model, classes).to(device).eval()
+    base_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    if args.fold:
+        from admm.fold import fold_batchnorm
+
+        fold_batchnorm(dense)
     if gpu:
         dense = dense.to(memory_format=torch.channels_last)
     batches = [int(b) for b in args.batches.split(",")]
@@ -64,8 +70,10 @@ def main() -> None:
             plan = plan_for_model(dense, CompressionConfig(format=fmt, keep_ratio=keep),
                                   input_shape=(1, 3, args.image, args.image))
             model = build_model(args.model, classes).to(device)
-            model.load_state_dict(dense.state_dict())
+            model.load_state_dict(base_state)
             model = decompose_model(model, plan).eval()
+            if args.fold:
+                fold_batchnorm(model)
             for b in batches:
                 for m in modes:
                     t = timed(torch.compile(model) if m == "compiled" else model, (b, 3, args.image, args.image),
