@@ -12,12 +12,8 @@ ZeRO stage 0/1/2. No Ray, no MLflow: runs on a bare GPU box.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,39 +24,8 @@ import torch.nn.functional as F  # noqa: E402
 from launcher.schema import Config  # noqa: E402
 from trainer.engine import Precision, build_engine, prepare_deepspeed_env, resolve_precision  # noqa: E402
 from trainer.models import build_model  # noqa: E402
-
-
-def init_group(gpu: bool) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29677", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def image_size(name: str, device: torch.device) -> int:
-    if name.startswith("resnet") and name in ("resnet18", "resnet50"):
-        return 224 if device.type == "cuda" else 64
-    return 32
-
-
-def time_steps(step, n: int, warmup: int, device: torch.device) -> float:
-    """Median seconds per step over ``n`` steps after ``warmup``."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from bench.common import (banner, banner_line, classes_for, image_size, init_process_group,  # noqa: E402
+                          synthetic_batch, time_fn, write_json)
 
 
 def plain_step_fn(model, x, y, precision: Precision, lr: float = 0.1):
@@ -93,13 +58,8 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, device: torch.de
     cfg.engine.zero_stage = zero
     cfg.engine.compile = compile_
     precision = resolve_precision(cfg, device)
-    size = image_size(name, device)
-    classes = 1000 if name in ("resnet18", "resnet50") else 10
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g).to(device)
-    y = torch.randint(0, classes, (batch,), generator=g).to(device)
-    if precision.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    size, classes = image_size(name, device), classes_for(name)
+    x, y = synthetic_batch(batch, size, classes, device, precision.channels_last)
 
     torch.manual_seed(0)
     plain = build_model(name, classes).to(device)
@@ -113,9 +73,9 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, device: torch.de
     engine = build_engine(model, cfg, lr=0.1, total_steps=10**6, steps_per_epoch=1000, world_size=1,
                           precision=precision)
     eng_fn = engine_step_fn(engine, x, y)
-    a1 = time_steps(plain_fn, steps, warmup, device)
-    b = time_steps(eng_fn, steps, warmup, device)
-    a2 = time_steps(plain_fn, steps, warmup, device)
+    a1 = time_fn(plain_fn, steps, warmup, device).median
+    b = time_fn(eng_fn, steps, warmup, device).median
+    a2 = time_fn(plain_fn, steps, warmup, device).median
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     plain_ips = batch / statistics.mean([a1, a2])
     return {"model": name, "batch": batch, "image": size, "zero": zero, "compile": compile_,
@@ -137,13 +97,9 @@ def main() -> None:
     p.add_argument("--json", help="write results here")
     args = p.parse_args()
     prepare_deepspeed_env()
-    init_group(gpu)
-    import deepspeed
-
-    name = torch.cuda.get_device_name() if gpu else f"CPU {platform.processor() or platform.machine()}, " \
-                                                     f"{torch.get_num_threads()} threads"
-    print(f"device: {name} | torch {torch.__version__} | deepspeed {deepspeed.__version__} | python "
-          f"{platform.python_version()}", flush=True)
+    init_process_group(device)
+    info = banner(device)
+    print(banner_line(info), flush=True)
     models = args.models.split(",")
     batches = [int(b) for b in args.batch.split(",")]
     rows = []
@@ -157,7 +113,7 @@ def main() -> None:
                       f"engine {r['engine_img_s']:9,.0f} img/s  ratio {r['ratio']:.3f}  peak {r['peak_gib']:.2f} GiB",
                       flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+        write_json(args.json, {"device": info, "rows": rows})
 
 
 if __name__ == "__main__":
