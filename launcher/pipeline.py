@@ -54,10 +54,15 @@ def resolve_run_dir(cfg: Config) -> tuple[str, Path]:
     return name, root / name
 
 
-def check_data(cfg: Config) -> None:
-    """Fail on the driver if the dataset is missing (only where the driver can see it)."""
+# (classes, image size) by dataset, for planning where the driver cannot open the data itself.
+DATASET_SHAPES = {"packed": (10, 32), "cifar10": (10, 32), "cifar100": (100, 32), "imagenet": (1000, 224),
+                  "synthetic": (10, 32)}
+
+
+def check_data(cfg: Config) -> tuple[int, int]:
+    """Fail on the driver if the dataset is missing (where the driver can see it); returns (classes, image size)."""
     if cfg.cluster.address and cfg.cluster.backend == "ray":
-        return  # data lives on the cluster's nodes; workers report it
+        return DATASET_SHAPES[cfg.data.dataset]  # data lives on the cluster's nodes; workers report it
     from trainer.data import load_datasets
     from trainer.worker import data_root
 
@@ -69,28 +74,22 @@ def check_data(cfg: Config) -> None:
 
             raise DatasetError(f"imagenet: no train/ folder under data.root={root!r}; point data.root or "
                                "TDC_DATA_ROOT at a directory with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
-        return
+        return DATASET_SHAPES["imagenet"]
     sets = load_datasets(d.dataset, data_root(cfg), augment=False, seed=cfg.seed, download=d.download,
                          synthetic_train=d.synthetic_train, synthetic_eval=d.synthetic_eval)
     for key, size, split in (("train_subset", d.train_subset, sets.train), ("eval_subset", d.eval_subset, sets.eval)):
         if size > len(split):
             raise ConfigError(f"data.{key}: must be in [0, {len(split)}] for {d.dataset}, got {size}")
+    return sets.num_classes, sets.image_size
 
 
-def make_plan(cfg: Config):
+def make_plan(cfg: Config, classes: int, size: int):
     """The rank plan (params/FLOPs before and after), or None when no phase compresses; errors are ConfigErrors."""
     if not any(p.kind in ("admm", "decompose") for p in cfg.phases):
         return None
     from admm.component import plan_for_model
-    from trainer.data import load_datasets
     from trainer.models import build_model
-    from trainer.worker import data_root
 
-    d = cfg.data
-    sets = load_datasets(d.dataset, data_root(cfg), augment=False, seed=cfg.seed,
-                         synthetic_train=d.synthetic_train, synthetic_eval=d.synthetic_eval) \
-        if d.dataset != "imagenet" else None
-    classes, size = (sets.num_classes, sets.image_size) if sets else (1000, 224)
     try:
         plan = plan_for_model(build_model(cfg.model.name, classes), cfg.compression, cfg.cluster.num_workers,
                               input_shape=(1, 3, size, size))
@@ -155,7 +154,6 @@ def _close_mlflow(info: RunInfo, status: str) -> None:
 
 
 def prepare(cfg: Config) -> RunInfo:
-    check_data(cfg)
     name, run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     state_file = run_dir / "run.json"
@@ -172,7 +170,8 @@ def run(cfg: Config) -> RunInfo:
     from cluster.ray_runtime import run_workers
     from trainer.worker import data_root, train_func
 
-    plan = make_plan(cfg)  # before anything is created: a bad plan costs nothing
+    classes, size = check_data(cfg)
+    plan = make_plan(cfg, classes, size)  # before anything is created: a bad plan costs nothing
     info = prepare(cfg)
     print(f"run {info.name}: {info.dir}", flush=True)
     record_plan(cfg, plan, info)

@@ -48,11 +48,6 @@ def _admm_state(path) -> dict:
     return {"layers": layers, "rho": shards[0][0]["rho"], "updates": shards[0][0]["updates"]}
 
 
-def _admm_checkpoint(info):
-    """The checkpoint that ends the admm phase (the evaluate phase's holds no components)."""
-    return info.dir / "checkpoints"
-
-
 def _assert_same_model(a_path, b_path, atol=1e-5):
     """Equal up to float summation order (gloo's average vs one rank's mean): ~1e-6 seen on weights of ~0.1."""
     a, b = ckpt.load_shared(a_path)["model"], ckpt.load_shared(b_path)["model"]
