@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Timing", "banner", "classes_for", "device_name", "image_size", "init_process_group",
-           "pick_device", "sync", "synthetic_batch", "time_fn", "write_json"]
+__all__ = ["Timing", "banner", "banner_line", "classes_for", "cpu_count", "device_name", "image_size",
+           "init_process_group", "pick_device", "sync", "synthetic_batch", "time_fn", "write_json"]
 
 
 def pick_device() -> torch.device:
