@@ -115,8 +115,9 @@ class AdmmComponent:
 
     def z_update(self, step: int) -> dict[str, float]:
         """Owners project their layers; scalar residuals (not tensors) are gathered to rank 0 and logged."""
-        stats = {n: self.state.update_layer(n, self._weights[n], self.decomp_error) for n in
-                 (p.name for p in self.owned)}
+        every = getattr(self.cfg, "decomp_every", 1)
+        decomp = self.decomp_error and every > 0 and (self.state.updates + 1) % every == 0
+        stats = {n: self.state.update_layer(n, self._weights[n], decomp) for n in (p.name for p in self.owned)}
         self.state.updates += 1
         metrics = self._publish(stats, step, label=f"Z-update {self.state.updates}")
         self.state.set_rho(min(self.state.rho * self.cfg.rho_growth, self.cfg.rho_max))

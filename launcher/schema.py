@@ -148,9 +148,12 @@ class AdmmConfig:
     rho_max: float = 1.0
     interval: int = 1  # Z-update every `interval` units
     unit: Literal["epoch", "step"] = "epoch"
+    # Log the error of decomposing W now every N Z-updates (0 = never): it costs one more projection.
+    decomp_every: int = 1
 
     def __post_init__(self) -> None:
         check(self.rho > 0, "rho", f"must be > 0, got {self.rho}")
+        check(self.decomp_every >= 0, "decomp_every", f"must be >= 0 (0 = never), got {self.decomp_every}")
         check(self.rho_growth >= 1, "rho_growth", f"must be >= 1, got {self.rho_growth}")
         check(self.rho_max >= self.rho, "rho_max", f"must be >= rho ({self.rho}), got {self.rho_max}")
         check(self.interval >= 1, "interval", f"must be >= 1, got {self.interval}")

@@ -50,3 +50,23 @@ def test_admm_resume_mid_phase_matches(tiny, monkeypatch):
     for name in za["layers"]:
         for key in ("z", "u"):
             torch.testing.assert_close(za["layers"][name][key], zb["layers"][name][key], rtol=0, atol=1e-5)
+
+
+def test_decomposition_error_every_n_updates():
+    """admm.decomp_every=2: the extra projection (and its metric) only on every second Z-update."""
+    from admm.component import AdmmComponent, plan_for_model
+    from launcher.schema import Config, CompressionConfig
+    from trainer.models import build_model
+
+    cfg = Config(name="x")
+    cfg.compression = CompressionConfig(format="svd", keep_ratio=0.6, exclude=[], min_channels=3)
+    cfg.admm.decomp_every = 2
+    logged: list[dict] = []
+    model = build_model("tinycnn", 10)
+    comp = AdmmComponent(plan_for_model(model, cfg.compression), cfg.admm, rank=0, world=1, grad_accum=1,
+                         log=lambda m, s: logged.append(m))
+    comp.attach(model)
+    comp.z_update(1)
+    comp.z_update(2)
+    assert "admm_decomp_err" not in logged[1] and "admm_decomp_err" in logged[2]
+    assert all("admm_primal" in m for m in logged)
