@@ -115,7 +115,7 @@ class AdmmComponent:
 
     def z_update(self, step: int) -> dict[str, float]:
         """Owners project their layers; scalar residuals (not tensors) are gathered to rank 0 and logged."""
-        every = getattr(self.cfg, "decomp_every", 1)
+        every = self.cfg.decomp_every
         decomp = self.decomp_error and every > 0 and (self.state.updates + 1) % every == 0
         stats = {n: self.state.update_layer(n, self._weights[n], decomp) for n in (p.name for p in self.owned)}
         self.state.updates += 1
