@@ -99,14 +99,14 @@ class SVDLayer(FactoredLayer):
     def _init_factors(self, weight: Tensor) -> None:
         self._init_from_lowrank(to_matrix(weight))
 
-    def _lowrank_forward(self, x: Tensor) -> Tensor:
+    def _lowrank_forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         first, last = self.factors
         if self.geometry.kind == "conv":
-            return F.conv2d(F.conv2d(x, first, None, **self.geometry.conv_kwargs), last)
-        return F.linear(F.linear(x, first), last)
+            return F.conv2d(F.conv2d(x, first, None, **self.geometry.conv_kwargs), last, bias)
+        return F.linear(F.linear(x, first), last, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._add_bias(self._lowrank_forward(x))
+        return self._lowrank_forward(x, self.bias)
 
     def _lowrank_dense(self) -> Tensor:
         first, last = self.factors
@@ -160,13 +160,13 @@ class LowRankSparseLayer(SVDLayer):
         return flat.reshape(self.geometry.weight_shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self._lowrank_forward(x)
+        y = self._lowrank_forward(x, self.bias)
         if self.sparse_values.numel():
             if self.geometry.kind == "conv":
                 y = y + F.conv2d(x, self.sparse_dense(), None, **self.geometry.conv_kwargs)
             else:
                 y = y + F.linear(x, self.sparse_dense())
-        return self._add_bias(y)
+        return y
 
     def to_dense_weight(self) -> Tensor:
         return self._lowrank_dense() + self.sparse_dense()
@@ -206,8 +206,8 @@ class Tucker2Layer(FactoredLayer):
         first, core, last = self.factors
         if self.geometry.kind == "conv":
             y = F.conv2d(F.conv2d(x, first), core, None, **self.geometry.conv_kwargs)
-            return self._add_bias(F.conv2d(y, last))
-        return self._add_bias(F.linear(F.linear(F.linear(x, first), core), last))
+            return F.conv2d(y, last, self.bias)
+        return F.linear(F.linear(F.linear(x, first), core), last, self.bias)
 
     def to_dense_weight(self) -> Tensor:
         first, core, last = self.factors
@@ -288,8 +288,8 @@ class CPLayer(FactoredLayer):
         if self.geometry.kind == "conv":
             y = F.conv2d(x, first)
             y = F.conv2d(y, spatial, None, groups=self.rank, **self.geometry.conv_kwargs)  # type: ignore[arg-type]
-            return self._add_bias(F.conv2d(y, last))
-        return self._add_bias(F.linear(F.linear(x, first) * spatial, last))
+            return F.conv2d(y, last, self.bias)
+        return F.linear(F.linear(x, first) * spatial, last, self.bias)
 
     def to_dense_weight(self) -> Tensor:
         first, spatial, last = self.factors

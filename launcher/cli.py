@@ -25,7 +25,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_run
 
-    out = export_run(args.run, args.out)
+    if args.tune_batch:
+        print(f"timing every factored layer's realizations at batch {args.tune_batch} (CPU, "
+              f"{'channels_last' if args.channels_last else 'contiguous'}) to export the fastest:", flush=True)
+    out = export_run(args.run, args.out, tune_batch=args.tune_batch, channels_last=args.channels_last,
+                     progress=lambda line: print(f"  {line}", flush=True))
     print(f"exported {args.run} -> {out} (model.safetensors, manifest.json)")
     return 0
 
@@ -42,10 +46,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.latency import measure_latency
     from trainer.loop import evaluate
 
+    from trainer.malloc import malloc_tuned
+
     model, manifest = load_exported(args.export)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     size = manifest["image_size"]
     params = sum(p.numel() for p in model.parameters())
-    print(f"{manifest['model']} ({len(manifest.get('surgery') or {})} factored layers), {params:,} parameters")
+    print(f"{manifest['model']} ({len(manifest.get('surgery') or {})} factored layers), {params:,} parameters; "
+          f"{'channels_last' if args.channels_last else 'contiguous'}, malloc tuned: {malloc_tuned()}")
     dataset = args.dataset or manifest.get("dataset")
     if dataset and not args.no_data:
         sets = load_datasets(dataset, args.data_root or os.environ.get("TDC_DATA_ROOT"), augment=False,
@@ -54,7 +63,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         res = evaluate(model, loader, device=torch.device("cpu"), precision=Precision(False, False))
         print(f"top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  on {int(res['eval_images'])} {dataset} images")
     for batch in args.latency_batches:
-        sec = measure_latency(model, (batch, 3, size, size))
+        sec = measure_latency(model, (batch, 3, size, size), channels_last=args.channels_last)
         print(f"latency batch {batch}: {sec * 1e3:.2f} ms ({batch / sec:,.0f} img/s, CPU, "
               f"{torch.get_num_threads()} threads)")
     return 0
@@ -83,6 +92,14 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_format_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--contiguous", dest="channels_last", action="store_false",
+                   help="NCHW tensors instead of channels_last (the default: oneDNN's convs are faster in it)")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="do not re-run with glibc malloc tunables that keep activation buffers mapped "
+                        "(trainer/malloc.py; only the `tdcompress` console command re-runs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tdcompress", description="Low-tensor-rank CNN compression with ADMM, "
                                 "distributed with Ray + DeepSpeed, tracked in MLflow.")
@@ -96,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a run's model as safetensors + JSON manifest")
     export.add_argument("run", help="run directory printed by `tdcompress run` (runs/<name>/<run>)")
     export.add_argument("--out", help="output directory (default: RUN/export)")
+    export.add_argument("--tune-batch", type=int, default=0, metavar="N",
+                        help="time each factored layer's exact realizations (factored/merged/dense) on this CPU "
+                             "at batch N and export the fastest (default 0: export as trained)")
+    _memory_format_args(export)
     export.set_defaults(func=_cmd_export)
 
     ev = sub.add_parser("evaluate", help="load an export with torch alone; top-1/top-5 and latency")
@@ -107,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-data", action="store_true", help="latency only")
     ev.add_argument("--latency-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32],
                     help="comma-separated batch sizes to time (default 1,32)")
+    _memory_format_args(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
     cmp_ = sub.add_parser("compare", help="runs side by side from MLflow (top-1, compression, params, FLOPs)")
@@ -142,5 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def console() -> int:
+    """The `tdcompress` console command: ``main`` after re-running with tuned malloc for CPU timing commands."""
+    argv = sys.argv[1:]
+    timing = argv[:1] == ["evaluate"] or (argv[:1] == ["export"] and any(a.startswith("--tune-batch") for a in argv))
+    if timing and "--no-malloc-tuning" not in argv:
+        from trainer.malloc import reexec_with_tuned_malloc
+
+        reexec_with_tuned_malloc()
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -80,3 +80,30 @@ def test_evaluate_command_on_an_export(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "18 factored layers" in out and "top1" in out and "on 128 packed images" in out
     assert "latency batch 1:" in out and "latency batch 4:" in out
+
+
+def test_export_tuned_for_latency(tiny, tmp_path, capsys):
+    """--tune-batch times every factored layer's realizations, exports the fastest, and the export loads."""
+    from launcher.cli import main
+
+    info = pipeline.run(tiny(*BASE, "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 2}, {kind: decompose}]"))
+    plain, tuned = tmp_path / "plain", tmp_path / "tuned"
+    assert main(["export", str(info.dir), "--out", str(plain)]) == 0
+    assert main(["export", str(info.dir), "--out", str(tuned), "--tune-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "timing every factored layer's realizations at batch 2 (CPU, channels_last)" in out
+    table = json.loads((tuned / "manifest.json").read_text())["latency_table"]
+    assert table["batch"] == 2 and len(table["rows"]) == 18 and out.count(" -> ") >= 18
+    choices = {r["layer"]: r["choice"] for r in table["rows"]}
+    manifest = json.loads((tuned / "manifest.json").read_text())["surgery"]
+    for name, choice in choices.items():  # dense layers leave the manifest; merged ones become svd
+        assert (name in manifest) == (choice != "dense")
+        if choice == "merged":
+            assert manifest[name]["format"] == "svd"
+    a, _ = load_exported(plain)
+    b, _ = load_exported(tuned)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-4)
+    assert main(["evaluate", str(tuned), "--no-data", "--latency-batches", "2"]) == 0
+    assert "channels_last, malloc tuned:" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -19,11 +19,18 @@ WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: bool = True) -> Path:
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: bool = True,
+               tune_batch: int = 0, channels_last: bool = True,
+               progress: Callable[[str], None] | None = None) -> Path:
     """Write ``model.safetensors`` and ``manifest.json`` for the newest checkpoint of ``run_dir``.
 
     With ``fold_bn`` the BatchNorms are folded into the convs (dense or factored) that feed them:
     the exported model is for inference, and BN is one full pass over every activation it touches.
+
+    With ``tune_batch > 0`` every factored layer is timed on this machine's CPU at that
+    batch (in ``channels_last`` when set) as each exact realization of
+    :mod:`admm.realize` (factored chain, merged, dense), and the fastest is exported;
+    the table goes into the manifest as ``latency_table`` and each row to ``progress``.
     """
     from safetensors.torch import save_file
 
@@ -54,6 +61,19 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: 
         model.eval()
         folded = [list(p) for p in fold_batchnorm(model)]
         surgery = getattr(model, "tdc_manifest", None) or surgery
+    table: list[dict[str, Any]] = []
+    if tune_batch > 0 and surgery:
+        from admm.realize import realize
+        from trainer.latency import format_row, layer_latency_table
+
+        model.eval()
+        size = int(meta["image_size"])
+        rows = layer_latency_table(model, (tune_batch, 3, size, size), channels_last=channels_last,
+                                   progress=(lambda r: progress(format_row(r))) if progress else None)
+        realize(model, {r.name: r.choice for r in rows if r.choice != "factored"})
+        surgery = getattr(model, "tdc_manifest", None)
+        table = [{"layer": r.name, "format": r.format, "input_shape": list(r.input_shape), "ms": r.ms,
+                  "choice": r.choice} for r in rows]
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS + ".tmp")
     save_file(state, str(tmp))
@@ -61,6 +81,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: 
     manifest = {"format_version": FORMAT_VERSION, "model": meta["model"], "num_classes": meta["num_classes"],
                 "image_size": meta["image_size"], "dataset": meta.get("dataset"), "surgery": surgery, "folded_bn": folded,
                 "source_checkpoint": str(last), "phase": meta["phase"]}
+    if table:
+        manifest["latency_table"] = {"batch": tune_batch, "channels_last": channels_last, "device": "cpu",
+                                     "threads": torch.get_num_threads(), "rows": table}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
 

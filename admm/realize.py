@@ -1,0 +1,126 @@
+"""Exact alternative realizations of a factored layer, for inference speed.
+
+A factored layer's map can be computed in more than one way. All of these give
+the same output (up to float rounding); they differ in FLOPs, in how many
+activation tensors they read and write, and in how well the kernels fit the
+hardware. Which is fastest depends on the device, the batch and the layer
+shape, so :mod:`trainer.latency` measures them and this module only builds them:
+
+``factored``
+    the layer as trained (e.g. tucker2: 1x1 -> kxk -> 1x1).
+``merged``
+    tucker2 only: the first 1x1 factor folded into the core, giving the two-conv
+    svd structure ``kxk C_in -> r_out`` then ``1x1 r_out -> C_out``. One fewer
+    activation pass. For a 1x1 kernel the core folds into the side of larger rank,
+    so the result is a rank ``min(r_out, r_in)`` svd with fewer FLOPs than the chain.
+``dense``
+    one ``nn.Conv2d``/``nn.Linear`` carrying :meth:`FactoredLayer.to_dense_weight`:
+    more FLOPs, but a single pass over the activations.
+
+:func:`realize` swaps the chosen modules into a model and keeps its surgery
+manifest (``model.tdc_manifest``) in step: a ``dense`` layer leaves the manifest
+(a plain layer needs no rebuilding), a ``merged`` one is recorded as svd.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from admm.layers import SVDLayer, Tucker2Layer
+from admm.layers_base import FactoredLayer, assign
+from admm.surgery import MANIFEST_ATTR, get_submodule, set_submodule
+
+__all__ = ["REALIZATIONS", "alternatives", "dense_module", "merged_module", "realize"]
+
+REALIZATIONS = ("factored", "merged", "dense")
+
+
+@torch.no_grad()
+def dense_module(layer: FactoredLayer) -> nn.Conv2d | nn.Linear:
+    """The plain layer computing ``layer``'s map: weight ``to_dense_weight()``, the same bias and geometry."""
+    g = layer.geometry
+    weight = layer.to_dense_weight().detach()
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    if g.kind == "linear":
+        dense: nn.Conv2d | nn.Linear = nn.Linear(g.in_channels, g.out_channels, bias=g.bias, **factory)
+    else:
+        dense = nn.Conv2d(g.in_channels, g.out_channels, g.kernel_size, stride=g.stride, padding=g.padding,
+                          dilation=g.dilation, bias=g.bias, **factory)
+    dense.weight.copy_(weight)
+    if g.bias:
+        dense.bias.copy_(layer.bias)
+    return dense.train(layer.training)
+
+
+@torch.no_grad()
+def merged_module(layer: FactoredLayer) -> SVDLayer | None:
+    """tucker2 as a two-factor svd layer (None for other formats); see the module docstring.
+
+    kxk kernel: first factor ``core * U_in`` ``(r_out, C_in, kh, kw)``, last ``U_out``.
+    1x1 kernel or Linear: the core joins the factor on the side of larger rank, so
+    the svd rank is ``min(r_out, r_in)``.
+    """
+    if not isinstance(layer, Tucker2Layer):
+        return None
+    g = layer.geometry
+    first, core, last = (f.detach() for f in layer.factors)
+    r_out, r_in = layer.rank  # type: ignore[misc]
+    u_in = first.reshape(r_in, g.in_channels)          # (r_in, C_in)
+    u_out = last.reshape(g.out_channels, r_out)         # (C_out, r_out)
+    spatial = g.kernel_size != (1, 1)
+    if spatial:
+        # (r_out, r_in, kh, kw) x (r_in, C_in) -> (r_out, C_in, kh, kw)
+        new_first = torch.einsum("abhw,bi->aihw", core, u_in)
+        new_last, rank = u_out, r_out
+    else:
+        core2 = core.reshape(r_out, r_in)
+        if r_out <= r_in:
+            new_first, new_last, rank = core2 @ u_in, u_out, r_out
+        else:
+            new_first, new_last, rank = u_in, u_out @ core2, r_in
+    svd = SVDLayer(g, rank, device=first.device, dtype=first.dtype)
+    assign(svd.factors[0], new_first)
+    assign(svd.factors[1], new_last)
+    if g.bias:
+        svd.bias.copy_(layer.bias)
+    return svd.train(layer.training)
+
+
+def alternatives(layer: FactoredLayer) -> dict[str, nn.Module]:
+    """Every realization of ``layer`` by name (``factored`` is ``layer`` itself)."""
+    out: dict[str, nn.Module] = {"factored": layer}
+    merged = merged_module(layer)
+    if merged is not None:
+        out["merged"] = merged
+    out["dense"] = dense_module(layer)
+    return out
+
+
+def realize(model: nn.Module, choices: Mapping[str, str]) -> nn.Module:
+    """Swap each factored layer named in ``choices`` for its chosen realization, in place; return ``model``.
+
+    Raises:
+        ValueError: a name is not a factored layer, or the choice is not one of
+            ``REALIZATIONS`` available for that layer's format.
+    """
+    built: dict[str, nn.Module] = {}
+    for name, choice in choices.items():  # check everything before changing anything
+        layer = get_submodule(model, name)
+        if not isinstance(layer, FactoredLayer):
+            raise ValueError(f"realize: layer {name!r} is a {type(layer).__name__}, not a factored layer")
+        options = alternatives(layer)
+        if choice not in options:
+            raise ValueError(f"realize: layer {name!r} ({layer.format}) can be realized as {sorted(options)}, "
+                             f"got {choice!r}")
+        built[name] = options[choice]
+    manifest = dict(getattr(model, MANIFEST_ATTR, None) or {})
+    for name, module in built.items():
+        set_submodule(model, name, module)
+        if isinstance(module, FactoredLayer):
+            manifest[name] = module.spec()
+        else:
+            manifest.pop(name, None)
+    setattr(model, MANIFEST_ATTR, manifest)
+    return model
