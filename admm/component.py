@@ -35,7 +35,7 @@ def plan_for_model(model: nn.Module, compression, world: int = 1,
     if not planned:
         raise ValueError("compression: no layer matches include/exclude/min_channels; nothing to compress")
     plan = plan_ranks(layers, planned, compression.format, compression.keep_ratio, compression.ranks,
-                      sparse_fraction=compression.sparse_fraction)
+                      sparse_fraction=compression.sparse_fraction, rank_multiple=compression.rank_multiple)
     return with_owners(plan, world)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from admm.accounting import dense_flops, dense_params, factored_flops, factored_params, rank_for_keep_ratio
-from admm.projections import RankSpec, validate_rank
+from admm.projections import RankSpec, max_rank, validate_rank
 from admm.reshape import kernel_shape
 
 
@@ -125,9 +125,31 @@ def _smallest(fmt: str) -> RankSpec:
     return (1, 1) if fmt == "tucker2" else (1, 0) if fmt == "lowrank_sparse" else 1
 
 
+def round_rank(shape: Sequence[int], fmt: str, rank: RankSpec, multiple: int) -> RankSpec:
+    """``rank`` with every field >= ``multiple`` moved to the nearest multiple of it, capped at full rank.
+
+    Fields below ``multiple`` stay as they are (they cannot be aligned without
+    doubling them). lowrank_sparse rounds r only; k counts kernel entries.
+    """
+    if multiple <= 1:
+        return rank
+    full = max_rank(shape, fmt)
+    values = list(rank) if isinstance(rank, tuple) else [rank]
+    caps = list(full) if isinstance(full, tuple) else [full]
+    n = 1 if fmt == "lowrank_sparse" else len(values)
+    for i in range(n):
+        if values[i] >= multiple:
+            values[i] = min(caps[i], multiple * ((values[i] + multiple // 2) // multiple))  # half up
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
 def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fmt: str, keep_ratio: float,
-               ranks: Mapping[str, int | Sequence[int]] | None = None, sparse_fraction: float = 0.1) -> RankPlan:
+               ranks: Mapping[str, int | Sequence[int]] | None = None, sparse_fraction: float = 0.1,
+               rank_multiple: int = 1) -> RankPlan:
     """Per-layer ranks so the model keeps ``keep_ratio`` of its conv/linear parameters.
+
+    With ``rank_multiple > 1`` the budgeted ranks pass through :func:`round_rank`
+    inside the bisection, so the rounded plan still keeps at most ``keep_ratio``.
 
     Args:
         all_layers: every conv/linear layer of the model (for the totals).
@@ -151,7 +173,9 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
 
     def total(keep: float) -> tuple[int, list[LayerPlan]]:
         plans = [_plan_layer(layer, fmt, fixed[layer.name]) if layer.name in fixed
-                 else _plan_layer(layer, fmt, _uniform_keep(layer, fmt, keep, sparse_fraction)) for layer in planned]
+                 else _plan_layer(layer, fmt, round_rank(layer.shape, fmt, _uniform_keep(layer, fmt, keep, sparse_fraction),
+                                                         rank_multiple))
+                 for layer in planned]
         return dense_total - sum(p.params_before - p.params_after for p in plans), plans
 
     lo_total, lo_plans = total(1e-9)  # rank 1 (or the fixed ranks) everywhere

@@ -2,8 +2,9 @@
 
     tdcompress run CONFIG [key.sub=value ...]        train (embedded Ray by default)
     tdcompress config show CONFIG [key=value ...]    print the resolved config
-    tdcompress export RUN_DIR                        safetensors + manifest of the run's model
-    tdcompress evaluate EXPORT_DIR                   top-1/top-5 and latency, torch alone
+    tdcompress export RUN_DIR [--tune-batch N]       safetensors + manifest of the run's model
+                                                     (N: per-layer latency table picks each layer's realization)
+    tdcompress evaluate EXPORT_DIR [--compile]       top-1/top-5 and latency, torch alone
     tdcompress compare [RUN ...]                     runs side by side (MLflow) + accuracy-vs-compression plot
 """
 from __future__ import annotations
@@ -62,10 +63,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         loader = make_loader(sets.eval, args.batch, rank=0, world_size=1, shuffle=False, seed=0, drop_last=False)
         res = evaluate(model, loader, device=torch.device("cpu"), precision=Precision(False, False))
         print(f"top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  on {int(res['eval_images'])} {dataset} images")
+    timed, mode = model, "eager"
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # inference: constant-fold the weights into prepacked oneDNN convs
+        timed, mode = torch.compile(model, dynamic=False), "compiled"
     for batch in args.latency_batches:
-        sec = measure_latency(model, (batch, 3, size, size), channels_last=args.channels_last)
+        sec = measure_latency(timed, (batch, 3, size, size), channels_last=args.channels_last)
         print(f"latency batch {batch}: {sec * 1e3:.2f} ms ({batch / sec:,.0f} img/s, CPU, "
-              f"{torch.get_num_threads()} threads)")
+              f"{torch.get_num_threads()} threads, {mode})")
     return 0
 
 
@@ -128,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-data", action="store_true", help="latency only")
     ev.add_argument("--latency-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32],
                     help="comma-separated batch sizes to time (default 1,32)")
+    ev.add_argument("--compile", action="store_true",
+                    help="time the torch.compile'd model (inductor, weights frozen; needs a C++ compiler)")
     _memory_format_args(ev)
     ev.set_defaults(func=_cmd_evaluate)
 

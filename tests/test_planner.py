@@ -68,3 +68,35 @@ def test_flops_come_from_a_forward_pass():
     plan = plan_for_model(model, CompressionConfig(format="svd", keep_ratio=0.5), input_shape=(1, 3, 32, 32))
     p = plan.by_name()["layer3.0.conv1"]  # stride 2: 32x32 -> 8x8 output at stage 3
     assert p.flops_before == 2 * 64 * 32 * 9 * 8 * 8
+
+
+def test_round_rank():
+    from admm.planner import round_rank
+
+    assert round_rank((64, 64, 3, 3), "svd", 33, 16) == 32
+    assert round_rank((64, 64, 3, 3), "svd", 41, 16) == 48
+    assert round_rank((64, 64, 3, 3), "svd", 11, 16) == 11  # below the multiple: left alone
+    assert round_rank((64, 64, 3, 3), "svd", 33, 1) == 33
+    assert round_rank((60, 64, 3, 3), "tucker2", (57, 30), 16) == (60, 32)  # capped at full rank C_out = 60
+    assert round_rank((64, 64, 3, 3), "lowrank_sparse", (40, 123), 16) == (48, 123)  # k is an entry count
+
+
+@pytest.mark.parametrize("fmt", ["svd", "tucker2", "tt"])
+def test_rank_multiple_rounds_and_still_meets_the_target(resnet50_layers, fmt):
+    model = build_model("resnet50", 1000)
+    exact = plan_for_model(model, CompressionConfig(format=fmt, keep_ratio=0.5), input_shape=(1, 3, 64, 64))
+    rounded = plan_for_model(model, CompressionConfig(format=fmt, keep_ratio=0.5, rank_multiple=16),
+                             input_shape=(1, 3, 64, 64))
+    assert rounded.params_after_total <= 0.5 * rounded.dense_params_total
+    assert rounded.params_after_total >= 0.45 * rounded.dense_params_total  # rounding does not waste the budget
+    for p in rounded.layers:
+        for r in (p.rank if isinstance(p.rank, tuple) else (p.rank,)):
+            assert r % 16 == 0 or r < 16 or r in p.shape[:2], (p.name, p.rank)
+    assert [p.rank for p in exact.layers] != [p.rank for p in rounded.layers]
+
+
+def test_rank_multiple_is_validated():
+    from launcher.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="rank_multiple.*must be >= 1"):
+        from_dict(CompressionConfig, {"rank_multiple": 0}, "compression")
