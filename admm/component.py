@@ -8,9 +8,17 @@ add nothing, so after the average every replica holds
     grad L + rho (W - Z + U)
 and no Z or U ever crosses the network. With one rank this is plain ADMM.
 
-The hook costs two fused element-wise ops per owned layer in the backward
-pass (``g + c W + c V`` with V = U - Z cached at the Z-update), instead of a
-Python sum of per-layer norms in the loss graph.
+The penalty gradient has two halves. rho W is the same on every rank, so it
+rides on the optimizer's weight decay: the planned weights sit in one param
+group (``trainer.engine.ADMM_GROUP``) whose weight decay this component keeps at
+``base + rho``. The optimizer reads W and the gradient for weight decay anyway,
+so that half costs nothing. The owner's hook adds the other half, ``c V`` with
+V = U - Z cached at the Z-update: one fused element-wise op per owned layer in
+the backward pass. Without such a group (``attach`` with no optimizer) the
+hook adds ``c W + c V``. Either way it replaces a Python sum of per-layer
+norms in the loss graph. One difference from the all-in-the-hook form: with
+``optim.grad_clip > 0`` the rho W half is not part of the clipped gradient
+(it is applied after clipping, like weight decay).
 """
 from __future__ import annotations
 
@@ -53,6 +61,7 @@ class AdmmComponent:
         self.decomp_error = decomp_error
         self.history: list[dict[str, float]] = []  # rank 0: per-layer primal residuals per update
         self._handles: list[Any] = []
+        self._decay_groups: list[dict[str, Any]] = []  # optimizer groups carrying rho W as weight decay
         self._weights: dict[str, nn.Parameter] = {}
         self._last: dict[str, float] = {}
 
@@ -64,8 +73,24 @@ class AdmmComponent:
                    out_dir=out_dir, artifact=tracker.artifact)
 
     # -- attach / detach ---------------------------------------------------------------
-    def attach(self, model: nn.Module, loop_state=None) -> None:
-        """Find the owned layers in ``model`` (unwrapped), initialise missing Z/U, register gradient hooks."""
+    def penalized_params(self, model: nn.Module) -> list[nn.Parameter]:
+        """The weights of every planned layer (owned or not): pass them to ``build_engine(penalized=...)``."""
+        modules = dict(model.named_modules())
+        return [modules[p.name].weight for p in self.plan.layers]
+
+    def attach(self, model: nn.Module, loop_state=None, optimizer=None) -> None:
+        """Find the owned layers in ``model`` (unwrapped), initialise missing Z/U, register gradient hooks.
+
+        ``optimizer``: the engine's optimizer, built with ``penalized=penalized_params(model)``;
+        its ADMM group then carries rho W as weight decay. Without it the hooks add rho W too.
+        """
+        from trainer.engine import ADMM_GROUP
+
+        self._decay_groups = [g for g in optimizer.param_groups if g.get(ADMM_GROUP)] if optimizer else []
+        if optimizer is not None and len(self._decay_groups) != 1:
+            raise ValueError("the optimizer has no ADMM param group: build the engine with "
+                             "penalized=component.penalized_params(model)")
+        self._sync_decay()
         modules = dict(model.named_modules())
         for p in self.owned:
             weight = modules[p.name].weight
@@ -88,16 +113,26 @@ class AdmmComponent:
             # DeepSpeed divides each micro-batch loss by grad_accum and averages over ranks;
             # scale so the summed, averaged result carries exactly rho (W - Z + U).
             c = self.state.rho * self.world / self.grad_accum
-            v = self.state.layers[name].v
-            return torch.add(grad, weight.detach(), alpha=c).add_(v.to(grad.dtype), alpha=c)
+            v = self.state.layers[name].v.to(grad.dtype)
+            if self._decay_groups:  # rho W is the optimizer's weight decay
+                return torch.add(grad, v, alpha=c)
+            return torch.add(grad, weight.detach(), alpha=c).add_(v, alpha=c)
 
         return hook
+
+    def _sync_decay(self, rho: float | None = None) -> None:
+        """Weight decay of the ADMM group = its base + rho (``rho=0``: back to the base)."""
+        rho = self.state.rho if rho is None else rho
+        for g in self._decay_groups:
+            g["weight_decay"] = g["base_weight_decay"] + rho
 
     def detach(self) -> dict[str, float]:
         """Remove the hooks; write the residual plot; return the last global metrics."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._sync_decay(0.0)
+        self._decay_groups = []
         if self.rank == 0 and self.history and self.out_dir is not None:
             path = self._plot()
             if self.artifact is not None:
@@ -121,6 +156,7 @@ class AdmmComponent:
         self.state.updates += 1
         metrics = self._publish(stats, step, label=f"Z-update {self.state.updates}")
         self.state.set_rho(min(self.state.rho * self.cfg.rho_growth, self.cfg.rho_max))
+        self._sync_decay()
         return metrics
 
     def _publish(self, stats: dict[str, UpdateStats], step: int, label: str) -> dict[str, float]:

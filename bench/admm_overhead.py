@@ -3,7 +3,8 @@
 For each model the project's engine (trainer.engine.build_engine, world size 1,
 ZeRO 0 unless --zero) trains on one fixed synthetic batch in five timed runs:
 
-    P1 plain -> A admm (AdmmComponent's gradient hooks) -> P2 plain (hooks detached)
+    P1 plain -> A admm (AdmmComponent attached: hooks add rho (U - Z), the optimizer's
+       ADMM group adds rho W as weight decay) -> P2 plain (detached)
        -> N naive penalty -> P3 plain
 
 A is reported against mean(P1, P2) and N against mean(P2, P3), so drift over
@@ -83,24 +84,26 @@ def step_fn(engine, x: torch.Tensor, y: torch.Tensor,
     return step
 
 
-def grad_check(comp: AdmmComponent, model: nn.Module) -> float:
-    """Max relative difference between the hook's and the naive penalty's gradient (hooks attached).
+def grad_check(comp: AdmmComponent, model: nn.Module, optimizer) -> float:
+    """Max relative difference between the project's and the naive penalty's gradient (hooks attached).
 
-    The loss is 0 * sum(W), so the hook's gradient is its penalty term alone.
+    The loss is 0 * sum(W), so the hook's gradient is its penalty term alone: rho V, to which
+    the optimizer's ADMM group adds rho W as weight decay (checked here by adding it).
     """
     naive = NaivePenalty(comp, model)
     weights = [w for w, _, _ in naive.terms]
     hooked = torch.autograd.grad(sum((w * 0).sum() for w in weights), weights)
+    hooked = [h + comp.state.rho * w.detach() for h, w in zip(hooked, weights)]
     comp.detach()
     plain = torch.autograd.grad(naive(), weights)
-    comp.attach(model)
+    comp.attach(model, optimizer=optimizer)
     num = max(float((a - b).abs().max()) for a, b in zip(hooked, plain))
     den = max(float(b.abs().max()) for b in plain)
     return num / max(den, 1e-30)
 
 
 def interleaved(plain: Callable[[], None], naive: Callable[[], None], comp: AdmmComponent, model: nn.Module,
-                steps: int, warmup: int, device: torch.device) -> dict[str, Timing]:
+                optimizer, steps: int, warmup: int, device: torch.device) -> dict[str, Timing]:
     """Plain, ADMM and naive steps taken in turn (order rotated every round), each timed alone.
 
     Drift slower than one step (other jobs on a shared machine, clocks) hits all three
@@ -113,7 +116,7 @@ def interleaved(plain: Callable[[], None], naive: Callable[[], None], comp: Admm
     for i in range(warmup + steps):
         for kind in kinds[i % 3:] + kinds[:i % 3]:
             if kind == "admm":
-                comp.attach(model)
+                comp.attach(model, optimizer=optimizer)
             t = time_fn(fns[kind], 1, 0, device).times[0]
             if kind == "admm":
                 comp.detach()
@@ -138,9 +141,9 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, dev
     model = build_model(name, classes).to(device)
     # lr 0.01 (not the default 0.1): 100+ steps on one random batch must not diverge; the step's cost
     # does not depend on it.
+    comp = AdmmComponent.create(model, cfg, rank=0, world=1, tracker=NullTracker())
     engine = build_engine(model, cfg, lr=0.01, total_steps=10**6, steps_per_epoch=1000, world_size=1,
-                          precision=precision)
-    comp = AdmmComponent.create(engine.module, cfg, rank=0, world=1, tracker=NullTracker())
+                          precision=precision, penalized=comp.penalized_params(model))
 
     plain = step_fn(engine, x, y)
     base = {"model": name, "batch": batch, "image": size, "zero": zero, "format": fmt,
@@ -149,16 +152,17 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, dev
     rows = []
     for rnd in range(rounds):
         p1 = time_fn(plain, steps, warmup, device)
-        comp.attach(engine.module)  # first time: Z = Proj(W), U = 0 per planned layer, outside the timed window
+        # first time: Z = Proj(W), U = 0 per planned layer, outside the timed window
+        comp.attach(engine.module, optimizer=engine.optimizer)
         if rnd == 0:
-            check = grad_check(comp, engine.module)
+            check = grad_check(comp, engine.module, engine.optimizer)
             naive = step_fn(engine, x, y, NaivePenalty(comp, engine.module))  # needs Z, U: built after attach
-        a = time_fn(plain, steps, warmup, device)  # the same step; the hooks now add rho (W - Z + U)
+        a = time_fn(plain, steps, warmup, device)  # the same step; now with the penalty rho (W - Z + U)
         comp.detach()
         p2 = time_fn(plain, steps, warmup, device)
         n = time_fn(naive, steps, warmup, device)
         p3 = time_fn(plain, steps, warmup, device)
-        il = interleaved(plain, naive, comp, engine.module, steps, warmup, device) if inter else None
+        il = interleaved(plain, naive, comp, engine.module, engine.optimizer, steps, warmup, device) if inter else None
         plains = [p1.median, p2.median, p3.median]
         base_a = statistics.mean(plains[:2])
         base_n = statistics.mean(plains[1:])

@@ -70,3 +70,58 @@ def test_decomposition_error_every_n_updates():
     comp.z_update(2)
     assert "admm_decomp_err" not in logged[1] and "admm_decomp_err" in logged[2]
     assert all("admm_primal" in m for m in logged)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_penalty_through_weight_decay_equals_penalty_in_the_hook(nesterov):
+    """rho W as the ADMM group's weight decay + rho V in the hook == rho (W + V) in the hook, step for step."""
+    from admm.component import AdmmComponent, plan_for_model
+    from launcher.schema import CompressionConfig, Config
+    from trainer.engine import param_groups
+    from trainer.models import build_model
+
+    cfg = Config(name="x")
+    cfg.compression = CompressionConfig(format="svd", keep_ratio=0.5, exclude=[], min_channels=3)
+    cfg.admm.rho, cfg.admm.rho_growth, cfg.admm.rho_max = 0.5, 2.0, 10.0  # large: the penalty dominates
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    weights = []
+    for via_decay in (False, True):
+        torch.manual_seed(0)
+        model = build_model("tinycnn", 10)
+        comp = AdmmComponent(plan_for_model(model, cfg.compression), cfg.admm, rank=0, world=1, grad_accum=1,
+                             log=lambda m, s: None)
+        groups = param_groups(model, 5e-4, comp.penalized_params(model) if via_decay else ())
+        opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=nesterov)
+        comp.attach(model, optimizer=opt if via_decay else None)
+        for step in range(6):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step == 2:
+                comp.z_update(step)  # rho doubles: the group's weight decay must follow
+        assert opt.param_groups[-1]["weight_decay"] == pytest.approx(5e-4 + (1.0 if via_decay else 0.0)) \
+            or not via_decay
+        comp.detach()
+        if via_decay:
+            assert opt.param_groups[-1]["weight_decay"] == 5e-4  # back to the base after the phase
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-5, atol=1e-6)
+    assert len(param_groups(model, 5e-4, comp.penalized_params(model))) == 3
+
+
+def test_attach_refuses_an_optimizer_without_the_admm_group():
+    from admm.component import AdmmComponent, plan_for_model
+    from launcher.schema import CompressionConfig, Config
+    from trainer.engine import param_groups
+    from trainer.models import build_model
+
+    cfg = Config(name="x")
+    cfg.compression = CompressionConfig(format="svd", keep_ratio=0.5, exclude=[], min_channels=3)
+    model = build_model("tinycnn", 10)
+    comp = AdmmComponent(plan_for_model(model, cfg.compression), cfg.admm, rank=0, world=1, grad_accum=1,
+                         log=lambda m, s: None)
+    opt = torch.optim.SGD(param_groups(model, 5e-4), lr=0.1)
+    with pytest.raises(ValueError, match="penalized=component.penalized_params"):
+        comp.attach(model, optimizer=opt)

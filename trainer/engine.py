@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from launcher.schema import Config
+
+# Marks the optimizer param group of the ADMM-penalized weights (a plain key: DeepSpeed keeps it).
+ADMM_GROUP = "tdc_admm"
 
 
 @dataclass(frozen=True)
@@ -69,13 +72,26 @@ def deepspeed_config(cfg: Config, world_size: int, precision: Precision) -> dict
     return ds
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv/linear weights only; BN parameters and biases (1-D) get none."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float,
+                 penalized: Sequence[nn.Parameter] = ()) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only; BN parameters and biases (1-D) get none.
+
+    The weights in ``penalized`` (the ADMM phase's planned layers) get a group of
+    their own, marked ``ADMM_GROUP`` and carrying ``base_weight_decay``: the ADMM
+    component raises its weight decay by rho, so the rho W half of the penalty
+    gradient is added inside the optimizer's step, which reads W and the gradient
+    for weight decay anyway (admm.component).
+    """
+    marked = {id(p) for p in penalized}
+    decay, no_decay, admm = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (admm if id(p) in marked else decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if admm:
+        groups.append({"params": admm, "weight_decay": weight_decay, "base_weight_decay": weight_decay,
+                       ADMM_GROUP: True})
+    return groups
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -92,19 +108,20 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
 
 
 def build_engine(model: nn.Module, cfg: Config, *, lr: float, total_steps: int, steps_per_epoch: int,
-                 world_size: int, precision: Precision):
+                 world_size: int, precision: Precision, penalized: Sequence[nn.Parameter] = ()):
     """Wrap ``model`` in a DeepSpeed engine with SGD and a warmup+cosine schedule.
 
     Args:
         total_steps: optimizer steps of the phase (sets the cosine length).
         steps_per_epoch: optimizer steps per epoch (converts warmup_epochs).
+        penalized: weights whose ADMM penalty the optimizer's weight decay carries (see param_groups).
     Returns:
         The DeepSpeed engine; ``engine.module`` is the (unwrapped) model.
     """
     import deepspeed
 
     o = cfg.optim
-    opt = torch.optim.SGD(param_groups(model, o.weight_decay), lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+    opt = torch.optim.SGD(param_groups(model, o.weight_decay, penalized), lr=lr, momentum=o.momentum, nesterov=o.nesterov)
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup, o.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,

@@ -145,12 +145,13 @@ def _train_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) -> tu
                          f"{cfg.data.batch_size}; lower the batch size or enlarge data.train_subset")
     state = LoopState(phase=phase.kind, epochs=phase.epochs, steps_per_epoch=per_epoch)
     components = _components(ctx, index, model)
+    penalized = [p for c in components for p in c.penalized_params(model)]
     engine = build_engine(model, cfg, lr=phase.lr or cfg.optim.lr, total_steps=per_epoch * phase.epochs,
-                          steps_per_epoch=per_epoch, world_size=ctx.world, precision=precision)
+                          steps_per_epoch=per_epoch, world_size=ctx.world, precision=precision, penalized=penalized)
     if resume is not None:
         _restore_optim(ctx, resume, engine, components, state)
     for c in components:
-        c.attach(engine.module, state)
+        c.attach(engine.module, state, optimizer=engine.optimizer)
     out: dict[str, float] = {}
     while state.epoch < phase.epochs:
         set_loader_epoch(ctx.train_loader, state.epoch)
