@@ -87,11 +87,11 @@ def param_groups(model: nn.Module, weight_decay: float,
     for p in model.parameters():
         if p.requires_grad:
             (admm if id(p) in marked else decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if admm:
-        groups.append({"params": admm, "weight_decay": weight_decay, "base_weight_decay": weight_decay,
-                       ADMM_GROUP: True})
-    return groups
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": admm, "weight_decay": weight_decay, "base_weight_decay": weight_decay, ADMM_GROUP: True}]
+    # No empty groups: DeepSpeed drops them, and the LR scheduler built on the full list would then
+    # hold one learning rate too many (e.g. when every weight of a small model is planned).
+    return [g for g in groups if g["params"]]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
