@@ -95,6 +95,18 @@ def build_context(payload: dict[str, Any]) -> WorkerContext:
                          parent=parent, phase_trackers=phases)
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train 2.60 logs every ``ray.train.report`` call (the whole metrics dict) at INFO from each
+    worker; our own progress lines already say it. Its logger is named by its file path."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_func(payload: dict[str, Any]) -> dict[str, Any]:
     """Ray Train ``train_loop_per_worker`` (also called directly by the local backend)."""
     from trainer.phases import run_phase, restore_model
@@ -106,6 +118,7 @@ def train_func(payload: dict[str, Any]) -> dict[str, Any]:
 
         ctx.report = ray.train.report
         ctx.node = ray.get_runtime_context().get_node_id()
+        _quiet_ray_train_reports()
     cfg = ctx.cfg
     seed_everything(cfg.seed)
     model = build_model(cfg.model.name, ctx.num_classes)
