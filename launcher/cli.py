@@ -99,6 +99,33 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(minimum: int):
+    """argparse type: comma-separated ints, each >= ``minimum`` (one int gives a one-element list)."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"every value must be >= {minimum}, got {text!r}")
+        return values
+
+    return parse
+
+
+def _int_at_least(minimum: int):
+    """argparse type: one int >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        values = _int_list(minimum)(text)
+        if len(values) != 1:
+            raise argparse.ArgumentTypeError(f"expected one integer, got {text!r}")
+        return values[0]
+
+    return parse
+
+
 def _memory_format_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contiguous", dest="channels_last", action="store_false",
                    help="NCHW tensors instead of channels_last (the default: oneDNN's convs are faster in it)")
@@ -120,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a run's model as safetensors + JSON manifest")
     export.add_argument("run", help="run directory printed by `tdcompress run` (runs/<name>/<run>)")
     export.add_argument("--out", help="output directory (default: RUN/export)")
-    export.add_argument("--tune-batch", type=int, default=0, metavar="N",
+    export.add_argument("--tune-batch", type=_int_at_least(0), default=0, metavar="N",
                         help="time each factored layer's exact realizations (factored/merged/dense) on this CPU "
                              "at batch N and export the fastest (default 0: export as trained)")
     _memory_format_args(export)
@@ -133,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=0, help="evaluate on this many images (0 = all)")
     ev.add_argument("--batch", type=int, default=256)
     ev.add_argument("--no-data", action="store_true", help="latency only")
-    ev.add_argument("--latency-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32],
+    ev.add_argument("--latency-batches", type=_int_list(1), default=[1, 32],
                     help="comma-separated batch sizes to time (default 1,32)")
     ev.add_argument("--compile", action="store_true",
                     help="time the torch.compile'd model (inductor, weights frozen; needs a C++ compiler)")
@@ -163,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"tdcompress: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        if args.command not in ("export", "evaluate"):
+            raise
+        print(f"tdcompress: {e}", file=sys.stderr)  # a wrong run or export directory: it says which and why
         return 2
     except Exception as e:  # a missing dataset and the like: say it plainly, no traceback
         from trainer.data import DatasetError

@@ -102,3 +102,26 @@ def test_cli_config_show_and_error_exit_code(capsys):
     assert main(["config", "show", str(CONFIGS / "quickstart.yaml"), "engine.precision=fp16"]) == 2
     err = capsys.readouterr().err
     assert "engine.precision" in err and "'bf16'" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["export", "RUN", "--tune-batch", "-1"], "--tune-batch: every value must be >= 0"),
+    (["export", "RUN", "--tune-batch", "8,16"], "--tune-batch: expected one integer"),
+    (["evaluate", "EXP", "--latency-batches", "1,0"], "--latency-batches: every value must be >= 1"),
+    (["evaluate", "EXP", "--latency-batches", "one"], "--latency-batches: expected comma-separated integers"),
+])
+def test_cli_rejects_bad_numbers(argv, message, capsys):
+    from launcher.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_run_or_export(tmp_path, capsys):
+    from launcher.cli import main
+
+    assert main(["export", str(tmp_path / "nope")]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), "--no-data"]) == 2
+    assert "is not an export" in capsys.readouterr().err

@@ -91,6 +91,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     file = path / MANIFEST if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not an export: {file} does not exist; write one with "
+                                "`tdcompress export RUN_DIR` (default output: RUN_DIR/export)")
     manifest = json.loads(file.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
