@@ -65,3 +65,25 @@ def test_label_smoothing_and_momentum_change_the_result(tiny):
     base = _weights(pipeline.run(tiny("run_name=b")))
     smooth = _weights(pipeline.run(tiny("run_name=s", "optim.label_smoothing=0.2")))
     assert any(not torch.allclose(base[k], smooth[k]) for k in base)
+
+
+def test_one_rank_skips_the_identity_all_reduce():
+    """World size 1, ZeRO 0: DeepSpeed's all-reduce would only flatten and copy back every gradient."""
+    from cluster.ray_runtime import run_local
+    from trainer.engine import build_engine
+    from trainer.models import build_model
+
+    def flags(_payload):
+        out = {}
+        for stage in (0, 1):
+            cfg = Config(name="x")
+            cfg.cluster.use_gpu = "no"
+            cfg.engine.zero_stage = stage
+            engine = build_engine(build_model("tinycnn", 10), cfg, lr=0.1, total_steps=1, steps_per_epoch=1,
+                                  world_size=1, precision=Precision(False, False))
+            out[stage] = engine.enable_backward_allreduce
+        return out
+
+    cfg = Config(name="x")
+    cfg.cluster.use_gpu = "no"
+    assert run_local(flags, {}, cfg) == {0: False, 1: True}
