@@ -111,8 +111,9 @@ def main() -> None:
             for b in batches:
                 tuned, choices = None, {}
                 if args.tune:
-                    table = layer_latency_table(model, (b, 3, args.image, args.image), device=device,
-                                                channels_last=args.channels_last)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):  # as it will be served
+                        table = layer_latency_table(model, (b, 3, args.image, args.image), device=device,
+                                                    channels_last=args.channels_last)
                     choices = {r.name: r.choice for r in table if r.choice != "factored"}
                     if args.table:
                         print("\n".join(format_row(r) for r in table))
