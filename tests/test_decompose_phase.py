@@ -107,5 +107,8 @@ def test_export_tuned_for_latency(tiny, tmp_path, capsys):
         torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-4)
     assert main(["evaluate", str(tuned), "--no-data", "--latency-batches", "2"]) == 0
     assert "channels_last, malloc tuned:" in capsys.readouterr().out
-    assert main(["evaluate", str(tuned), "--no-data", "--latency-batches", "2", "--compile"]) == 0
-    assert "latency batch 2:" in (out := capsys.readouterr().out) and "compiled)" in out
+    import shutil
+
+    if shutil.which("c++") or shutil.which("g++"):  # inductor compiles C++ for the CPU
+        assert main(["evaluate", str(tuned), "--no-data", "--latency-batches", "2", "--compile"]) == 0
+        assert "latency batch 2:" in (out := capsys.readouterr().out) and "compiled)" in out
