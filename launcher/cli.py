@@ -2,6 +2,7 @@
 
     tdcompress run CONFIG [key.sub=value ...]        train (embedded Ray by default)
     tdcompress config show CONFIG [key=value ...]    print the resolved config
+    tdcompress plan CONFIG [key=value ...]           print the rank plan (layers, ranks, params, FLOPs)
     tdcompress export RUN_DIR [--tune-batch N]       safetensors + manifest of the run's model
                                                      (N: per-layer latency table picks each layer's realization)
     tdcompress evaluate EXPORT_DIR [--compile]       top-1/top-5 and latency, torch alone
@@ -94,6 +95,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Print the rank plan a run of CONFIG would use, without data, Ray or any training."""
+    from launcher.pipeline import DATASET_SHAPES, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    classes, size = DATASET_SHAPES[cfg.data.dataset]
+    plan = make_plan(cfg, classes, size)
+    if plan is None:
+        print(f"{args.config}: no admm or decompose phase, nothing to plan")
+        return 0
+    c = cfg.compression
+    print(f"rank plan ({c.format}, keep_ratio {c.keep_ratio}, rank_multiple {c.rank_multiple}, owners for "
+          f"{cfg.cluster.num_workers} workers; {cfg.model.name} at {size} px):\n{plan.table()}")
+    return 0
+
+
 def _cmd_config_show(args: argparse.Namespace) -> int:
     print(dump_yaml(load_config(args.config, args.overrides)), end="")
     return 0
@@ -143,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. cluster.num_workers=1")
     run.set_defaults(func=_cmd_run)
+
+    plan = sub.add_parser("plan", help="print the rank plan of a config (no data, no Ray, no training)")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*")
+    plan.set_defaults(func=_cmd_plan)
 
     export = sub.add_parser("export", help="write a run's model as safetensors + JSON manifest")
     export.add_argument("run", help="run directory printed by `tdcompress run` (runs/<name>/<run>)")

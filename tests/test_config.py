@@ -125,3 +125,14 @@ def test_cli_names_a_missing_run_or_export(tmp_path, capsys):
     assert "holds no checkpoint" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), "--no-data"]) == 2
     assert "is not an export" in capsys.readouterr().err
+
+
+def test_plan_command_prints_the_plan_without_data(capsys, monkeypatch):
+    from launcher.cli import main
+
+    monkeypatch.delenv("TDC_DATA_ROOT", raising=False)  # no data needed
+    assert main(["plan", str(CONFIGS / "imagenet_resnet50_svd.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "rank_multiple 16" in out and "layer4.2.conv2" in out and "(2.02x)" in out
+    assert main(["plan", str(CONFIGS / "quickstart.yaml"), "compression.keep_ratio=0.01"]) == 2
+    assert "compression.keep_ratio=0.01 is impossible" in capsys.readouterr().err
