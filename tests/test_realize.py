@@ -124,3 +124,12 @@ def test_reexec_sets_the_tunables_once():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("start") == 2 and f"tunables {TUNABLES}" in res.stdout  # ran twice, then stopped
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_cpu_ray_workers_start_with_the_tunables(monkeypatch):
+    from cluster.ray_runtime import worker_env
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.x86_foo=1")
+    assert worker_env(use_gpu=False)["GLIBC_TUNABLES"] == f"glibc.cpu.x86_foo=1:{TUNABLES}"
+    assert "GLIBC_TUNABLES" not in worker_env(use_gpu=True)  # GPU activations do not live in malloc
