@@ -88,14 +88,21 @@ def merged_module(layer: FactoredLayer) -> SVDLayer | None:
     return svd.train(layer.training)
 
 
+def _build(layer: FactoredLayer, choice: str) -> nn.Module | None:
+    """One realization of ``layer`` (None: not available for its format)."""
+    if choice == "factored":
+        return layer
+    if choice == "merged":
+        return merged_module(layer)
+    if choice == "dense":
+        return dense_module(layer)
+    return None
+
+
 def alternatives(layer: FactoredLayer) -> dict[str, nn.Module]:
     """Every realization of ``layer`` by name (``factored`` is ``layer`` itself)."""
-    out: dict[str, nn.Module] = {"factored": layer}
-    merged = merged_module(layer)
-    if merged is not None:
-        out["merged"] = merged
-    out["dense"] = dense_module(layer)
-    return out
+    built = {choice: _build(layer, choice) for choice in REALIZATIONS}
+    return {choice: module for choice, module in built.items() if module is not None}
 
 
 def realize(model: nn.Module, choices: Mapping[str, str]) -> nn.Module:
@@ -110,11 +117,11 @@ def realize(model: nn.Module, choices: Mapping[str, str]) -> nn.Module:
         layer = get_submodule(model, name)
         if not isinstance(layer, FactoredLayer):
             raise ValueError(f"realize: layer {name!r} is a {type(layer).__name__}, not a factored layer")
-        options = alternatives(layer)
-        if choice not in options:
-            raise ValueError(f"realize: layer {name!r} ({layer.format}) can be realized as {sorted(options)}, "
-                             f"got {choice!r}")
-        built[name] = options[choice]
+        module = _build(layer, choice)
+        if module is None:
+            allowed = sorted(alternatives(layer))
+            raise ValueError(f"realize: layer {name!r} ({layer.format}) can be realized as {allowed}, got {choice!r}")
+        built[name] = module
     manifest = dict(getattr(model, MANIFEST_ATTR, None) or {})
     for name, module in built.items():
         set_submodule(model, name, module)
