@@ -171,11 +171,13 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
     free = [layer for layer in planned if layer.name not in fixed]
     budget = keep_ratio * dense_total
 
+    def rank_of(layer: LayerInfo, keep: float) -> RankSpec:
+        if layer.name in fixed:
+            return fixed[layer.name]
+        return round_rank(layer.shape, fmt, _uniform_keep(layer, fmt, keep, sparse_fraction), rank_multiple)
+
     def total(keep: float) -> tuple[int, list[LayerPlan]]:
-        plans = [_plan_layer(layer, fmt, fixed[layer.name]) if layer.name in fixed
-                 else _plan_layer(layer, fmt, round_rank(layer.shape, fmt, _uniform_keep(layer, fmt, keep, sparse_fraction),
-                                                         rank_multiple))
-                 for layer in planned]
+        plans = [_plan_layer(layer, fmt, rank_of(layer, keep)) for layer in planned]
         return dense_total - sum(p.params_before - p.params_after for p in plans), plans
 
     lo_total, lo_plans = total(1e-9)  # rank 1 (or the fixed ranks) everywhere

@@ -121,7 +121,8 @@ def build_engine(model: nn.Module, cfg: Config, *, lr: float, total_steps: int, 
     import deepspeed
 
     o = cfg.optim
-    opt = torch.optim.SGD(param_groups(model, o.weight_decay, penalized), lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+    opt = torch.optim.SGD(param_groups(model, o.weight_decay, penalized), lr=lr, momentum=o.momentum,
+                          nesterov=o.nesterov)
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup, o.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,

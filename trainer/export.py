@@ -79,8 +79,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: 
     save_file(state, str(tmp))
     tmp.replace(out / WEIGHTS)
     manifest = {"format_version": FORMAT_VERSION, "model": meta["model"], "num_classes": meta["num_classes"],
-                "image_size": meta["image_size"], "dataset": meta.get("dataset"), "surgery": surgery, "folded_bn": folded,
-                "source_checkpoint": str(last), "phase": meta["phase"]}
+                "image_size": meta["image_size"], "dataset": meta.get("dataset"), "surgery": surgery,
+                "folded_bn": folded, "source_checkpoint": str(last), "phase": meta["phase"]}
     if table:
         manifest["latency_table"] = {"batch": tune_batch, "channels_last": channels_last, "device": "cpu",
                                      "threads": torch.get_num_threads(), "rows": table}
