@@ -10,15 +10,14 @@ distributed tests, need.
 from __future__ import annotations
 
 import os
-import platform
 import socket
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from launcher.schema import Config
+from trainer.malloc import has_glibc, with_tunables
 
 # Variables the workers must see, set before any DeepSpeed import.
 WORKER_ENV = {
@@ -36,13 +35,11 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     # The project's own switches (data root, fault injection) follow the driver to every worker.
     env.update({k: v for k, v in os.environ.items() if k.startswith("TDC_")})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
-    if not use_gpu and sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+    if not use_gpu and has_glibc():
         # CPU training allocates its activations and gradients anew every step; with glibc's
         # defaults the large ones are fresh mmaps that page-fault in each time (trainer/malloc.py).
         # Measured (bench/admm_overhead.py, plain steps): ResNet-50 49 -> 68 img/s, ResNet-18 +10-40%.
-        from trainer.malloc import tuned_env
-
-        env["GLIBC_TUNABLES"] = tuned_env({"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "")})["GLIBC_TUNABLES"]
+        env["GLIBC_TUNABLES"] = with_tunables(os.environ.get("GLIBC_TUNABLES", ""))
     return env
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from admm.realize import alternatives, merged_module, realize
 from admm.surgery import apply_manifest, decompose_model
 from launcher.schema import CompressionConfig
 from trainer.latency import factored_input_shapes, layer_latency_table, measure_latency
-from trainer.malloc import TUNABLES, malloc_tuned, tuned_env
+from trainer.malloc import TUNABLES, has_glibc, malloc_tuned, tuned_env
 from trainer.models import build_model
 
 CASES = [  # (dense module, format, rank)
@@ -116,7 +115,7 @@ def test_tuned_env_keeps_other_tunables():
     assert malloc_tuned(env) and not malloc_tuned({"PATH": "/bin"})
 
 
-@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.skipif(not has_glibc(), reason="glibc only")
 def test_reexec_sets_the_tunables_once():
     code = ("import os, sys; print('start', flush=True); from trainer.malloc import reexec_with_tuned_malloc; "
             "reexec_with_tuned_malloc(); print('tunables', os.environ['GLIBC_TUNABLES'])")
@@ -126,7 +125,7 @@ def test_reexec_sets_the_tunables_once():
     assert res.stdout.count("start") == 2 and f"tunables {TUNABLES}" in res.stdout  # ran twice, then stopped
 
 
-@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.skipif(not has_glibc(), reason="glibc only")
 def test_cpu_ray_workers_start_with_the_tunables(monkeypatch):
     from cluster.ray_runtime import worker_env
 

@@ -66,7 +66,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: 
         from admm.realize import realize
         from trainer.latency import format_row, layer_latency_table
 
-        model.eval()
         size = int(meta["image_size"])
         rows = layer_latency_table(model, (tune_batch, 3, size, size), channels_last=channels_last,
                                    progress=(lambda r: progress(format_row(r))) if progress else None)

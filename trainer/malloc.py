@@ -16,10 +16,20 @@ import os
 import platform
 import sys
 
-__all__ = ["TUNABLES", "malloc_tuned", "reexec_with_tuned_malloc", "tuned_env"]
+__all__ = ["TUNABLES", "has_glibc", "malloc_tuned", "reexec_with_tuned_malloc", "tuned_env", "with_tunables"]
 
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
 _MARK = "TDC_MALLOC_TUNED"
+
+
+def has_glibc() -> bool:
+    """True on Linux with glibc, the only place the tunables mean anything."""
+    return sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+
+def with_tunables(existing: str) -> str:
+    """A ``GLIBC_TUNABLES`` value: ``existing`` (others' tunables, kept) plus :data:`TUNABLES`."""
+    return f"{existing}:{TUNABLES}" if existing else TUNABLES
 
 
 def malloc_tuned(env: dict[str, str] | None = None) -> bool:
@@ -31,8 +41,7 @@ def malloc_tuned(env: dict[str, str] | None = None) -> bool:
 def tuned_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of ``env`` with :data:`TUNABLES` appended to ``GLIBC_TUNABLES`` (others kept)."""
     out = dict(os.environ if env is None else env)
-    old = out.get("GLIBC_TUNABLES", "")
-    out["GLIBC_TUNABLES"] = f"{old}:{TUNABLES}" if old else TUNABLES
+    out["GLIBC_TUNABLES"] = with_tunables(out.get("GLIBC_TUNABLES", ""))
     out[_MARK] = "1"
     return out
 
@@ -44,7 +53,7 @@ def reexec_with_tuned_malloc() -> None:
     ``TDC_MALLOC_TUNED``) are already in the environment, so it runs at most once.
     Call it first thing, before any work that should not be repeated.
     """
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or malloc_tuned():
+    if not has_glibc() or malloc_tuned():
         return
     sys.stdout.flush()
     sys.stderr.flush()
