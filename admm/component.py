@@ -13,12 +13,19 @@ rides on the optimizer's weight decay: the planned weights sit in one param
 group (``trainer.engine.ADMM_GROUP``) whose weight decay this component keeps at
 ``base + rho``. The optimizer reads W and the gradient for weight decay anyway,
 so that half costs nothing. The owner's hook adds the other half, ``c V`` with
-V = U - Z cached at the Z-update: one fused element-wise op per owned layer in
-the backward pass. Without such a group (``attach`` with no optimizer) the
+V = U - Z cached at the Z-update: one in-place element-wise op per owned layer
+in the backward pass. Without such a group (``attach`` with no optimizer) the
 hook adds ``c W + c V``. Either way it replaces a Python sum of per-layer
 norms in the loss graph. One difference from the all-in-the-hook form: with
 ``optim.grad_clip > 0`` the rho W half is not part of the clipped gradient
 (it is applied after clipping, like weight decay).
+
+The hooks are post-accumulate-grad hooks that add into ``weight.grad`` in place:
+an out-of-place add allocates a fresh gradient-sized tensor per layer, which on
+CPU cost ResNet-50 about 2% more per step (bench/README.md). DeepSpeed's ZeRO
+1/2 reduce the gradient from hooks of the same kind, and such hooks run in the
+order they were registered, so ours must come first: ``prepare`` registers
+them before the engine is built, ``attach`` switches them on.
 """
 from __future__ import annotations
 
@@ -60,7 +67,8 @@ class AdmmComponent:
         self.log, self.out_dir, self.artifact = log, out_dir, artifact
         self.decomp_error = decomp_error
         self.history: list[dict[str, float]] = []  # rank 0: per-layer primal residuals per update
-        self._handles: list[Any] = []
+        self._handles: list[Any] = []  # the gradient hooks, from prepare() until detach()
+        self._active = False  # the hooks add the penalty only between attach() and detach()
         self._decay_groups: list[dict[str, Any]] = []  # optimizer groups carrying rho W as weight decay
         self._weights: dict[str, nn.Parameter] = {}
         self._last: dict[str, float] = {}
@@ -74,30 +82,48 @@ class AdmmComponent:
 
     # -- attach / detach ---------------------------------------------------------------
     def penalized_params(self, model: nn.Module) -> list[nn.Parameter]:
-        """The weights of every planned layer (owned or not): pass them to ``build_engine(penalized=...)``."""
+        """The weights of every planned layer (owned or not), whose weight decay carries rho W."""
         modules = dict(model.named_modules())
         return [modules[p.name].weight for p in self.plan.layers]
 
-    def attach(self, model: nn.Module, loop_state=None, optimizer=None) -> None:
-        """Find the owned layers in ``model`` (unwrapped), initialise missing Z/U, register gradient hooks.
+    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
+        """Register the (inactive) gradient hooks on the owned weights; return every planned weight.
 
-        ``optimizer``: the engine's optimizer, built with ``penalized=penalized_params(model)``;
-        its ADMM group then carries rho W as weight decay. Without it the hooks add rho W too.
+        Call it before the DeepSpeed engine is built, so the hooks run before ZeRO's own
+        gradient hooks, and pass the result to ``build_engine(penalized=...)``.
         """
-        from trainer.engine import ADMM_GROUP
-
-        self._decay_groups = [g for g in optimizer.param_groups if g.get(ADMM_GROUP)] if optimizer else []
-        if optimizer is not None and len(self._decay_groups) != 1:
-            raise ValueError("the optimizer has no ADMM param group: build the engine with "
-                             "penalized=component.penalized_params(model)")
-        self._sync_decay()
+        if self._handles:
+            raise RuntimeError("AdmmComponent.prepare was called twice")
         modules = dict(model.named_modules())
         for p in self.owned:
             weight = modules[p.name].weight
             self._weights[p.name] = weight
+            self._handles.append(weight.register_post_accumulate_grad_hook(self._make_hook(p.name)))
+        return self.penalized_params(model)
+
+    def attach(self, model: nn.Module, loop_state=None, optimizer=None) -> None:
+        """Initialise missing Z/U of the owned layers and switch the penalty on (``prepare`` first).
+
+        ``model``: the unwrapped model ``prepare`` saw. ``optimizer``: the engine's optimizer,
+        built with ``penalized=prepare(model)``; its ADMM group then carries rho W as weight
+        decay. Without it the hooks add rho W too.
+        """
+        from trainer.engine import ADMM_GROUP
+
+        if not self._handles and self.owned:
+            raise RuntimeError("AdmmComponent.attach needs prepare(model) first, before the engine is built")
+        modules = dict(model.named_modules())
+        if any(modules[p.name].weight is not self._weights[p.name] for p in self.owned):
+            raise ValueError("AdmmComponent.attach: model is not the one prepare() saw")
+        self._decay_groups = [g for g in optimizer.param_groups if g.get(ADMM_GROUP)] if optimizer else []
+        if optimizer is not None and len(self._decay_groups) != 1:
+            raise ValueError("the optimizer has no ADMM param group: build the engine with "
+                             "penalized=component.prepare(model)")
+        self._sync_decay()
+        for p in self.owned:
             if p.name not in self.state.layers:
-                self.state.init_layer(p.name, weight, p.fmt, p.rank)
-            self._handles.append(weight.register_hook(self._make_hook(p.name, weight)))
+                self.state.init_layer(p.name, self._weights[p.name], p.fmt, p.rank)
+        self._active = True
         if self.state.updates == 0 and not self.history:
             # The curve's starting point: Z = Proj(W), so the residual is the error of decomposing now.
             stats = {}
@@ -108,15 +134,16 @@ class AdmmComponent:
                 stats[p.name] = UpdateStats(w_sq=float(w.square().sum()), primal_sq=r, dual_sq=0.0, decomp_sq=r)
             self._publish(stats, loop_state.step if loop_state is not None else 0, label="start")
 
-    def _make_hook(self, name: str, weight: nn.Parameter) -> Callable[[torch.Tensor], torch.Tensor]:
-        def hook(grad: torch.Tensor) -> torch.Tensor:
+    def _make_hook(self, name: str) -> Callable[[nn.Parameter], None]:
+        def hook(weight: nn.Parameter) -> None:
+            if not self._active:
+                return
             # DeepSpeed divides each micro-batch loss by grad_accum and averages over ranks;
             # scale so the summed, averaged result carries exactly rho (W - Z + U).
             c = self.state.rho * self.world / self.grad_accum
-            v = self.state.layers[name].v.to(grad.dtype)
-            if self._decay_groups:  # rho W is the optimizer's weight decay
-                return torch.add(grad, v, alpha=c)
-            return torch.add(grad, weight.detach(), alpha=c).add_(v, alpha=c)
+            if not self._decay_groups:  # otherwise rho W is the optimizer's weight decay
+                weight.grad.add_(weight.detach(), alpha=c)
+            weight.grad.add_(self.state.layers[name].v, alpha=c)
 
         return hook
 
@@ -126,11 +153,17 @@ class AdmmComponent:
         for g in self._decay_groups:
             g["weight_decay"] = g["base_weight_decay"] + rho
 
-    def detach(self) -> dict[str, float]:
-        """Remove the hooks; write the residual plot; return the last global metrics."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def detach(self, keep_hooks: bool = False) -> dict[str, float]:
+        """Switch the penalty off, remove the hooks; write the residual plot; return the last global metrics.
+
+        ``keep_hooks``: leave the (inactive) hooks registered, so that a later ``attach``
+        switches the penalty back on without ``prepare`` (benchmarks toggle ADMM this way).
+        """
+        self._active = False
+        if not keep_hooks:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
         self._sync_decay(0.0)
         self._decay_groups = []
         if self.rank == 0 and self.history and self.out_dir is not None:

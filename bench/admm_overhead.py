@@ -42,6 +42,7 @@ from bench.common import (Timing, banner, banner_line, classes_for, image_size, 
                           pick_device, synthetic_batch, time_fn, write_json)
 from launcher.schema import Config  # noqa: E402
 from trainer.engine import build_engine, prepare_deepspeed_env, resolve_precision  # noqa: E402
+from trainer.malloc import reexec_with_tuned_malloc  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 
 
@@ -89,13 +90,18 @@ def grad_check(comp: AdmmComponent, model: nn.Module, optimizer) -> float:
 
     The loss is 0 * sum(W), so the hook's gradient is its penalty term alone: rho V, to which
     the optimizer's ADMM group adds rho W as weight decay (checked here by adding it).
+    The hooks act on ``.grad`` after accumulation, so this runs ``backward``, not ``autograd.grad``.
     """
     naive = NaivePenalty(comp, model)
     weights = [w for w, _, _ in naive.terms]
-    hooked = torch.autograd.grad(sum((w * 0).sum() for w in weights), weights)
-    hooked = [h + comp.state.rho * w.detach() for h, w in zip(hooked, weights)]
-    comp.detach()
+    for w in weights:
+        w.grad = None
+    sum((w * 0).sum() for w in weights).backward()
+    hooked = [w.grad + comp.state.rho * w.detach() for w in weights]
+    comp.detach(keep_hooks=True)
     plain = torch.autograd.grad(naive(), weights)
+    for w in weights:
+        w.grad = None
     comp.attach(model, optimizer=optimizer)
     num = max(float((a - b).abs().max()) for a, b in zip(hooked, plain))
     den = max(float(b.abs().max()) for b in plain)
@@ -108,7 +114,7 @@ def interleaved(plain: Callable[[], None], naive: Callable[[], None], comp: Admm
 
     Drift slower than one step (other jobs on a shared machine, clocks) hits all three
     alike, so the ratios of the medians are steadier than block A/B/A on a busy host.
-    Attaching/detaching the hooks between steps is outside the timed calls.
+    Switching the penalty on/off between steps is outside the timed calls.
     """
     fns = {"plain": plain, "admm": plain, "naive": naive}  # "admm" is the plain step with the hooks attached
     out = {k: Timing() for k in fns}
@@ -119,7 +125,7 @@ def interleaved(plain: Callable[[], None], naive: Callable[[], None], comp: Admm
                 comp.attach(model, optimizer=optimizer)
             t = time_fn(fns[kind], 1, 0, device).times[0]
             if kind == "admm":
-                comp.detach()
+                comp.detach(keep_hooks=True)
             if i >= warmup:
                 out[kind].times.append(t)
     return out
@@ -143,7 +149,9 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, dev
     # does not depend on it.
     comp = AdmmComponent.create(model, cfg, rank=0, world=1, tracker=NullTracker())
     engine = build_engine(model, cfg, lr=0.01, total_steps=10**6, steps_per_epoch=1000, world_size=1,
-                          precision=precision, penalized=comp.penalized_params(model))
+                          precision=precision, penalized=comp.prepare(model))
+    # The hooks stay registered (as in training, before the engine's own); "plain" runs with
+    # them switched off, which costs one Python call per planned layer that returns at once.
 
     plain = step_fn(engine, x, y)
     base = {"model": name, "batch": batch, "image": size, "zero": zero, "format": fmt,
@@ -155,10 +163,11 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, dev
         # first time: Z = Proj(W), U = 0 per planned layer, outside the timed window
         comp.attach(engine.module, optimizer=engine.optimizer)
         if rnd == 0:
-            check = grad_check(comp, engine.module, engine.optimizer)
+            # Under ZeRO 1/2 a plain backward would feed DeepSpeed's reduce hooks: checked at ZeRO 0 only.
+            check = grad_check(comp, engine.module, engine.optimizer) if zero == 0 else float("nan")
             naive = step_fn(engine, x, y, NaivePenalty(comp, engine.module))  # needs Z, U: built after attach
         a = time_fn(plain, steps, warmup, device)  # the same step; now with the penalty rho (W - Z + U)
-        comp.detach()
+        comp.detach(keep_hooks=True)
         p2 = time_fn(plain, steps, warmup, device)
         n = time_fn(naive, steps, warmup, device)
         p3 = time_fn(plain, steps, warmup, device)
@@ -217,8 +226,12 @@ def main() -> None:
     p.add_argument("--format", default="tucker2", help="compression.format of the plan (sets which layers "
                    "get hooks; the hook costs the same for every format)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="CPU: keep glibc's default malloc (training workers on CPU run with trainer.malloc's tunables)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    if not args.no_malloc_tuning and not gpu:
+        reexec_with_tuned_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     models = args.models.split(",")

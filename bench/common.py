@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from trainer.malloc import malloc_tuned
+
 __all__ = ["Timing", "banner", "banner_line", "classes_for", "cpu_count", "device_name", "image_size",
            "init_process_group", "pick_device", "sync", "synthetic_batch", "time_fn", "write_json"]
 
@@ -68,6 +70,7 @@ def banner(device: torch.device) -> dict[str, Any]:
         "device": device_name(device), "device_type": device.type,
         "torch": torch.__version__, "deepspeed": _version("deepspeed"), "tensorly": _version("tensorly"),
         "python": platform.python_version(), "cpus": cpu_count(), "torch_threads": torch.get_num_threads(),
+        "malloc_tuned": malloc_tuned(),
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
@@ -80,7 +83,8 @@ def banner_line(info: dict[str, Any]) -> str:
     cuda = f" (CUDA {info['cuda']})" if "cuda" in info else ""
     return (f"device: {info['device']}{cuda} | {info['cpus']} CPUs, {info['torch_threads']} torch threads | "
             f"torch {info['torch']} | deepspeed {info['deepspeed']} | tensorly {info['tensorly']} | "
-            f"python {info['python']}" + (f" | load {info['load_1min']}" if "load_1min" in info else ""))
+            f"python {info['python']} | malloc tuned {info['malloc_tuned']}"
+            + (f" | load {info['load_1min']}" if "load_1min" in info else ""))
 
 
 def _free_port() -> int:

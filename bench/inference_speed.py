@@ -33,7 +33,7 @@ from admm.surgery import decompose_model  # noqa: E402
 from bench.common import banner, banner_line, classes_for  # noqa: E402
 from launcher.schema import CompressionConfig  # noqa: E402
 from trainer.latency import format_row, layer_latency_table, measure_latency  # noqa: E402
-from trainer.malloc import malloc_tuned, reexec_with_tuned_malloc  # noqa: E402
+from trainer.malloc import reexec_with_tuned_malloc  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main() -> None:
         reexec_with_tuned_malloc()
     print(banner_line(banner(device)))
     print(f"{args.model} {args.image}px | {'bf16' if gpu else 'fp32'} | BN folded {args.fold} | "
-          f"channels_last {args.channels_last} | malloc tuned {malloc_tuned()}", flush=True)
+          f"channels_last {args.channels_last}", flush=True)
     classes = classes_for(args.model)
     torch.manual_seed(0)
     dense = build_model(args.model, classes).to(device).eval()

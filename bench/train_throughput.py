@@ -23,6 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from launcher.schema import Config  # noqa: E402
 from trainer.engine import Precision, build_engine, prepare_deepspeed_env, resolve_precision  # noqa: E402
+from trainer.malloc import reexec_with_tuned_malloc  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from bench.common import (banner, banner_line, classes_for, image_size, init_process_group,  # noqa: E402
                           synthetic_batch, time_fn, write_json)
@@ -94,8 +95,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10 if gpu else 2)
     p.add_argument("--zero", default="0,1,2" if gpu else "0")
     p.add_argument("--compile", action="store_true", help="also time engine.compile()")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="CPU: keep glibc's default malloc (training workers on CPU run with trainer.malloc's tunables)")
     p.add_argument("--json", help="write results here")
     args = p.parse_args()
+    if not args.no_malloc_tuning and not gpu:
+        reexec_with_tuned_malloc()
     prepare_deepspeed_env()
     init_process_group(device)
     info = banner(device)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from launcher import pipeline
+from launcher.schema import CompressionConfig, Config
 from trainer import checkpoint as ckpt
 from trainer import tracking
 
@@ -65,6 +66,7 @@ def test_decomposition_error_every_n_updates():
     model = build_model("tinycnn", 10)
     comp = AdmmComponent(plan_for_model(model, cfg.compression), cfg.admm, rank=0, world=1, grad_accum=1,
                          log=lambda m, s: logged.append(m))
+    comp.prepare(model)
     comp.attach(model)
     comp.z_update(1)
     comp.z_update(2)
@@ -90,7 +92,8 @@ def test_penalty_through_weight_decay_equals_penalty_in_the_hook(nesterov):
         model = build_model("tinycnn", 10)
         comp = AdmmComponent(plan_for_model(model, cfg.compression), cfg.admm, rank=0, world=1, grad_accum=1,
                              log=lambda m, s: None)
-        groups = param_groups(model, 5e-4, comp.penalized_params(model) if via_decay else ())
+        penalized = comp.prepare(model)
+        groups = param_groups(model, 5e-4, penalized if via_decay else ())
         opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=nesterov)
         comp.attach(model, optimizer=opt if via_decay else None)
         for step in range(6):
@@ -126,8 +129,13 @@ def test_attach_refuses_an_optimizer_without_the_admm_group():
     comp = AdmmComponent(plan_for_model(model, cfg.compression), cfg.admm, rank=0, world=1, grad_accum=1,
                          log=lambda m, s: None)
     opt = torch.optim.SGD(param_groups(model, 5e-4), lr=0.1)
-    with pytest.raises(ValueError, match="penalized=component.penalized_params"):
+    with pytest.raises(RuntimeError, match="needs prepare"):
         comp.attach(model, optimizer=opt)
+    comp.prepare(model)
+    with pytest.raises(ValueError, match="penalized=component.prepare"):
+        comp.attach(model, optimizer=opt)
+    with pytest.raises(ValueError, match="not the one prepare"):
+        comp.attach(build_model("tinycnn", 10))
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -146,3 +154,37 @@ def test_admm_under_zero_matches_stage0(tiny, stage):
     weak = pipeline.run(tiny(*tiny_admm, "run_name=admm_weak", "admm.rho=1e-6", "admm.rho_max=1e-6"))
     c = ckpt.load_shared(ckpt.latest_checkpoint(weak.dir / "checkpoints"))["model"]
     assert max(float((a[k] - c[k]).abs().max()) for k in a) > 1e-3
+
+
+def test_penalty_hooks_run_before_zero_gradient_hooks():
+    """ZeRO 2 reduces each gradient from a post-accumulate hook; the penalty must already be in it.
+
+    Such hooks run in the order they were registered, so ``prepare`` (before the engine)
+    must put the component's hook first on every owned weight.
+    """
+    from cluster.ray_runtime import run_local
+
+    def first_hooks(_payload):
+        from admm.component import AdmmComponent, plan_for_model
+        from trainer.engine import Precision, build_engine
+        from trainer.models import build_model
+
+        cfg = Config(name="x")
+        cfg.cluster.use_gpu = "no"
+        cfg.engine.zero_stage = 2
+        cfg.compression = CompressionConfig(format="svd", keep_ratio=0.5, exclude=[], min_channels=3)
+        model = build_model("tinycnn", 10)
+        comp = AdmmComponent(plan_for_model(model, cfg.compression), cfg.admm, rank=0, world=1, grad_accum=1,
+                             log=lambda m, s: None)
+        penalized = comp.prepare(model)
+        build_engine(model, cfg, lr=0.1, total_steps=1, steps_per_epoch=1, world_size=1,
+                     precision=Precision(False, False), penalized=penalized)
+        return [[h.__qualname__ for h in w._post_accumulate_grad_hooks.values()] for w in penalized]
+
+    cfg = Config(name="x")
+    cfg.cluster.use_gpu = "no"
+    hooks = run_local(first_hooks, {}, cfg)
+    assert len(hooks) == 3
+    for names in hooks:
+        assert len(names) == 2  # ours and DeepSpeed's
+        assert names[0].startswith("AdmmComponent._make_hook")

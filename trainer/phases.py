@@ -145,7 +145,8 @@ def _train_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) -> tu
                          f"{cfg.data.batch_size}; lower the batch size or enlarge data.train_subset")
     state = LoopState(phase=phase.kind, epochs=phase.epochs, steps_per_epoch=per_epoch)
     components = _components(ctx, index, model)
-    penalized = [p for c in components for p in c.penalized_params(model)]
+    # prepare() registers the ADMM gradient hooks: before the engine, so they run before ZeRO's.
+    penalized = [p for c in components for p in c.prepare(model)]
     engine = build_engine(model, cfg, lr=phase.lr or cfg.optim.lr, total_steps=per_epoch * phase.epochs,
                           steps_per_epoch=per_epoch, world_size=ctx.world, precision=precision, penalized=penalized)
     if resume is not None:
