@@ -4,7 +4,9 @@ For each model: a plain loop (SGD, bf16 autocast + channels_last on a GPU,
 fp32 on CPU) and the project's engine (trainer.engine.build_engine with the
 config the project uses on that device) run the same synthetic batch; both
 are timed A/B/A so drift shows. On a GPU it also reports peak memory per
-ZeRO stage 0/1/2. No Ray, no MLflow: runs on a bare GPU box.
+ZeRO stage 0/1/2. ``--fused 1,0`` times both SGD kernels (torch's fused one,
+the project's default, and the per-tensor one), the same on both sides.
+No Ray, no MLflow: runs on a bare GPU box.
 
     PYTHONPATH=. python bench/train_throughput.py                # device defaults
     PYTHONPATH=. python bench/train_throughput.py --models resnet50 --batch 256 --steps 30 --compile
@@ -29,8 +31,8 @@ from bench.common import (banner, banner_line, classes_for, image_size, init_pro
                           synthetic_batch, time_fn, write_json)
 
 
-def plain_step_fn(model, x, y, precision: Precision, lr: float = 0.1):
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+def plain_step_fn(model, x, y, precision: Precision, fused: bool, lr: float = 0.1):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=fused)
 
     def step():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision.bf16):
@@ -52,8 +54,9 @@ def engine_step_fn(engine, x, y):
 
 
 def bench_model(name: str, batch: int, steps: int, warmup: int, device: torch.device, zero: int,
-                compile_: bool) -> dict:
+                compile_: bool, fused: bool) -> dict:
     cfg = Config(name="bench")
+    cfg.optim.fused = fused
     cfg.cluster.num_workers = 1
     cfg.data.batch_size = batch
     cfg.engine.zero_stage = zero
@@ -66,7 +69,7 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, device: torch.de
     plain = build_model(name, classes).to(device)
     if precision.channels_last:
         plain = plain.to(memory_format=torch.channels_last)
-    plain_fn = plain_step_fn(plain, x, y, precision)
+    plain_fn = plain_step_fn(plain, x, y, precision, fused)
     torch.manual_seed(0)
     model = build_model(name, classes).to(device)
     if device.type == "cuda":
@@ -79,7 +82,7 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, device: torch.de
     a2 = time_fn(plain_fn, steps, warmup, device).median
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     plain_ips = batch / statistics.mean([a1, a2])
-    return {"model": name, "batch": batch, "image": size, "zero": zero, "compile": compile_,
+    return {"model": name, "batch": batch, "image": size, "zero": zero, "compile": compile_, "fused": fused,
             "bf16": precision.bf16, "channels_last": precision.channels_last,
             "plain_img_s": plain_ips, "plain_spread": abs(a1 - a2) / min(a1, a2),
             "engine_img_s": batch / b, "ratio": (batch / b) / plain_ips, "peak_gib": peak}
@@ -95,6 +98,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10 if gpu else 2)
     p.add_argument("--zero", default="0,1,2" if gpu else "0")
     p.add_argument("--compile", action="store_true", help="also time engine.compile()")
+    p.add_argument("--fused", default="1,0", help="optim.fused values to time (1: torch's fused SGD, in both "
+                   "the engine and the plain loop; 0: its default per-tensor SGD)")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="CPU: keep glibc's default malloc (training workers on CPU run with trainer.malloc's tunables)")
     p.add_argument("--json", help="write results here")
@@ -111,12 +116,14 @@ def main() -> None:
     for m, b in zip(models, batches):
         for zero in [int(z) for z in args.zero.split(",")]:
             for comp in ([False, True] if args.compile else [False]):
-                r = bench_model(m, b, args.steps, args.warmup, device, zero, comp)
-                rows.append(r)
-                print(f"{m:9s} batch {b:4d} {r['image']}px zero {zero} compile {comp!s:5s} bf16 {r['bf16']!s:5s} "
-                      f"plain {r['plain_img_s']:9,.0f} img/s (A/A spread {100 * r['plain_spread']:.1f}%)  "
-                      f"engine {r['engine_img_s']:9,.0f} img/s  ratio {r['ratio']:.3f}  peak {r['peak_gib']:.2f} GiB",
-                      flush=True)
+                for fused in [bool(int(f)) for f in args.fused.split(",")]:
+                    r = bench_model(m, b, args.steps, args.warmup, device, zero, comp, fused)
+                    rows.append(r)
+                    print(f"{m:9s} batch {b:4d} {r['image']}px zero {zero} compile {comp!s:5s} "
+                          f"fused {fused!s:5s} bf16 {r['bf16']!s:5s} "
+                          f"plain {r['plain_img_s']:9,.0f} img/s (A/A spread {100 * r['plain_spread']:.1f}%)  "
+                          f"engine {r['engine_img_s']:9,.0f} img/s  ratio {r['ratio']:.3f}  "
+                          f"peak {r['peak_gib']:.2f} GiB", flush=True)
     if args.json:
         write_json(args.json, {"device": info, "rows": rows})
 

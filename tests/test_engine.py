@@ -68,7 +68,10 @@ def test_label_smoothing_and_momentum_change_the_result(tiny):
 
 
 def test_one_rank_skips_the_identity_all_reduce():
-    """World size 1, ZeRO 0: DeepSpeed's all-reduce would only flatten and copy back every gradient."""
+    """World size 1, ZeRO 0: DeepSpeed's all-reduce would only flatten and copy back every gradient.
+
+    Also: the SGD under the engine is torch's fused one unless ``optim.fused=false``.
+    """
     from cluster.ray_runtime import run_local
     from trainer.engine import build_engine
     from trainer.models import build_model
@@ -79,11 +82,12 @@ def test_one_rank_skips_the_identity_all_reduce():
             cfg = Config(name="x")
             cfg.cluster.use_gpu = "no"
             cfg.engine.zero_stage = stage
+            cfg.optim.fused = stage == 0
             engine = build_engine(build_model("tinycnn", 10), cfg, lr=0.1, total_steps=1, steps_per_epoch=1,
                                   world_size=1, precision=Precision(False, False))
-            out[stage] = engine.enable_backward_allreduce
+            out[stage] = (engine.enable_backward_allreduce, engine.basic_optimizer.defaults["fused"])
         return out
 
     cfg = Config(name="x")
     cfg.cluster.use_gpu = "no"
-    assert run_local(flags, {}, cfg) == {0: False, 1: True}
+    assert run_local(flags, {}, cfg) == {0: (False, True), 1: (True, False)}

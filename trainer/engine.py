@@ -122,7 +122,7 @@ def build_engine(model: nn.Module, cfg: Config, *, lr: float, total_steps: int, 
 
     o = cfg.optim
     opt = torch.optim.SGD(param_groups(model, o.weight_decay, penalized), lr=lr, momentum=o.momentum,
-                          nesterov=o.nesterov)
+                          nesterov=o.nesterov, fused=o.fused)
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup, o.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
