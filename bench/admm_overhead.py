@@ -14,6 +14,10 @@ penalty as a Python sum of per-layer rho/2 ||W - Z + U||^2 added to the loss,
 using the component's own Z, U and rho. Both variants add the same gradient
 rho (W - Z + U) (checked once before timing and printed as `grad check`).
 
+"floor" is the ratio the step would have if the penalty cost no more than its
+arithmetic: one in-place add of rho V into a gradient-sized tensor per planned
+layer, timed alone (penalty_floor). It bounds what any hook can reach.
+
 No Z-update runs inside a timed window (the interval is an epoch); its cost
 is bench/zupdate.py's subject. The Z/U initialisation at attach (one
 projection per layer) happens before timing.
@@ -108,6 +112,22 @@ def grad_check(comp: AdmmComponent, model: nn.Module, optimizer) -> float:
     return num / max(den, 1e-30)
 
 
+def penalty_floor(comp: AdmmComponent) -> Callable[[], None]:
+    """The hook's arithmetic alone: one in-place ``g += c V`` per owned layer, into scratch gradients.
+
+    Any penalty applied as an op of its own reads V and the gradient and writes the
+    gradient once, so this is the least it can cost; the hook adds only Python calls.
+    """
+    vs = [s.v for s in comp.state.layers.values()]
+    grads = [torch.zeros_like(v) for v in vs]
+
+    def add() -> None:
+        for g, v in zip(grads, vs):
+            g.add_(v, alpha=comp.state.rho)
+
+    return add
+
+
 def interleaved(plain: Callable[[], None], naive: Callable[[], None], comp: AdmmComponent, model: nn.Module,
                 optimizer, steps: int, warmup: int, device: torch.device) -> dict[str, Timing]:
     """Plain, ADMM and naive steps taken in turn (order rotated every round), each timed alone.
@@ -166,6 +186,7 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, dev
             # Under ZeRO 1/2 a plain backward would feed DeepSpeed's reduce hooks: checked at ZeRO 0 only.
             check = grad_check(comp, engine.module, engine.optimizer) if zero == 0 else float("nan")
             naive = step_fn(engine, x, y, NaivePenalty(comp, engine.module))  # needs Z, U: built after attach
+            floor = time_fn(penalty_floor(comp), steps, warmup, device)
         a = time_fn(plain, steps, warmup, device)  # the same step; now with the penalty rho (W - Z + U)
         comp.detach(keep_hooks=True)
         p2 = time_fn(plain, steps, warmup, device)
@@ -181,6 +202,8 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, dev
                      "admm_img_s": batch / a.median, "admm_ratio": base_a / a.median,
                      "naive_img_s": batch / n.median, "naive_ratio": base_n / n.median,
                      "grad_check_rel_diff": check,
+                     # ADMM/plain if the penalty cost exactly its arithmetic (penalty_floor), vs mean(P1, P2)
+                     "floor_ratio": base_a / (base_a + floor.median), "floor_ms": 1e3 * floor.median,
                      "timings_s": {"plain1": p1.to_json(), "admm": a.to_json(), "plain2": p2.to_json(),
                                    "naive": n.to_json(), "plain3": p3.to_json()}})
         if il is not None:
@@ -198,14 +221,15 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, dev
 def print_table(rows: list[dict], device: str) -> None:
     print(f"{'model':9s} {'rnd':>3s} {'batch':>5s} {'px':>4s}  {'plain img/s P1/P2/P3':>22s} {'spread':>6s}  "
           f"{'admm img/s':>10s} {'(ratio)':>7s}  {'naive img/s':>11s} {'(ratio)':>7s}  "
-          f"{'interleaved admm/naive':>22s}  device")
+          f"{'interleaved admm/naive':>22s} {'floor':>6s}  device")
     for r in rows:
         p = "/".join(f"{v:,.1f}" for v in r["plain_img_s"])
         il = (f"{r['interleaved_admm_ratio']:.3f} / {r['interleaved_naive_ratio']:.3f}"
               if "interleaved_admm_ratio" in r else "-")
         print(f"{r['model']:9s} {r['round']:3d} {r['batch']:5d} {r['image']:4d}  {p:>22s} "
               f"{100 * r['plain_spread']:5.1f}%  {r['admm_img_s']:10,.1f} {r['admm_ratio']:7.3f}  "
-              f"{r['naive_img_s']:11,.1f} {r['naive_ratio']:7.3f}  {il:>22s}  {device}", flush=True)
+              f"{r['naive_img_s']:11,.1f} {r['naive_ratio']:7.3f}  {il:>22s} {r['floor_ratio']:6.3f}  {device}",
+              flush=True)
 
 
 def main() -> None:
@@ -257,7 +281,8 @@ def main() -> None:
     for m in models:
         mine = [r for r in rows if r["model"] == m]
         if len(mine) > 1:
-            for key in ("admm_ratio", "naive_ratio", "interleaved_admm_ratio", "interleaved_naive_ratio"):
+            for key in ("admm_ratio", "naive_ratio", "interleaved_admm_ratio", "interleaved_naive_ratio",
+                        "floor_ratio"):
                 vals = [r[key] for r in mine if key in r]
                 if not vals:
                     continue

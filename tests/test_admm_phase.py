@@ -188,3 +188,38 @@ def test_penalty_hooks_run_before_zero_gradient_hooks():
     for names in hooks:
         assert len(names) == 2  # ours and DeepSpeed's
         assert names[0].startswith("AdmmComponent._make_hook")
+
+
+def test_penalty_switches_on_and_off_with_attach_and_detach():
+    """Between attach and detach the owned weights' .grad gains rho V (in place); otherwise nothing."""
+    from admm.component import AdmmComponent, plan_for_model
+    from trainer.models import build_model
+
+    cfg = Config(name="x")
+    cfg.compression = CompressionConfig(format="svd", keep_ratio=0.5, exclude=[], min_channels=3)
+    cfg.admm.rho = 0.7
+    torch.manual_seed(0)
+    model = build_model("tinycnn", 10)
+    comp = AdmmComponent(plan_for_model(model, cfg.compression), cfg.admm, rank=0, world=1, grad_accum=1,
+                         log=lambda m, s: None)
+    weights = comp.prepare(model)
+
+    def penalty_grads() -> list[torch.Tensor]:
+        for w in weights:
+            w.grad = None
+        sum((w * 0).sum() for w in weights).backward()  # the loss adds nothing: .grad is the hook's term
+        return [w.grad.clone() for w in weights]
+
+    assert all(float(g.abs().max()) == 0 for g in penalty_grads())  # prepared, not attached: off
+    comp.attach(model)  # no optimizer: the hook adds rho (W + V)
+    expected = [0.7 * (w.detach() + comp.state.layers[n].v) for w, n in zip(weights, comp.state.layers)]
+    for got, want in zip(penalty_grads(), expected):
+        torch.testing.assert_close(got, want)
+    comp.detach(keep_hooks=True)
+    assert all(float(g.abs().max()) == 0 for g in penalty_grads())
+    comp.attach(model)
+    torch.testing.assert_close(penalty_grads()[0], expected[0])
+    comp.detach()
+    assert all(len(w._post_accumulate_grad_hooks or {}) == 0 for w in weights)
+    with pytest.raises(RuntimeError, match="needs prepare"):
+        comp.attach(model)
