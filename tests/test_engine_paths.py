@@ -1,5 +1,8 @@
 """The engine's fast paths: bf16 really on (GPU only) and torch.compile giving eager's loss curve.
 
+Both runs train under the ADMM penalty (the component's in-place gradient hooks),
+so the compiled path is also checked to apply it exactly as eager does.
+
 Each check runs in a fresh interpreter through ``cluster.ray_runtime.run_local``
 (one-rank gloo or nccl group), so the device and process group it needs never
 meet the ones this test process already holds.
@@ -19,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
 import json, sys, torch, torch.nn.functional as F
+from admm.component import AdmmComponent, plan_for_model
 from cluster.ray_runtime import run_local
-from launcher.schema import Config
+from launcher.schema import CompressionConfig, Config
 from trainer.engine import build_engine, resolve_precision
 from trainer.models import build_model
 
@@ -29,13 +33,20 @@ def steps(compile_model, device, n=6):
     cfg.cluster.use_gpu = "yes" if device.type == "cuda" else "no"
     cfg.engine.compile = compile_model
     cfg.data.batch_size = 16
+    cfg.compression = CompressionConfig(format="svd", keep_ratio=0.5, exclude=[], min_channels=3)
+    cfg.admm.rho = 0.5  # large: the penalty moves the weights well beyond the tolerance
     precision = resolve_precision(cfg, device)
     torch.manual_seed(0)
     model = build_model(sys.argv[1], 10).to(device)
     seen = {}
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     conv.register_forward_hook(lambda m, i, o: seen.setdefault("conv_out", str(o.dtype)) and None)
-    engine = build_engine(model, cfg, lr=0.05, total_steps=n, steps_per_epoch=n, world_size=1, precision=precision)
+    comp = AdmmComponent(plan_for_model(model, cfg.compression), cfg.admm, rank=0, world=1, grad_accum=1,
+                         log=lambda m, s: None)
+    penalized = comp.prepare(model)
+    engine = build_engine(model, cfg, lr=0.05, total_steps=n, steps_per_epoch=n, world_size=1, precision=precision,
+                          penalized=penalized)
+    comp.attach(engine.module, optimizer=engine.optimizer)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(16, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (16,), generator=g).to(device)
@@ -48,7 +59,8 @@ def steps(compile_model, device, n=6):
         engine.step()
         losses.append(loss.item())
     weight = next(engine.module.parameters())
-    return {"losses": losses, "bf16": precision.bf16, "param_dtype": str(weight.dtype),
+    primal = comp.z_update(n)["admm_primal"]
+    return {"losses": losses, "primal": primal, "bf16": precision.bf16, "param_dtype": str(weight.dtype),
             "grad_dtype": str(weight.grad.dtype) if weight.grad is not None else None, **seen}
 
 device = torch.device(sys.argv[2])
@@ -82,10 +94,12 @@ HAS_CXX = bool(shutil.which("c++") or shutil.which("g++"))  # inductor compiles 
     pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CXX, reason="torch.compile on CPU needs a C++ compiler")),
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
 def test_compiled_engine_follows_the_eager_loss_curve(device):
-    """engine.compile=true trains like eager: the same losses over a few steps, within float tolerance."""
+    """engine.compile=true trains like eager, ADMM penalty included: the same losses and residual."""
     out = _run("tinycnn" if device == "cpu" else "resnet20", device, with_compile=True)
     eager, compiled = out["eager"]["losses"], out["compiled"]["losses"]
     assert eager[-1] < eager[0]  # it trains
     tol = 2e-2 if device == "cuda" else 1e-4  # bf16 on the GPU; fp32 on CPU differs only in summation order
     for a, b in zip(eager, compiled):
         assert abs(a - b) <= tol * max(1.0, abs(a)), (eager, compiled)
+    primal = out["eager"]["primal"], out["compiled"]["primal"]
+    assert abs(primal[0] - primal[1]) <= tol * 10 * primal[0], primal
