@@ -89,6 +89,21 @@ def test_two_workers_match_one_worker_with_sharded_admm(tiny, ray_local):
     assert {"primal/conv1", "primal/conv2", "primal/fc"} <= set(client.get_run(two.phase_ids[1]).data.metrics)
 
 
+def test_two_workers_under_zero2_match_one_worker(tiny, ray_local):
+    """Sharded ADMM under ZeRO 2 (gradients reduced and partitioned by DeepSpeed) on 2 workers == 1 worker.
+
+    With DeepSpeed's default bucket (5e8 elements) the reduction waits for the end of
+    backward, so this run would also pass with the hooks registered after ZeRO's;
+    their order is checked directly in test_admm_phase.py.
+    """
+    cut = ("phases.2.kind=evaluate",)
+    two = pipeline.run(tiny(*RAY2, *SHARDED, *cut, "engine.zero_stage=2", "run_name=two_z2"))
+    one = pipeline.run(tiny(*SHARDED, *cut, "run_name=one_ref"))
+    path2, meta = _last(two)
+    assert meta["world_size"] == 2 and meta["zero_stage"] == 2
+    _assert_same_model(path2, _last(one)[0])
+
+
 def test_worker_failure_restarts_from_checkpoint(tiny, ray_local, monkeypatch):
     """FailureConfig(max_failures=1): a failure inside the admm phase restarts the group, which resumes."""
     monkeypatch.setenv("TDC_FAIL_AT", "1:1")
