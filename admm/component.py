@@ -23,9 +23,11 @@ norms in the loss graph. One difference from the all-in-the-hook form: with
 The hooks are post-accumulate-grad hooks that add into ``weight.grad`` in place:
 an out-of-place add allocates a fresh gradient-sized tensor per layer, which on
 CPU cost ResNet-50 about 2% more per step (bench/README.md). DeepSpeed's ZeRO
-1/2 reduce the gradient from hooks of the same kind, and such hooks run in the
-order they were registered, so ours must come first: ``prepare`` registers
-them before the engine is built, ``attach`` switches them on.
+1/2 copy each gradient into their reduce bucket from hooks of the same kind,
+and such hooks run in the order they were registered, so ours come first:
+``prepare`` registers them before the engine is built, ``attach`` switches them
+on. (With DeepSpeed's default 5e8-element bucket the reduction waits for the end
+of backward anyway; a smaller bucket or overlap_comm would not wait.)
 """
 from __future__ import annotations
 
