@@ -42,11 +42,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from admm.component import AdmmComponent  # noqa: E402
-from bench.common import (Timing, banner, banner_line, classes_for, image_size, init_process_group,  # noqa: E402
-                          pick_device, synthetic_batch, time_fn, write_json)
+from bench.common import (Timing, add_malloc_option, apply_malloc_option, banner, banner_line,  # noqa: E402
+                          classes_for, image_size, init_process_group, pick_device, synthetic_batch, time_fn,
+                          write_json)
 from launcher.schema import Config  # noqa: E402
 from trainer.engine import build_engine, prepare_deepspeed_env, resolve_precision  # noqa: E402
-from trainer.malloc import reexec_with_tuned_malloc  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 
 
@@ -250,12 +250,10 @@ def main() -> None:
     p.add_argument("--format", default="tucker2", help="compression.format of the plan (sets which layers "
                    "get hooks; the hook costs the same for every format)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--no-malloc-tuning", action="store_true",
-                   help="CPU: keep glibc's default malloc (training workers on CPU run with trainer.malloc's tunables)")
+    add_malloc_option(p)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
-    if not args.no_malloc_tuning and not gpu:
-        reexec_with_tuned_malloc()
+    apply_malloc_option(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     models = args.models.split(",")

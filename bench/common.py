@@ -7,6 +7,7 @@ channels_last inputs); otherwise the CPU in fp32.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,10 +21,11 @@ from typing import Any, Callable
 
 import torch
 
-from trainer.malloc import malloc_tuned
+from trainer.malloc import malloc_tuned, reexec_with_tuned_malloc
 
-__all__ = ["Timing", "banner", "banner_line", "classes_for", "cpu_count", "device_name", "image_size",
-           "init_process_group", "pick_device", "sync", "synthetic_batch", "time_fn", "write_json"]
+__all__ = ["Timing", "add_malloc_option", "apply_malloc_option", "banner", "banner_line", "classes_for", "cpu_count",
+           "device_name", "image_size", "init_process_group", "pick_device", "sync", "synthetic_batch", "time_fn",
+           "write_json"]
 
 
 def pick_device() -> torch.device:
@@ -62,6 +64,18 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def add_malloc_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="CPU: keep glibc's default malloc (CPU training workers and `tdcompress evaluate` "
+                             "run with trainer.malloc's tunables)")
+
+
+def apply_malloc_option(args: argparse.Namespace, device: torch.device) -> None:
+    """On CPU, re-run this process with the malloc tunables unless ``--no-malloc-tuning``; call it first."""
+    if not args.no_malloc_tuning and device.type != "cuda":
+        reexec_with_tuned_malloc()
 
 
 def banner(device: torch.device) -> dict[str, Any]:

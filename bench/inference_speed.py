@@ -30,10 +30,9 @@ from admm.component import plan_for_model  # noqa: E402
 from admm.fold import fold_batchnorm  # noqa: E402
 from admm.realize import realize  # noqa: E402
 from admm.surgery import decompose_model  # noqa: E402
-from bench.common import banner, banner_line, classes_for  # noqa: E402
+from bench.common import add_malloc_option, apply_malloc_option, banner, banner_line, classes_for  # noqa: E402
 from launcher.schema import CompressionConfig  # noqa: E402
 from trainer.latency import format_row, layer_latency_table, measure_latency  # noqa: E402
-from trainer.malloc import reexec_with_tuned_malloc  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 
 
@@ -57,13 +56,12 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--no-fold", dest="fold", action="store_false", help="keep BatchNorm (default: folded in both)")
     p.add_argument("--contiguous", dest="channels_last", action="store_false", help="NCHW instead of channels_last")
-    p.add_argument("--no-malloc-tuning", action="store_true")
+    add_malloc_option(p)
     p.add_argument("--tune", action="store_true", help="also time the latency-table realization per batch")
     p.add_argument("--table", action="store_true", help="print the per-layer latency tables of --tune")
     p.add_argument("--json")
     args = p.parse_args()
-    if not args.no_malloc_tuning and not gpu:
-        reexec_with_tuned_malloc()
+    apply_malloc_option(args, device)
     print(banner_line(banner(device)))
     print(f"{args.model} {args.image}px | {'bf16' if gpu else 'fp32'} | BN folded {args.fold} | "
           f"channels_last {args.channels_last}", flush=True)

@@ -25,10 +25,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from launcher.schema import Config  # noqa: E402
 from trainer.engine import Precision, build_engine, prepare_deepspeed_env, resolve_precision  # noqa: E402
-from trainer.malloc import reexec_with_tuned_malloc  # noqa: E402
 from trainer.models import build_model  # noqa: E402
-from bench.common import (banner, banner_line, classes_for, image_size, init_process_group,  # noqa: E402
-                          synthetic_batch, time_fn, write_json)
+from bench.common import (add_malloc_option, apply_malloc_option, banner, banner_line, classes_for,  # noqa: E402
+                          image_size, init_process_group, synthetic_batch, time_fn, write_json)
 
 
 def plain_step_fn(model, x, y, precision: Precision, fused: bool, lr: float = 0.1):
@@ -100,12 +99,10 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time engine.compile()")
     p.add_argument("--fused", default="1,0", help="optim.fused values to time (1: torch's fused SGD, in both "
                    "the engine and the plain loop; 0: its default per-tensor SGD)")
-    p.add_argument("--no-malloc-tuning", action="store_true",
-                   help="CPU: keep glibc's default malloc (training workers on CPU run with trainer.malloc's tunables)")
+    add_malloc_option(p)
     p.add_argument("--json", help="write results here")
     args = p.parse_args()
-    if not args.no_malloc_tuning and not gpu:
-        reexec_with_tuned_malloc()
+    apply_malloc_option(args, device)
     prepare_deepspeed_env()
     init_process_group(device)
     info = banner(device)

@@ -56,7 +56,6 @@ def test_admm_resume_mid_phase_matches(tiny, monkeypatch):
 def test_decomposition_error_every_n_updates():
     """admm.decomp_every=2: the extra projection (and its metric) only on every second Z-update."""
     from admm.component import AdmmComponent, plan_for_model
-    from launcher.schema import Config, CompressionConfig
     from trainer.models import build_model
 
     cfg = Config(name="x")
@@ -78,7 +77,6 @@ def test_decomposition_error_every_n_updates():
 def test_penalty_through_weight_decay_equals_penalty_in_the_hook(nesterov):
     """rho W as the ADMM group's weight decay + rho V in the hook == rho (W + V) in the hook, step for step."""
     from admm.component import AdmmComponent, plan_for_model
-    from launcher.schema import CompressionConfig, Config
     from trainer.engine import ADMM_GROUP, param_groups
     from trainer.models import build_model
 
@@ -119,7 +117,6 @@ def test_penalty_through_weight_decay_equals_penalty_in_the_hook(nesterov):
 
 def test_attach_refuses_an_optimizer_without_the_admm_group():
     from admm.component import AdmmComponent, plan_for_model
-    from launcher.schema import CompressionConfig, Config
     from trainer.engine import param_groups
     from trainer.models import build_model
 
@@ -157,7 +154,7 @@ def test_admm_under_zero_matches_stage0(tiny, stage):
 
 
 def test_penalty_hooks_run_before_zero_gradient_hooks():
-    """ZeRO 2 reduces each gradient from a post-accumulate hook; the penalty must already be in it.
+    """ZeRO 2 copies each gradient into its reduce bucket from a post-accumulate hook; the penalty goes first.
 
     Such hooks run in the order they were registered, so ``prepare`` (before the engine)
     must put the component's hook first on every owned weight.
@@ -191,7 +188,7 @@ def test_penalty_hooks_run_before_zero_gradient_hooks():
 
 
 def test_penalty_switches_on_and_off_with_attach_and_detach():
-    """Between attach and detach the owned weights' .grad gains rho V (in place); otherwise nothing."""
+    """Between attach and detach the owned weights' .grad gains rho (W + V) in place; otherwise nothing."""
     from admm.component import AdmmComponent, plan_for_model
     from trainer.models import build_model
 
