@@ -1,5 +1,6 @@
 # `make demo`: set up .venv and run the quickstart (embedded Ray, CPU, local MLflow).
-# `make test`: set up .venv and run the test suite.
+# `make test`: set up .venv, check the layout (ruff, import-linter: launcher -> cluster -> trainer -> admm)
+#              and run the test suite. `make lint` runs the two checks alone.
 # The packed CIFAR-10 files are looked up in $TDC_DATA_ROOT, by default ../shared/data/cifar10.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ export TDC_DATA_ROOT
 # DeepSpeed picks its CPU accelerator when no GPU is present; saying so silences its probe warning.
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,7 +22,11 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/tdcompress run configs/quickstart.yaml
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

@@ -10,7 +10,7 @@ and no Z or U ever crosses the network. With one rank this is plain ADMM.
 
 The penalty gradient has two halves. rho W is the same on every rank, so it
 rides on the optimizer's weight decay: the planned weights sit in one param
-group (``trainer.engine.ADMM_GROUP``) whose weight decay this component keeps at
+group (``ADMM_GROUP``) whose weight decay this component keeps at
 ``base + rho``. The optimizer reads W and the gradient for weight decay anyway,
 so that half costs nothing. The owner's hook adds the other half, ``c V`` with
 V = U - Z cached at the Z-update: one in-place element-wise op per owned layer
@@ -35,16 +35,19 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
+from admm.config import AdmmConfig, CompressionConfig
 from admm.inspect import describe_layers
 from admm.planner import RankPlan, plan_ranks, select, with_owners
-from admm.state import AdmmState, UpdateStats
+from admm.state import AdmmState, LayerState, UpdateStats
+
+# Marks the optimizer param group of the ADMM-penalized weights (a plain key: DeepSpeed keeps it).
+ADMM_GROUP = "tdc_admm"
 
 
-def plan_for_model(model: nn.Module, compression, world: int = 1,
+def plan_for_model(model: nn.Module, compression: CompressionConfig, world: int = 1,
                    input_shape: tuple[int, ...] | None = None) -> RankPlan:
     """Plan ranks (and owners for ``world`` ranks) for ``model`` from a CompressionConfig."""
     layers = describe_layers(model, input_shape)
@@ -57,9 +60,16 @@ def plan_for_model(model: nn.Module, compression, world: int = 1,
 
 
 class AdmmComponent:
-    """Hooks for the train loop (``on_step_end``/``on_epoch_end``) plus state for checkpoints."""
+    """The ADMM phase's trainer component (the contract of ``trainer.component.Component``).
 
-    def __init__(self, plan: RankPlan, admm_cfg, *, rank: int, world: int, grad_accum: int,
+    Hook points: ``prepare`` (before the engine), ``attach``, ``on_step_end``,
+    ``on_epoch_end``, ``on_checkpoint``, ``detach``; state: ``state_dict`` (this
+    rank's Z, U, rho, counters) and ``load_state_dict`` (every saved rank's state).
+    """
+
+    name = "admm"  # the key of this component's state in checkpoints
+
+    def __init__(self, plan: RankPlan, admm_cfg: AdmmConfig, *, rank: int, world: int, grad_accum: int,
                  log: Callable[[dict[str, float], int], None], out_dir: Path | None = None,
                  artifact: Callable[[Path], None] | None = None, decomp_error: bool = True) -> None:
         self.plan, self.cfg = plan, admm_cfg
@@ -76,11 +86,12 @@ class AdmmComponent:
         self._last: dict[str, float] = {}
 
     @classmethod
-    def create(cls, model: nn.Module, cfg, *, rank: int, world: int, tracker, out_dir: Path | None = None
-               ) -> "AdmmComponent":
-        plan = plan_for_model(model, cfg.compression, world)
-        return cls(plan, cfg.admm, rank=rank, world=world, grad_accum=cfg.optim.grad_accum, log=tracker.metrics,
-                   out_dir=out_dir, artifact=tracker.artifact)
+    def create(cls, model: nn.Module, compression: CompressionConfig, admm_cfg: AdmmConfig, *, rank: int,
+               world: int, grad_accum: int, log: Callable[[dict[str, float], int], None],
+               artifact: Callable[[Path], None] | None = None, out_dir: Path | None = None) -> "AdmmComponent":
+        """Plan ``model``'s ranks and owners for ``world`` ranks and build the component of ``rank``."""
+        return cls(plan_for_model(model, compression, world), admm_cfg, rank=rank, world=world,
+                   grad_accum=grad_accum, log=log, out_dir=out_dir, artifact=artifact)
 
     # -- attach / detach ---------------------------------------------------------------
     def penalized_params(self, model: nn.Module) -> list[nn.Parameter]:
@@ -88,11 +99,13 @@ class AdmmComponent:
         modules = dict(model.named_modules())
         return [modules[p.name].weight for p in self.plan.layers]
 
-    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
-        """Register the (inactive) gradient hooks on the owned weights; return every planned weight.
+    def prepare(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """Register the (inactive) gradient hooks on the owned weights; return the ADMM param group.
 
         Call it before the DeepSpeed engine is built, so the hooks run before ZeRO's own
-        gradient hooks, and pass the result to ``build_engine(penalized=...)``.
+        gradient hooks, and give the engine the returned groups (``extra_groups``): one group
+        of every planned weight (owned or not), marked ``ADMM_GROUP``, with ``weight_decay``
+        as its base; ``attach`` raises it by rho.
         """
         if self._handles:
             raise RuntimeError("AdmmComponent.prepare was called twice")
@@ -101,17 +114,16 @@ class AdmmComponent:
             weight = modules[p.name].weight
             self._weights[p.name] = weight
             self._handles.append(weight.register_post_accumulate_grad_hook(self._make_hook(p.name)))
-        return self.penalized_params(model)
+        return [{"params": self.penalized_params(model), "weight_decay": weight_decay,
+                 "base_weight_decay": weight_decay, ADMM_GROUP: True}]
 
     def attach(self, model: nn.Module, loop_state=None, optimizer=None) -> None:
         """Initialise missing Z/U of the owned layers and switch the penalty on (``prepare`` first).
 
         ``model``: the unwrapped model ``prepare`` saw. ``optimizer``: the engine's optimizer,
-        built with ``penalized=prepare(model)``; its ADMM group then carries rho W as weight
+        built with the groups ``prepare`` returned; its ADMM group then carries rho W as weight
         decay. Without it the hooks add rho W too.
         """
-        from trainer.engine import ADMM_GROUP
-
         if not self._handles and self.owned:
             raise RuntimeError("AdmmComponent.attach needs prepare(model) first, before the engine is built")
         modules = dict(model.named_modules())
@@ -120,7 +132,7 @@ class AdmmComponent:
         self._decay_groups = [g for g in optimizer.param_groups if g.get(ADMM_GROUP)] if optimizer else []
         if optimizer is not None and len(self._decay_groups) != 1:
             raise ValueError("the optimizer has no ADMM param group: build the engine with "
-                             "penalized=component.prepare(model)")
+                             "extra_groups=component.prepare(model, weight_decay)")
         self._sync_decay()
         for p in self.owned:
             if p.name not in self.state.layers:
@@ -182,6 +194,9 @@ class AdmmComponent:
     def on_epoch_end(self, loop_state) -> None:
         if self.cfg.unit == "epoch" and loop_state.epoch % self.cfg.interval == 0:
             self.z_update(loop_state.step)
+
+    def on_checkpoint(self, loop_state) -> None:
+        """Nothing to do: the state goes into the checkpoint through ``state_dict``."""
 
     def z_update(self, step: int) -> dict[str, float]:
         """Owners project their layers; scalar residuals (not tensors) are gathered to rank 0 and logged."""
@@ -253,13 +268,11 @@ class AdmmComponent:
         return {**self.state.state_dict(), "owners": {p.name: p.owner for p in self.plan.layers},
                 "history": self.history}
 
-    def load_shards(self, shards: list[dict[str, Any]], old_world: int) -> None:
-        """Take this rank's layers from every saved shard (works for any old world size: re-sharding)."""
+    def load_state_dict(self, shards: list[dict[str, Any]]) -> None:
+        """Take this rank's layers from every saved rank's state (any old world size: re-sharding)."""
         merged = {n: d for s in shards for n, d in s["layers"].items()}
         self.state.rho, self.state.updates = shards[0]["rho"], shards[0]["updates"]
         self.history = shards[0].get("history", [])
-        from admm.state import LayerState
-
         for p in self.owned:
             if p.name in merged:
                 d = merged[p.name]

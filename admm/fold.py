@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from admm.layers_base import FactoredLayer
-from admm.surgery import get_submodule, set_submodule
+from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 
 # Factored formats whose output channels are scaled by one factor: the last one, (C_out, r, 1, 1).
 LAST_FACTOR_FORMATS = ("svd", "tucker2", "cp", "lowrank_sparse")
@@ -83,11 +83,10 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         bn = get_submodule(model, bn_name)
         _fold_into(get_submodule(model, prod), *_bn_affine(bn))
         set_submodule(model, bn_name, nn.Identity())
-    manifest = getattr(model, "tdc_manifest", None)
+    manifest = manifest_of(model)
     if manifest:  # factored layers gained a bias: the manifest must say so to rebuild them
         modules = dict(model.named_modules())
-        for name in manifest:
-            manifest[name] = modules[name].spec()
+        set_manifest(model, {name: modules[name].spec() for name in manifest})
     return pairs
 
 

@@ -33,13 +33,14 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from numbers import Integral
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import tensorly as tl
 import torch
 from tensorly.decomposition import parafac, partial_tucker, tensor_train
 from torch import Tensor
 
+from admm.config import FORMATS
 from admm.reshape import (
     from_3way,
     from_matrix,
@@ -55,6 +56,7 @@ __all__ = [
     "CP_N_ITER",
     "FORMATS",
     "LOWRANK_SPARSE_N_ITER",
+    "PROJECTIONS",
     "RankSpec",
     "lowrank_sparse_parts",
     "max_rank",
@@ -70,8 +72,6 @@ __all__ = [
 
 # An int for svd/tt/cp, a pair for tucker2 (r_out, r_in) and lowrank_sparse (r, k).
 RankSpec = Union[int, tuple[int, int]]
-
-FORMATS: tuple[str, ...] = ("svd", "tucker2", "tt", "cp", "lowrank_sparse")
 
 # ALS sweeps for CP. Each sweep costs three solves of an R x R system plus
 # Khatri-Rao products; 20 sweeps from the SVD init get most of the error
@@ -327,13 +327,15 @@ def project_lowrank_sparse(
 def project(weight: Tensor, fmt: str, rank: RankSpec) -> Tensor:
     """Z = Proj_rank(weight) in format ``fmt`` (one of ``FORMATS``); same shape, dtype, device."""
     _check_format(fmt)
-    if fmt == "svd":
-        return project_svd(weight, rank)  # type: ignore[arg-type]
-    if fmt == "tucker2":
-        return project_tucker2(weight, rank)  # type: ignore[arg-type]
-    if fmt == "tt":
-        return project_tt(weight, rank)  # type: ignore[arg-type]
-    if fmt == "cp":
-        return project_cp(weight, rank)  # type: ignore[arg-type]
-    return project_lowrank_sparse(weight, rank)  # type: ignore[arg-type]
+    return PROJECTIONS[fmt](weight, rank)
+
+
+# Format -> projection, keyed by the one list of formats (admm.config.FORMATS; a test checks they agree).
+PROJECTIONS: dict[str, Callable[[Tensor, RankSpec], Tensor]] = {
+    "svd": project_svd,  # type: ignore[dict-item]
+    "tucker2": project_tucker2,  # type: ignore[dict-item]
+    "tt": project_tt,  # type: ignore[dict-item]
+    "cp": project_cp,  # type: ignore[dict-item]
+    "lowrank_sparse": project_lowrank_sparse,  # type: ignore[dict-item]
+}
 

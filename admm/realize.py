@@ -18,7 +18,7 @@ shape, so :mod:`trainer.latency` measures them and this module only builds them:
     more FLOPs, but a single pass over the activations.
 
 :func:`realize` swaps the chosen modules into a model and keeps its surgery
-manifest (``model.tdc_manifest``) in step: a ``dense`` layer leaves the manifest
+manifest (:func:`admm.surgery.manifest_of`) in step: a ``dense`` layer leaves the manifest
 (a plain layer needs no rebuilding), a ``merged`` one is recorded as svd.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import nn
 
 from admm.layers import SVDLayer, Tucker2Layer
 from admm.layers_base import FactoredLayer, assign
-from admm.surgery import MANIFEST_ATTR, get_submodule, set_submodule
+from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 
 __all__ = ["REALIZATIONS", "alternatives", "dense_module", "merged_module", "realize"]
 
@@ -122,12 +122,12 @@ def realize(model: nn.Module, choices: Mapping[str, str]) -> nn.Module:
             allowed = sorted(alternatives(layer))
             raise ValueError(f"realize: layer {name!r} ({layer.format}) can be realized as {allowed}, got {choice!r}")
         built[name] = module
-    manifest = dict(getattr(model, MANIFEST_ATTR, None) or {})
+    manifest = manifest_of(model)
     for name, module in built.items():
         set_submodule(model, name, module)
         if isinstance(module, FactoredLayer):
             manifest[name] = module.spec()
         else:
             manifest.pop(name, None)
-    setattr(model, MANIFEST_ATTR, manifest)
+    set_manifest(model, manifest)
     return model

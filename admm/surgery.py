@@ -2,7 +2,7 @@
 
 Works on the unwrapped ``nn.Module`` (before a DeepSpeed engine is built around
 it). The surgery manifest ``{dotted layer name: FactoredLayer.spec()}`` is a
-plain JSON-able dict stored on the model as ``model.tdc_manifest``; checkpoints
+plain JSON-able dict stored on the model (read it with :func:`manifest_of`); checkpoints
 save it, and :func:`apply_manifest` replays it on a freshly built dense model
 before ``load_state_dict`` (trainer.phases.restore_model, trainer.export).
 """
@@ -18,9 +18,20 @@ from admm.layers import FactoredLayer, Geometry, factorize_module, module_from_s
 if TYPE_CHECKING:  # keep apply_manifest's import light for torch-only export loading
     from admm.planner import RankPlan
 
-__all__ = ["MANIFEST_ATTR", "apply_manifest", "decompose_model", "get_submodule", "set_submodule"]
+__all__ = ["apply_manifest", "decompose_model", "get_submodule", "manifest_of", "set_submodule",
+           "set_manifest"]
 
-MANIFEST_ATTR = "tdc_manifest"
+_MANIFEST_ATTR = "tdc_manifest"
+
+
+def manifest_of(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The surgery manifest ``{layer: spec}`` of ``model`` (a copy; empty for a dense model)."""
+    return dict(getattr(model, _MANIFEST_ATTR, None) or {})
+
+
+def set_manifest(model: nn.Module, manifest: Mapping[str, Mapping[str, Any]]) -> None:
+    """Store ``manifest`` on ``model`` (checkpoints and exports read it back with :func:`manifest_of`)."""
+    setattr(model, _MANIFEST_ATTR, dict(manifest))
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:
@@ -54,7 +65,7 @@ def decompose_model(model: nn.Module, plan: "RankPlan", weights: Mapping[str, Te
     Factors come from the layer's trained weight, or ``weights[name]`` when given
     (e.g. ADMM's Z, whose shape must be the weight's). Each new layer keeps the
     dense layer's bias, device, dtype and train/eval mode. All layers are checked
-    before any is replaced. Sets ``model.tdc_manifest = {name: spec}`` (merged
+    before any is replaced. Sets the model's manifest ``{name: spec}`` (merged
     with an existing manifest).
 
     Raises:
@@ -73,12 +84,12 @@ def decompose_model(model: nn.Module, plan: "RankPlan", weights: Mapping[str, Te
             raise ValueError(f"layer {p.name!r} has weight shape {tuple(module.weight.shape)}, "
                              f"the plan says {tuple(p.shape)}")
         dense[p.name] = module
-    manifest: dict[str, dict[str, Any]] = dict(getattr(model, MANIFEST_ATTR, None) or {})
+    manifest = manifest_of(model)
     for p in plan.layers:
         layer = factorize_module(dense[p.name], p.fmt, p.rank, weight=weights.get(p.name))
         set_submodule(model, p.name, layer)
         manifest[p.name] = layer.spec()
-    setattr(model, MANIFEST_ATTR, manifest)
+    set_manifest(model, manifest)
     return model
 
 
@@ -110,7 +121,7 @@ def apply_manifest(model: nn.Module, manifest: Mapping[str, Mapping[str, Any]]) 
         built[name] = layer
     for name, layer in built.items():
         set_submodule(model, name, layer)
-    merged = dict(getattr(model, MANIFEST_ATTR, None) or {})
+    merged = manifest_of(model)
     merged.update({name: get_submodule(model, name).spec() for name in specs})  # type: ignore[operator]
-    setattr(model, MANIFEST_ATTR, merged)
+    set_manifest(model, merged)
     return model

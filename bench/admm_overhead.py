@@ -42,22 +42,24 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from admm.component import AdmmComponent  # noqa: E402
-from bench.common import (Timing, add_malloc_option, apply_malloc_option, banner, banner_line,  # noqa: E402
-                          classes_for, image_size, init_process_group, pick_device, synthetic_batch, time_fn,
-                          write_json)
-from launcher.schema import Config  # noqa: E402
+from admm.config import AdmmConfig, CompressionConfig  # noqa: E402
+from bench.common import (  # noqa: E402
+    Timing,
+    add_malloc_option,
+    apply_malloc_option,
+    banner,
+    banner_line,
+    classes_for,
+    image_size,
+    init_process_group,
+    pick_device,
+    synthetic_batch,
+    time_fn,
+    write_json,
+)
+from trainer.config import EngineConfig, OptimConfig  # noqa: E402
 from trainer.engine import build_engine, prepare_deepspeed_env, resolve_precision  # noqa: E402
 from trainer.models import build_model  # noqa: E402
-
-
-class NullTracker:
-    """What AdmmComponent.create wants from a tracker, recording nothing."""
-
-    def metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def artifact(self, path: Path) -> None:
-        pass
 
 
 class NaivePenalty:
@@ -154,12 +156,8 @@ def interleaved(plain: Callable[[], None], naive: Callable[[], None], comp: Admm
 def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, device: torch.device, zero: int,
                 fmt: str, size: int | None, inter: bool) -> list[dict]:
     """``rounds`` cycles of P1 A P2 N P3 on one engine; one result row per cycle."""
-    cfg = Config(name="bench")
-    cfg.cluster.backend, cfg.cluster.num_workers = "local", 1
-    cfg.data.batch_size = batch
-    cfg.engine.zero_stage = zero
-    cfg.compression.format = fmt
-    precision = resolve_precision(cfg, device)
+    optim, engine_cfg = OptimConfig(), EngineConfig(zero_stage=zero)
+    precision = resolve_precision(engine_cfg, device)
     size = size or image_size(name, device)
     classes = classes_for(name)
     x, y = synthetic_batch(batch, size, classes, device, precision.channels_last)
@@ -167,9 +165,11 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, dev
     model = build_model(name, classes).to(device)
     # lr 0.01 (not the default 0.1): 100+ steps on one random batch must not diverge; the step's cost
     # does not depend on it.
-    comp = AdmmComponent.create(model, cfg, rank=0, world=1, tracker=NullTracker())
-    engine = build_engine(model, cfg, lr=0.01, total_steps=10**6, steps_per_epoch=1000, world_size=1,
-                          precision=precision, penalized=comp.prepare(model))
+    comp = AdmmComponent.create(model, CompressionConfig(format=fmt), AdmmConfig(), rank=0, world=1, grad_accum=1,
+                                log=lambda metrics, step: None)
+    engine = build_engine(model, optim, engine_cfg, batch_size=batch, lr=0.01, total_steps=10**6,
+                          steps_per_epoch=1000, world_size=1, precision=precision,
+                          extra_groups=comp.prepare(model, optim.weight_decay))
     # The hooks stay registered (as in training, before the engine's own); "plain" runs with
     # them switched off, which costs one Python call per planned layer that returns at once.
 

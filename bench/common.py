@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from cluster.dist import init_local_group
 from trainer.malloc import malloc_tuned, reexec_with_tuned_malloc
 
 __all__ = ["Timing", "add_malloc_option", "apply_malloc_option", "banner", "banner_line", "classes_for", "cpu_count",
@@ -101,31 +101,9 @@ def banner_line(info: dict[str, Any]) -> str:
             + (f" | load {info['load_1min']}" if "load_1min" in info else ""))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_process_group(device: torch.device) -> None:
-    """A one-rank process group in this process (gloo on CPU, nccl on a GPU).
-
-    Mirrors ``cluster.ray_runtime.run_local`` without importing it (that module is
-    Ray's home): one group for the life of the process, because DeepSpeed caches the
-    first group it sees.
-    """
-    import torch.distributed as dist
-
-    gpu = device.type == "cuda"
-    if not gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if dist.is_initialized():
-        if dist.get_world_size() != 1:
-            raise RuntimeError(f"benchmarks need a one-rank process group, this one has {dist.get_world_size()}")
-        return
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
+    """A one-rank process group in this process (gloo on CPU, nccl on a GPU): the engine needs one."""
+    init_local_group(gpu=device.type == "cuda")
 
 
 def sync(device: torch.device) -> None:
@@ -142,11 +120,6 @@ class Timing:
     @property
     def median(self) -> float:
         return statistics.median(self.times)
-
-    @property
-    def spread(self) -> float:
-        """(max - min) / median of the repeats."""
-        return (max(self.times) - min(self.times)) / self.median if self.times else float("nan")
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "median": self.median}

@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from admm.component import plan_for_model  # noqa: E402
+from admm.config import CompressionConfig  # noqa: E402
 from admm.fold import fold_batchnorm  # noqa: E402
 from admm.realize import realize  # noqa: E402
 from admm.surgery import decompose_model  # noqa: E402
 from bench.common import add_malloc_option, apply_malloc_option, banner, banner_line, classes_for  # noqa: E402
-from launcher.schema import CompressionConfig  # noqa: E402
 from trainer.latency import format_row, layer_latency_table, measure_latency  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 
@@ -97,7 +97,7 @@ def main() -> None:
             plan = plan_for_model(dense, CompressionConfig(format=fmt, keep_ratio=keep, rank_multiple=multiple),
                                   input_shape=(1, 3, args.image, args.image))
 
-            def factored() -> torch.nn.Module:
+            def factored(plan=plan) -> torch.nn.Module:  # this iteration's plan
                 model = build_model(args.model, classes).to(device)
                 model.load_state_dict(base_state)
                 model = decompose_model(model, plan).eval()

@@ -23,11 +23,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from launcher.schema import Config  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_malloc_option,
+    apply_malloc_option,
+    banner,
+    banner_line,
+    classes_for,
+    image_size,
+    init_process_group,
+    synthetic_batch,
+    time_fn,
+    write_json,
+)
+from trainer.config import EngineConfig, OptimConfig  # noqa: E402
 from trainer.engine import Precision, build_engine, prepare_deepspeed_env, resolve_precision  # noqa: E402
 from trainer.models import build_model  # noqa: E402
-from bench.common import (add_malloc_option, apply_malloc_option, banner, banner_line, classes_for,  # noqa: E402
-                          image_size, init_process_group, synthetic_batch, time_fn, write_json)
 
 
 def plain_step_fn(model, x, y, precision: Precision, fused: bool, lr: float = 0.1):
@@ -54,13 +64,8 @@ def engine_step_fn(engine, x, y):
 
 def bench_model(name: str, batch: int, steps: int, warmup: int, device: torch.device, zero: int,
                 compile_: bool, fused: bool) -> dict:
-    cfg = Config(name="bench")
-    cfg.optim.fused = fused
-    cfg.cluster.num_workers = 1
-    cfg.data.batch_size = batch
-    cfg.engine.zero_stage = zero
-    cfg.engine.compile = compile_
-    precision = resolve_precision(cfg, device)
+    optim, engine_cfg = OptimConfig(fused=fused), EngineConfig(zero_stage=zero, compile=compile_)
+    precision = resolve_precision(engine_cfg, device)
     size, classes = image_size(name, device), classes_for(name)
     x, y = synthetic_batch(batch, size, classes, device, precision.channels_last)
 
@@ -73,8 +78,8 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, device: torch.de
     model = build_model(name, classes).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    engine = build_engine(model, cfg, lr=0.1, total_steps=10**6, steps_per_epoch=1000, world_size=1,
-                          precision=precision)
+    engine = build_engine(model, optim, engine_cfg, batch_size=batch, lr=0.1, total_steps=10**6,
+                          steps_per_epoch=1000, world_size=1, precision=precision)
     eng_fn = engine_step_fn(engine, x, y)
     a1 = time_fn(plain_fn, steps, warmup, device).median
     b = time_fn(eng_fn, steps, warmup, device).median

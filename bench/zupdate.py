@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from admm.component import plan_for_model  # noqa: E402
+from admm.config import CompressionConfig  # noqa: E402
 from admm.planner import assign_owners  # noqa: E402
 from admm.projections import project  # noqa: E402
 from bench.common import banner, banner_line, pick_device, time_fn, write_json  # noqa: E402
-from launcher.schema import CompressionConfig  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 
 

@@ -10,14 +10,16 @@ distributed tests, need.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from launcher.schema import Config
+from cluster.config import ClusterConfig
+from cluster.dist import init_local_group
+from trainer.context import WorkerJob
 from trainer.malloc import has_glibc, with_tunables
+from trainer.worker import train_func
 
 # Variables the workers must see, set before any DeepSpeed import.
 WORKER_ENV = {
@@ -32,8 +34,8 @@ WORKER_ENV = {
 def worker_env(use_gpu: bool) -> dict[str, str]:
     env = {k: v for k, v in WORKER_ENV.items() if not (use_gpu and k == "DS_ACCELERATOR")}
     repo = str(Path(__file__).resolve().parents[1])
-    # The project's own switches (data root, fault injection) follow the driver to every worker.
-    env.update({k: v for k, v in os.environ.items() if k.startswith("TDC_")})
+    # Nothing else of the driver's environment is copied: the data root and every other setting
+    # travel in the typed WorkerJob, so a stray variable on the driver cannot change a run.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
     if not use_gpu and has_glibc():
         # CPU training allocates its activations and gradients anew every step; with glibc's
@@ -43,26 +45,19 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def wants_gpu(cfg: Config) -> bool:
-    if cfg.cluster.use_gpu == "auto":
+def wants_gpu(cluster: ClusterConfig) -> bool:
+    if cluster.use_gpu == "auto":
         return torch.cuda.is_available()
-    return cfg.cluster.use_gpu == "yes"
+    return cluster.use_gpu == "yes"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_ray(cfg: Config) -> None:
-    """Connect to ``cluster.address`` or start an embedded local Ray (once per process)."""
+def ensure_ray(c: ClusterConfig) -> None:
+    """Connect to ``c.address`` or start an embedded local Ray (once per process)."""
     import ray
 
     if ray.is_initialized():
         return
-    c = cfg.cluster
-    gpu = wants_gpu(cfg)
+    gpu = wants_gpu(c)
     env = {"env_vars": worker_env(gpu)}
     if c.address:
         ray.init(address=c.address, runtime_env=env, log_to_driver=True)
@@ -75,17 +70,37 @@ def ensure_ray(cfg: Config) -> None:
              _node_ip_address="127.0.0.1", runtime_env=env, log_to_driver=True)
 
 
-def run_ray(train_func: Callable[[dict], Any], payload: dict[str, Any], cfg: Config, run_name: str) -> Any:
-    """Run ``train_func`` on ``cluster.num_workers`` Ray Train workers; returns the Ray Result."""
+def _quiet_ray_train_reports() -> None:
+    """Ray Train 2.60 logs every ``ray.train.report`` call (the whole metrics dict) at INFO from each
+    worker; our own progress lines already say it. Its logger is named by its file path."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's ``train_loop_per_worker``: the trainer's entry with Ray's report and node id."""
+    import ray
+    import ray.train
+
+    _quiet_ray_train_reports()
+    return train_func(config["job"], report=ray.train.report, node=ray.get_runtime_context().get_node_id())
+
+
+def run_ray(job: WorkerJob, c: ClusterConfig, run_name: str) -> Any:
+    """Run ``job`` on ``c.num_workers`` Ray Train workers; returns the Ray Result."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ensure_ray(cfg)
-    gpu = wants_gpu(cfg)
-    c = cfg.cluster
+    ensure_ray(c)
+    gpu = wants_gpu(c)
     trainer = TorchTrainer(
-        train_loop_per_worker=train_func,
-        train_loop_config={**payload, "backend": "ray"},
+        train_loop_per_worker=_ray_train_loop,
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
@@ -96,26 +111,14 @@ def run_ray(train_func: Callable[[dict], Any], payload: dict[str, Any], cfg: Con
     return trainer.fit()
 
 
-def run_local(train_func: Callable[[dict], Any], payload: dict[str, Any], cfg: Config) -> Any:
-    """Run ``train_func`` in this process as rank 0 of a one-rank process group."""
-    import torch.distributed as dist
-
-    gpu = wants_gpu(cfg)
-    if not gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # One group for the life of the process: DeepSpeed caches the group it first sees, so a
-    # destroyed-and-recreated group would leave it holding a dead handle on the next run.
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
-    elif dist.get_world_size() != 1:
-        raise RuntimeError("backend 'local' needs a one-rank process group; this process has "
-                           f"{dist.get_world_size()} ranks")
-    return train_func({**payload, "backend": "local"})
+def run_local(job: WorkerJob, c: ClusterConfig) -> Any:
+    """Run ``job`` in this process as rank 0 of a one-rank process group."""
+    init_local_group(wants_gpu(c))
+    return train_func(job)
 
 
-def run_workers(train_func: Callable[[dict], Any], payload: dict[str, Any], cfg: Config, run_name: str) -> Any:
-    if cfg.cluster.backend == "local":
-        return run_local(train_func, payload, cfg)
-    return run_ray(train_func, payload, cfg, run_name)
+def run_workers(job: WorkerJob, c: ClusterConfig, run_name: str) -> Any:
+    """Run ``job`` as ``c.backend`` says: Ray Train workers, or this process alone."""
+    if c.backend == "local":
+        return run_local(job, c)
+    return run_ray(job, c, run_name)

@@ -38,8 +38,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Load an export with torch alone; report top-1/top-5 on the eval split and latency."""
-    import os
-
     import torch
 
     from trainer.data import load_datasets, make_loader
@@ -47,7 +45,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.export import load_exported
     from trainer.latency import measure_latency
     from trainer.loop import evaluate
-
     from trainer.malloc import malloc_tuned
 
     model, manifest = load_exported(args.export)
@@ -59,7 +56,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
           f"{'channels_last' if args.channels_last else 'contiguous'}, malloc tuned: {malloc_tuned()}")
     dataset = args.dataset or manifest.get("dataset")
     if dataset and not args.no_data:
-        sets = load_datasets(dataset, args.data_root or os.environ.get("TDC_DATA_ROOT"), augment=False,
+        sets = load_datasets(dataset, args.data_root, augment=False,
                              eval_subset=args.limit)
         loader = make_loader(sets.eval, args.batch, rank=0, world_size=1, shuffle=False, seed=0, drop_last=False)
         res = evaluate(model, loader, device=torch.device("cpu"), precision=Precision(False, False))
@@ -97,7 +94,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     """Print the rank plan a run of CONFIG would use, without data, Ray or any training."""
-    from launcher.pipeline import DATASET_SHAPES, make_plan
+    from launcher.pipeline import make_plan
+    from trainer.data import DATASET_SHAPES
 
     cfg = load_config(args.config, args.overrides)
     classes, size = DATASET_SHAPES[cfg.data.dataset]

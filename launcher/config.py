@@ -2,7 +2,9 @@
 
 The builder walks the dataclass type hints, so unknown keys, wrong types and
 values outside a ``Literal`` are rejected with the full dotted key and the
-allowed values; range checks live in each section's ``__post_init__``.
+allowed values; range checks live in each section's ``__post_init__`` (in the
+package that owns the section), whose ``ValueError`` becomes a ConfigError
+naming the full dotted key.
 """
 from __future__ import annotations
 
@@ -50,7 +52,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _convert(value, arg, key)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append((arg, e))
+        for arg, e in errors:  # a mapping meant for a section: its own error names the bad field
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                raise e
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):
@@ -116,7 +121,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
             raise ConfigError(f"{dot}{name}: required key is missing")
     try:
         return cls(**kwargs)
-    except ConfigError as e:
+    except ValueError as e:  # a section's own check: "field: message"; add where the section sits
         raise ConfigError(f"{dot}{e}") from None
 
 
@@ -187,8 +192,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def to_dict(cfg: Any) -> dict:
-    """Plain nested dict of a config (round-trips through :func:`from_dict`)."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict of a config (round-trips through :func:`from_dict`); ``name`` first where there is one."""
+    d = dataclasses.asdict(cfg)
+    return {"name": d.pop("name"), **d} if "name" in d else d
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -17,6 +17,8 @@ from launcher.config import ConfigError, dump_yaml, flatten, to_dict
 from launcher.schema import Config
 from trainer import checkpoint as ckpt
 from trainer import tracking
+from trainer.config import COMPRESSING_PHASES
+from trainer.data import DATASET_SHAPES, DatasetError, data_root, load_datasets
 
 
 @dataclass
@@ -54,28 +56,18 @@ def resolve_run_dir(cfg: Config) -> tuple[str, Path]:
     return name, root / name
 
 
-# (classes, image size) by dataset, for planning where the driver cannot open the data itself.
-DATASET_SHAPES = {"packed": (10, 32), "cifar10": (10, 32), "cifar100": (100, 32), "imagenet": (1000, 224),
-                  "synthetic": (10, 32)}
-
-
 def check_data(cfg: Config) -> tuple[int, int]:
     """Fail on the driver if the dataset is missing (where the driver can see it); returns (classes, image size)."""
     if cfg.cluster.address and cfg.cluster.backend == "ray":
         return DATASET_SHAPES[cfg.data.dataset]  # data lives on the cluster's nodes; workers report it
-    from trainer.data import load_datasets
-    from trainer.worker import data_root
-
     d = cfg.data
     if d.dataset == "imagenet":
-        root = data_root(cfg)
+        root = data_root(d.root)
         if not root or not (Path(root) / "train").is_dir():
-            from trainer.data import DatasetError
-
             raise DatasetError(f"imagenet: no train/ folder under data.root={root!r}; point data.root or "
                                "TDC_DATA_ROOT at a directory with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
         return DATASET_SHAPES["imagenet"]
-    sets = load_datasets(d.dataset, data_root(cfg), augment=False, seed=cfg.seed, download=d.download,
+    sets = load_datasets(d.dataset, d.root, augment=False, seed=cfg.seed, download=d.download,
                          synthetic_train=d.synthetic_train, synthetic_eval=d.synthetic_eval)
     for key, size, split in (("train_subset", d.train_subset, sets.train), ("eval_subset", d.eval_subset, sets.eval)):
         if size > len(split):
@@ -85,7 +77,7 @@ def check_data(cfg: Config) -> tuple[int, int]:
 
 def make_plan(cfg: Config, classes: int, size: int):
     """The rank plan (params/FLOPs before and after), or None when no phase compresses; errors are ConfigErrors."""
-    if not any(p.kind in ("admm", "decompose") for p in cfg.phases):
+    if not any(p.kind in COMPRESSING_PHASES for p in cfg.phases):
         return None
     from admm.component import plan_for_model
     from trainer.models import build_model
@@ -168,7 +160,7 @@ def prepare(cfg: Config) -> RunInfo:
 def run(cfg: Config) -> RunInfo:
     """Run (or resume) the phase sequence of ``cfg``; raises on failure after recording it."""
     from cluster.ray_runtime import run_workers
-    from trainer.worker import data_root, train_func
+    from trainer.context import WorkerJob
 
     classes, size = check_data(cfg)
     plan = make_plan(cfg, classes, size)  # before anything is created: a bad plan costs nothing
@@ -177,13 +169,13 @@ def run(cfg: Config) -> RunInfo:
     record_plan(cfg, plan, info)
     if info.tracking_uri:
         print(f"mlflow: {info.tracking_uri} parent run {info.parent_id}", flush=True)
-    resolved = to_dict(cfg)
-    resolved["data"]["root"] = data_root(cfg)  # workers on other nodes do not see this shell's variables
-    payload = {"config": resolved, "run_dir": str(info.dir), "tracking_uri": info.tracking_uri,
-               "run_ids": {"parent": info.parent_id, "phases": info.phase_ids}}
+    # The data root is resolved here: workers on other nodes do not see this shell's variables.
+    job = WorkerJob(config=cfg.worker(data_root=data_root(cfg.data.root)), run_dir=str(info.dir),
+                    tracking_uri=info.tracking_uri, parent_run_id=info.parent_id, phase_run_ids=info.phase_ids,
+                    use_gpu=cfg.cluster.use_gpu)
     t0 = time.time()
     try:
-        run_workers(train_func, payload, cfg, info.name)
+        run_workers(job, cfg.cluster, info.name)
     except BaseException:
         _close_mlflow(info, "FAILED")
         print(f"run {info.name} failed; continue it from its last checkpoint with: "

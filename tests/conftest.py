@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from launcher.schema import Config
+
 
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
@@ -27,14 +29,13 @@ def cifar_root() -> Path:
     return root
 
 
-def tiny_config(tmp_path: Path, data_root: Path, **sections) -> "Config":
+def tiny_config(tmp_path: Path, data_root: Path, **sections) -> Config:
     """A seconds-long run: tinycnn (no BatchNorm) on a real CIFAR-10 subset, local MLflow in tmp_path.
 
     ``sections`` are override strings keyed by anything (``phases="[...]"`` style is not used):
     pass them as ``overrides=[...]``.
     """
     from launcher.config import apply_overrides, from_dict
-    from launcher.schema import Config
 
     overrides = [
         "model.name=tinycnn", "data.dataset=packed", f"data.root={data_root}", "data.batch_size=64",

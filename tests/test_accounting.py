@@ -148,7 +148,7 @@ def test_tt_layer_contract(shape, stride, padding, h):
         cores = tt_cores(w, r)
         assert factored_params(shape, "tt", r) == sum(c.numel() for c in cores)
         ho = out_size(h, shape[2], stride, padding)
-        flops = flops_per_image(lambda t: tt_forward(t, cores, shape, stride, padding), x)
+        flops = flops_per_image(lambda t, cores=cores: tt_forward(t, cores, shape, stride, padding), x)
         assert factored_flops(shape, "tt", r, (ho, ho)) == flops
 
 

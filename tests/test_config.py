@@ -30,6 +30,15 @@ def test_overrides_reach_nested_and_list_items():
     assert cfg.compression.ranks == {"layer1.0.conv1": [4, 4]}
 
 
+def test_fault_injection_is_an_explicit_logged_setting():
+    cfg = load_config(CONFIGS / "quickstart.yaml", ["debug.fail_at={phase: 1, epoch: 2, rank: 1}"])
+    assert (cfg.debug.fail_at.phase, cfg.debug.fail_at.epoch, cfg.debug.fail_at.rank) == (1, 2, 1)
+    assert cfg.worker().debug == cfg.debug  # the workers get it in their typed config
+    params = flatten(to_dict(cfg))  # what MLflow records
+    assert params["debug.fail_at.phase"] == 1 and params["debug.fail_at.rank"] == 1
+    assert flatten(to_dict(load_config(CONFIGS / "quickstart.yaml")))["debug.fail_at"] is None
+
+
 def test_int_accepted_for_float_and_roundtrip():
     cfg = load_config(CONFIGS / "quickstart.yaml", ["optim.lr=1", "optim.weight_decay=5e-4"])
     assert isinstance(cfg.optim.lr, float) and cfg.optim.weight_decay == 5e-4
@@ -59,6 +68,12 @@ def test_int_accepted_for_float_and_roundtrip():
     ("compression.keep_ratio=0", ["compression.keep_ratio", "(0, 1]"]),
     ("admm.rho_max=1e-9", ["admm.rho_max", ">= rho"]),
     ("optim", ["override", "key.sub=value"]),
+    ("debug.fail_at.phase=2", ["debug.fail_at.epoch", "required key is missing"]),
+    ("debug.fail_at={phase: 2, epoch: 1}", ["debug.fail_at.phase", "training phase", "got 2"]),
+    ("debug.fail_at={phase: 1, epoch: 3}", ["debug.fail_at.epoch", "runs 2 epochs", "got 3"]),
+    ("debug.fail_at={phase: 1, epoch: 0}", ["debug.fail_at.epoch", ">= 1"]),
+    ("debug.fail_at={phase: 1, epoch: 1, rank: 2}", ["debug.fail_at.rank", "cluster.num_workers (2)"]),
+    ("debug.fail_at=yes", ["debug.fail_at", "expected a mapping or null"]),
 ])
 def test_bad_input_names_key_and_allowed_values(override, fragments):
     with pytest.raises(ConfigError) as e:
@@ -131,8 +146,13 @@ def test_plan_command_prints_the_plan_without_data(capsys, monkeypatch):
     from launcher.cli import main
 
     monkeypatch.delenv("TDC_DATA_ROOT", raising=False)  # no data needed
-    assert main(["plan", str(CONFIGS / "imagenet_resnet50_svd.yaml")]) == 0
+    from launcher.pipeline import make_plan
+
+    config = CONFIGS / "imagenet_resnet50_svd.yaml"
+    assert main(["plan", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "rank_multiple 16" in out and "layer4.2.conv2" in out and "(2.02x)" in out
+    plan = make_plan(load_config(config), 1000, 224)
+    assert "rank_multiple 16" in out and f"({plan.compression:.2f}x)" in out
+    assert all(p.name in out for p in plan.layers)
     assert main(["plan", str(CONFIGS / "quickstart.yaml"), "compression.keep_ratio=0.01"]) == 2
     assert "compression.keep_ratio=0.01 is impossible" in capsys.readouterr().err

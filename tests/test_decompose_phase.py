@@ -11,12 +11,19 @@ from launcher import pipeline
 from trainer import checkpoint as ckpt
 from trainer import tracking
 from trainer.export import export_run, load_exported
+from trainer.models import build_model
+from trainer.stateful import restore_model
 
 BASE = ("model.name=resnet20", "data.train_subset=2048", "data.eval_subset=512", "optim.lr=0.05",
         "compression.format=tucker2", "compression.keep_ratio=0.3", "admm.rho=0.05", "admm.rho_growth=1.3",
         "admm.unit=step", "admm.interval=4",
         "admm.rho_max=10")
 PRE = "{kind: pretrain, epochs: 2, steps_per_epoch: 16}"
+
+
+def _planned(info) -> list[str]:
+    """The layers the run's rank plan factors, sorted."""
+    return sorted(row["name"] for row in json.loads((info.dir / "rank_plan.json").read_text())["layers"])
 
 
 def _decompose_metrics(info) -> dict[str, float]:
@@ -44,20 +51,17 @@ def test_finetune_export_and_torch_only_load(tiny, tmp_path):
     info = pipeline.run(tiny(*BASE, "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 4}, {kind: decompose},"
                                     " {kind: finetune, epochs: 1, steps_per_epoch: 4}, {kind: evaluate}]"))
     last = ckpt.latest_checkpoint(info.dir / "checkpoints")
-    shared = ckpt.load_shared(last)
-    assert shared["surgery"] and len(shared["surgery"]) == 18
+    saved = ckpt.load_shared(last)["model"]
+    assert sorted(saved["surgery"]) == _planned(info)  # every planned layer is factored
     out = export_run(info.dir, tmp_path / "export")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"] == "resnet20" and manifest["surgery"].keys() == shared["surgery"].keys()
-    assert len(manifest["folded_bn"]) == 21  # stem, 18 block convs, 2 downsample convs: BN folded at export
+    assert manifest["model"] == "resnet20" and manifest["surgery"].keys() == saved["surgery"].keys()
+    # every BatchNorm (stem, block convs, downsample convs) is folded into its conv at export
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in build_model("resnet20", 10).modules())
+    assert len(manifest["folded_bn"]) == bns
     model, _ = load_exported(out)
     x = torch.randn(2, 3, 32, 32)
-    from trainer.models import build_model
-    from admm.surgery import apply_manifest
-
-    ref = apply_manifest(build_model("resnet20", 10), shared["surgery"])
-    ref.load_state_dict(shared["model"])
-    ref.eval()
+    ref = restore_model(build_model("resnet20", 10), saved).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
@@ -78,7 +82,7 @@ def test_evaluate_command_on_an_export(tiny, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "exp"), "--data-root", cfg.data.root, "--limit", "128",
                  "--latency-batches", "1,4"]) == 0
     out = capsys.readouterr().out
-    assert "18 factored layers" in out and "top1" in out and "on 128 packed images" in out
+    assert f"{len(_planned(info))} factored layers" in out and "top1" in out and "on 128 packed images" in out
     assert "latency batch 1:" in out and "latency batch 4:" in out
 
 
@@ -93,7 +97,9 @@ def test_export_tuned_for_latency(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "timing every factored layer's realizations at batch 2 (CPU, channels_last)" in out
     table = json.loads((tuned / "manifest.json").read_text())["latency_table"]
-    assert table["batch"] == 2 and len(table["rows"]) == 18 and out.count(" -> ") >= 18
+    planned = _planned(info)
+    assert table["batch"] == 2 and sorted(r["layer"] for r in table["rows"]) == planned
+    assert out.count(" -> ") >= len(planned)  # one progress line per timed layer
     choices = {r["layer"]: r["choice"] for r in table["rows"]}
     manifest = json.loads((tuned / "manifest.json").read_text())["surgery"]
     for name, choice in choices.items():  # dense layers leave the manifest; merged ones become svd

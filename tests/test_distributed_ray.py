@@ -22,16 +22,17 @@ SHARDED = ("compression.format=svd", "compression.keep_ratio=0.6", "compression.
            "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 4}, {kind: admm, epochs: 2, steps_per_epoch: 4},"
            " {kind: evaluate}]")
 RAY2 = ("cluster.backend=ray", "cluster.num_workers=2")
+FAIL = ("debug.fail_at.phase=1", "debug.fail_at.epoch=1")  # after the first admm epoch's checkpoint
 
 
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
 
+    from cluster.config import ClusterConfig
     from cluster.ray_runtime import ensure_ray
-    from launcher.schema import Config
 
-    ensure_ray(Config(name="tests"))
+    ensure_ray(ClusterConfig())
     yield
     ray.shutdown()
 
@@ -43,14 +44,14 @@ def _last(info):
 
 def _admm_state(path) -> dict:
     """Z/U of every layer, merged over all ranks' shards, plus rho."""
-    shards = [r["components"] for r in ckpt.load_all_ranks(path)]
-    layers = {n: d for s in shards if s for n, d in s[0]["layers"].items()}
-    return {"layers": layers, "rho": shards[0][0]["rho"], "updates": shards[0][0]["updates"]}
+    shards = [r["admm"] for r in ckpt.load_all_ranks(path)]
+    layers = {n: d for s in shards for n, d in s["layers"].items()}
+    return {"layers": layers, "rho": shards[0]["rho"], "updates": shards[0]["updates"]}
 
 
 def _assert_same_model(a_path, b_path, atol=1e-5):
     """Equal up to float summation order (gloo's average vs one rank's mean): ~1e-6 seen on weights of ~0.1."""
-    a, b = ckpt.load_shared(a_path)["model"], ckpt.load_shared(b_path)["model"]
+    a, b = (ckpt.load_shared(p)["model"]["weights"] for p in (a_path, b_path))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol)
@@ -70,7 +71,7 @@ def test_two_workers_match_one_worker_with_sharded_admm(tiny, ray_local):
     ckpts = {i.name: sorted(p for p in (i.dir / "checkpoints").glob("ckpt-*") if p.is_dir()) for i in (two, one)}
     admm2 = [p for p in ckpts[two.name] if ckpt.read_meta(p)["phase"] == "admm"][-1]
     admm1 = [p for p in ckpts[one.name] if ckpt.read_meta(p)["phase"] == "admm"][-1]
-    owned = [set(ckpt.load_rank(admm2, r)["components"][0]["layers"]) for r in range(2)]
+    owned = [set(ckpt.load_rank(admm2, r)["admm"]["layers"]) for r in range(2)]
     assert owned[0] and owned[1] and not owned[0] & owned[1], owned  # each layer has exactly one owner
     s2, s1 = _admm_state(admm2), _admm_state(admm1)
     assert s2["layers"].keys() == s1["layers"].keys() == {"conv1", "conv2", "fc"}
@@ -104,21 +105,20 @@ def test_two_workers_under_zero2_match_one_worker(tiny, ray_local):
     _assert_same_model(path2, _last(one)[0])
 
 
-def test_worker_failure_restarts_from_checkpoint(tiny, ray_local, monkeypatch):
-    """FailureConfig(max_failures=1): a failure inside the admm phase restarts the group, which resumes."""
-    monkeypatch.setenv("TDC_FAIL_AT", "1:1")
-    flaky = pipeline.run(tiny(*RAY2, *SHARDED, "run_name=flaky", "cluster.max_failures=1"))
+def test_worker_failure_restarts_from_checkpoint(tiny, ray_local):
+    """FailureConfig(max_failures=1): rank 1 failing inside the admm phase restarts the group, which resumes."""
+    flaky = pipeline.run(tiny(*RAY2, *SHARDED, *FAIL, "debug.fail_at.rank=1", "run_name=flaky",
+                              "cluster.max_failures=1"))
     assert (flaky.dir / "injected-failure-1-1").exists()
-    monkeypatch.delenv("TDC_FAIL_AT")
     ref = pipeline.run(tiny(*SHARDED, "run_name=ref"))
     _assert_same_model(_last(flaky)[0], _last(ref)[0])
 
 
-def test_cut_on_two_workers_resumes_on_one(tiny, ray_local, monkeypatch):
-    monkeypatch.setenv("TDC_FAIL_AT", "1:1")
-    with pytest.raises(Exception, match="injected failure|Training failed|TrainingFailedError"):
-        pipeline.run(tiny(*RAY2, *SHARDED, "run_name=moved"))
-    monkeypatch.delenv("TDC_FAIL_AT")
+def test_cut_on_two_workers_resumes_on_one(tiny, ray_local):
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError, match="injected failure"):
+        pipeline.run(tiny(*RAY2, *SHARDED, *FAIL, "run_name=moved"))
     resumed = pipeline.run(tiny(*SHARDED, "run_name=moved", "resume=true"))  # local backend: 1 worker
     ref = pipeline.run(tiny(*SHARDED, "run_name=ref"))
     _assert_same_model(_last(resumed)[0], _last(ref)[0])

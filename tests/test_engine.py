@@ -8,24 +8,26 @@ import torch
 
 from launcher import pipeline
 from trainer import checkpoint as ckpt
+from trainer.config import EngineConfig, OptimConfig
 from trainer.engine import Precision, deepspeed_config, warmup_cosine
-from launcher.schema import Config
+from trainer.faults import InjectedFailure
 
 
 def _weights(info):
-    return ckpt.load_shared(ckpt.latest_checkpoint(info.dir / "checkpoints"))["model"]
+    return ckpt.load_shared(ckpt.latest_checkpoint(info.dir / "checkpoints"))["model"]["weights"]
 
 
 def test_deepspeed_config_is_explicit():
-    cfg = Config(name="x")
-    cfg.cluster.num_workers = 2
-    cfg.optim.grad_accum = 2
-    ds = deepspeed_config(cfg, world_size=2, precision=Precision(bf16=True, channels_last=False))
-    assert ds["train_batch_size"] == 128 and ds["train_micro_batch_size_per_gpu"] == 32
+    optim, engine = OptimConfig(grad_accum=2), EngineConfig(zero_stage=1)
+    ds = deepspeed_config(optim, engine, batch_size=128, world_size=2,
+                          precision=Precision(bf16=True, channels_last=False))
+    assert ds["train_batch_size"] == 128 and ds["train_micro_batch_size_per_gpu"] == 128 // (2 * 2)
     assert ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"] == {"stage": 1}
     assert ds["gradient_clipping"] == 0.0  # DeepSpeed would clip at 1.0 by default
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
-    assert "torch_autocast" not in deepspeed_config(cfg, 2, Precision(bf16=False, channels_last=False))
+    fp32 = deepspeed_config(optim, engine, batch_size=128, world_size=2, precision=Precision(False, False))
+    assert "torch_autocast" not in fp32
 
 
 def test_warmup_cosine_shape():
@@ -46,12 +48,11 @@ def test_gradient_accumulation_matches_one_big_batch(tiny):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_zero_stage_matches_stage0_and_resumes(tiny, monkeypatch, stage):
+def test_zero_stage_matches_stage0_and_resumes(tiny, stage):
     ref = pipeline.run(tiny("run_name=z0", "phases.0.epochs=3"))
-    monkeypatch.setenv("TDC_FAIL_AT", "0:1")
-    with pytest.raises(RuntimeError, match="injected"):
-        pipeline.run(tiny(f"run_name=z{stage}", f"engine.zero_stage={stage}", "phases.0.epochs=3"))
-    monkeypatch.delenv("TDC_FAIL_AT")
+    with pytest.raises(InjectedFailure):
+        pipeline.run(tiny(f"run_name=z{stage}", f"engine.zero_stage={stage}", "phases.0.epochs=3",
+                          "debug.fail_at={phase: 0, epoch: 1}"))
     meta = ckpt.read_meta(ckpt.latest_checkpoint(ref.dir.parent / f"z{stage}" / "checkpoints"))
     assert meta["zero_stage"] == stage
     resumed = pipeline.run(tiny(f"run_name=z{stage}", f"engine.zero_stage={stage}", "phases.0.epochs=3",
@@ -64,7 +65,9 @@ def test_zero_stage_matches_stage0_and_resumes(tiny, monkeypatch, stage):
 def test_label_smoothing_and_momentum_change_the_result(tiny):
     base = _weights(pipeline.run(tiny("run_name=b")))
     smooth = _weights(pipeline.run(tiny("run_name=s", "optim.label_smoothing=0.2")))
-    assert any(not torch.allclose(base[k], smooth[k]) for k in base)
+    slow = _weights(pipeline.run(tiny("run_name=m", "optim.momentum=0.5")))
+    for other in (smooth, slow):
+        assert any(not torch.allclose(base[k], other[k]) for k in base)
 
 
 def test_one_rank_skips_the_identity_all_reduce():
@@ -72,22 +75,15 @@ def test_one_rank_skips_the_identity_all_reduce():
 
     Also: the SGD under the engine is torch's fused one unless ``optim.fused=false``.
     """
-    from cluster.ray_runtime import run_local
+    from cluster.ray_runtime import init_local_group
     from trainer.engine import build_engine
     from trainer.models import build_model
 
-    def flags(_payload):
-        out = {}
-        for stage in (0, 1):
-            cfg = Config(name="x")
-            cfg.cluster.use_gpu = "no"
-            cfg.engine.zero_stage = stage
-            cfg.optim.fused = stage == 0
-            engine = build_engine(build_model("tinycnn", 10), cfg, lr=0.1, total_steps=1, steps_per_epoch=1,
-                                  world_size=1, precision=Precision(False, False))
-            out[stage] = (engine.enable_backward_allreduce, engine.basic_optimizer.defaults["fused"])
-        return out
-
-    cfg = Config(name="x")
-    cfg.cluster.use_gpu = "no"
-    assert run_local(flags, {}, cfg) == {0: (False, True), 1: (True, False)}
+    init_local_group(gpu=False)
+    flags = {}
+    for stage in (0, 1):
+        engine = build_engine(build_model("tinycnn", 10), OptimConfig(fused=stage == 0),
+                              EngineConfig(zero_stage=stage), batch_size=16, lr=0.1, total_steps=1,
+                              steps_per_epoch=1, world_size=1, precision=Precision(False, False))
+        flags[stage] = (engine.enable_backward_allreduce, engine.basic_optimizer.defaults["fused"])
+    assert flags == {0: (False, True), 1: (True, False)}

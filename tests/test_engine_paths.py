@@ -3,9 +3,9 @@
 Both runs train under the ADMM penalty (the component's in-place gradient hooks),
 so the compiled path is also checked to apply it exactly as eager does.
 
-Each check runs in a fresh interpreter through ``cluster.ray_runtime.run_local``
-(one-rank gloo or nccl group), so the device and process group it needs never
-meet the ones this test process already holds.
+Each check runs ``engine_paths_probe.py`` in a fresh interpreter (one-rank gloo
+or nccl group), so the device and process group it needs never meet the ones
+this test process already holds.
 """
 from __future__ import annotations
 
@@ -20,59 +20,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SCRIPT = r'''
-import json, sys, torch, torch.nn.functional as F
-from admm.component import AdmmComponent, plan_for_model
-from cluster.ray_runtime import run_local
-from launcher.schema import CompressionConfig, Config
-from trainer.engine import build_engine, resolve_precision
-from trainer.models import build_model
-
-def steps(compile_model, device, n=6):
-    cfg = Config(name="paths")
-    cfg.cluster.use_gpu = "yes" if device.type == "cuda" else "no"
-    cfg.engine.compile = compile_model
-    cfg.data.batch_size = 16
-    cfg.compression = CompressionConfig(format="svd", keep_ratio=0.5, exclude=[], min_channels=3)
-    cfg.admm.rho = 0.5  # large: the penalty moves the weights well beyond the tolerance
-    precision = resolve_precision(cfg, device)
-    torch.manual_seed(0)
-    model = build_model(sys.argv[1], 10).to(device)
-    seen = {}
-    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    conv.register_forward_hook(lambda m, i, o: seen.setdefault("conv_out", str(o.dtype)) and None)
-    comp = AdmmComponent(plan_for_model(model, cfg.compression), cfg.admm, rank=0, world=1, grad_accum=1,
-                         log=lambda m, s: None)
-    penalized = comp.prepare(model)
-    engine = build_engine(model, cfg, lr=0.05, total_steps=n, steps_per_epoch=n, world_size=1, precision=precision,
-                          penalized=penalized)
-    comp.attach(engine.module, optimizer=engine.optimizer)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(16, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (16,), generator=g).to(device)
-    if precision.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    losses = []
-    for _ in range(n):
-        loss = F.cross_entropy(engine(x).float(), y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    weight = next(engine.module.parameters())
-    primal = comp.z_update(n)["admm_primal"]
-    return {"losses": losses, "primal": primal, "bf16": precision.bf16, "param_dtype": str(weight.dtype),
-            "grad_dtype": str(weight.grad.dtype) if weight.grad is not None else None, **seen}
-
-device = torch.device(sys.argv[2])
-cfg = Config(name="paths"); cfg.cluster.use_gpu = "yes" if device.type == "cuda" else "no"
-out = run_local(lambda _: {"eager": steps(False, device), "compiled": steps(True, device)
-                           if sys.argv[3] == "1" else None}, {}, cfg)
-print("RESULT " + json.dumps(out))
-'''
+PROBE = Path(__file__).with_name("engine_paths_probe.py")
 
 
 def _run(model: str, device: str, with_compile: bool) -> dict:
-    res = subprocess.run([sys.executable, "-c", SCRIPT, model, device, "1" if with_compile else "0"], cwd=ROOT,
+    res = subprocess.run([sys.executable, str(PROBE), model, device, "1" if with_compile else "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from admm.component import plan_for_model
+from admm.config import CompressionConfig
 from admm.fold import apply_folding, fold_batchnorm
-from admm.surgery import apply_manifest, decompose_model
-from launcher.schema import CompressionConfig
+from admm.surgery import apply_manifest, decompose_model, manifest_of
 from trainer.models import build_model
 
 
@@ -41,7 +41,7 @@ def test_folding_preserves_outputs_and_reloads(fmt):
     # The structure rebuilds from the manifest + folded pairs and loads strictly.
     fresh = apply_folding(build_model("resnet20", 10), pairs)  # dense producers gain their bias first
     if fmt:
-        fresh = apply_manifest(fresh, model.tdc_manifest)
+        fresh = apply_manifest(fresh, manifest_of(model))
     fresh.eval()
     fresh.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():

@@ -1,8 +1,6 @@
 """End to end through the local backend (DeepSpeed, one rank, no Ray): MLflow runs, checkpoints, resume."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -14,7 +12,7 @@ from trainer import tracking
 
 def _final_weights(info) -> dict[str, torch.Tensor]:
     last = ckpt.latest_checkpoint(info.dir / "checkpoints")
-    return ckpt.load_shared(last)["model"]
+    return ckpt.load_shared(last)["model"]["weights"]
 
 
 def test_run_creates_mlflow_runs_metrics_and_checkpoint(tiny):
@@ -43,12 +41,12 @@ def test_run_creates_mlflow_runs_metrics_and_checkpoint(tiny):
     assert not list((info.dir / "checkpoints").glob("*.tmp"))
 
 
-def test_resume_after_failure_matches_uninterrupted_run(tiny, monkeypatch):
+def test_resume_after_failure_matches_uninterrupted_run(tiny):
+    from trainer.faults import InjectedFailure
+
     full = pipeline.run(tiny("run_name=full", "phases.0.epochs=3"))
-    monkeypatch.setenv("TDC_FAIL_AT", "0:1")
-    with pytest.raises(RuntimeError, match="injected failure"):
-        pipeline.run(tiny("run_name=cut", "phases.0.epochs=3"))
-    monkeypatch.delenv("TDC_FAIL_AT")
+    with pytest.raises(InjectedFailure, match="after phase 0 epoch 1"):
+        pipeline.run(tiny("run_name=cut", "phases.0.epochs=3", "debug.fail_at={phase: 0, epoch: 1}"))
     cut_dir = full.dir.parent / "cut"
     meta = ckpt.read_meta(ckpt.latest_checkpoint(cut_dir / "checkpoints"))
     assert (meta["phase"], meta["epoch"], meta["phase_done"]) == ("pretrain", 1, False)

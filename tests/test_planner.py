@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from admm.component import plan_for_model
-from admm.planner import assign_owners, projection_cost, select
+from admm.config import CompressionConfig
 from admm.inspect import describe_layers
-from launcher.schema import CompressionConfig
+from admm.planner import assign_owners, projection_cost, select
 from trainer.models import build_model
 
 

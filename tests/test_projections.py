@@ -19,7 +19,7 @@ from admm.projections import (
     tt_cores,
     validate_rank,
 )
-from admm.reshape import factorize, from_tt, to_3way, to_matrix, to_tt, tt_layout
+from admm.reshape import factorize, from_tt, to_3way, to_tt, tt_layout
 
 SHAPES = [(16, 8, 3, 3), (32, 16, 3, 3), (64, 32, 1, 1), (10, 64)]
 

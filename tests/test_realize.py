@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from admm.component import plan_for_model
+from admm.config import CompressionConfig
 from admm.fold import apply_folding, fold_batchnorm
 from admm.layers import SVDLayer, factorize_module
 from admm.realize import alternatives, merged_module, realize
-from admm.surgery import apply_manifest, decompose_model
-from launcher.schema import CompressionConfig
+from admm.surgery import apply_manifest, decompose_model, manifest_of
 from trainer.latency import factored_input_shapes, layer_latency_table, measure_latency
 from trainer.malloc import TUNABLES, has_glibc, malloc_tuned, tuned_env
 from trainer.models import build_model
@@ -73,7 +73,7 @@ def test_realize_updates_the_manifest_and_round_trips():
     with torch.no_grad():
         ref = model(x)
     realize(model, {"layer1.0.conv1": "dense", "layer2.1.conv2": "merged"})
-    manifest = model.tdc_manifest
+    manifest = manifest_of(model)
     assert "layer1.0.conv1" not in manifest and manifest["layer2.1.conv2"]["format"] == "svd"
     assert isinstance(model.layer1[0].conv1, nn.Conv2d) and model.layer1[0].conv1.bias is not None
     with torch.no_grad():
@@ -91,13 +91,13 @@ def test_realize_rejects_bad_choices():
         realize(model, {"layer1.0.conv1": "merged"})
     with pytest.raises(ValueError, match="not a factored layer"):
         realize(model, {"conv1": "dense"})
-    assert "layer1.0.conv1" in model.tdc_manifest  # nothing changed
+    assert "layer1.0.conv1" in manifest_of(model)  # nothing changed
 
 
 def test_layer_latency_table():
     model = _factored_resnet20()
     shapes = factored_input_shapes(model, (4, 3, 32, 32), torch.device("cpu"))
-    assert len(shapes) == len(model.tdc_manifest) and shapes["layer3.0.conv1"] == (4, 32, 16, 16)
+    assert len(shapes) == len(manifest_of(model)) and shapes["layer3.0.conv1"] == (4, 32, 16, 16)
     seen = []
     rows = layer_latency_table(model, (4, 3, 32, 32), channels_last=True, repeats=2, warmup=1, progress=seen.append)
     assert [r.name for r in rows] == list(shapes) and seen == rows

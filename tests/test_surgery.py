@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from admm.component import plan_for_model
+from admm.config import CompressionConfig
 from admm.layers import FactoredLayer
 from admm.projections import project
-from admm.surgery import apply_manifest, decompose_model, get_submodule, set_submodule
-from launcher.schema import CompressionConfig
+from admm.surgery import apply_manifest, decompose_model, get_submodule, manifest_of, set_submodule
 from trainer.models import build_model
 
 
@@ -39,7 +39,7 @@ def _surgery_roundtrip(name: str, classes: int, fmt: str, x: torch.Tensor) -> No
     factored = [n for n, m in model.named_modules() if isinstance(m, FactoredLayer)]
     assert sorted(factored) == sorted(p.name for p in plan.layers)
     assert _n_params(model) == plan.params_after_total + other
-    manifest = model.tdc_manifest
+    manifest = manifest_of(model)
     assert set(manifest) == set(factored) and all(s["format"] == fmt for s in manifest.values())
     assert not model.training and not any(get_submodule(model, n).training for n in factored)
 
@@ -50,7 +50,7 @@ def _surgery_roundtrip(name: str, classes: int, fmt: str, x: torch.Tensor) -> No
     shared = torch.load(buf, weights_only=True)
     fresh = apply_manifest(build_model(name, classes), shared["surgery"]).eval()
     fresh.load_state_dict(shared["model"], strict=True)
-    assert fresh.tdc_manifest == manifest
+    assert manifest_of(fresh) == manifest
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
     apply_manifest(fresh, manifest)  # replaying on the factored model changes nothing
@@ -92,11 +92,11 @@ def test_surgery_errors():
     with pytest.raises(ValueError, match="already factored"):
         decompose_model(model, plan)
     # A manifest for another model does not fit.
-    wrong = {"layer1.0.conv1": {**model.tdc_manifest["layer3.0.conv2"]}}
+    wrong = {"layer1.0.conv1": {**manifest_of(model)["layer3.0.conv2"]}}
     with pytest.raises(ValueError, match="geometry"):
         apply_manifest(build_model("resnet20", 10), wrong)
     with pytest.raises(ValueError, match="factored as"):
-        apply_manifest(model, {"layer1.0.conv1": model.tdc_manifest["layer1.0.conv2"] | {"rank": [1, 1]}})
+        apply_manifest(model, {"layer1.0.conv1": manifest_of(model)["layer1.0.conv2"] | {"rank": [1, 1]}})
 
 
 def test_set_submodule_in_sequential():

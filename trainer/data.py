@@ -33,13 +33,20 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from trainer.config import DATASET_NAMES
+
 __all__ = [
-    "DATASET_NAMES", "ROOT_ENV", "DatasetError", "Datasets", "ImageDataset", "ShardSampler",
-    "load_datasets", "make_loader", "set_loader_epoch",
+    "DATASET_NAMES", "DATASET_SHAPES", "ROOT_ENV", "DatasetError", "Datasets", "ImageDataset", "ShardSampler",
+    "data_root", "load_datasets", "make_loader", "set_loader_epoch",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("packed", "cifar10", "cifar100", "imagenet", "synthetic")
 ROOT_ENV = "TDC_DATA_ROOT"
+
+# (classes, image side in px) of each dataset, keyed by trainer.config.DatasetName: for planning
+# where the data cannot be opened (the driver of a cluster run, `tdcompress plan`).
+DATASET_SHAPES: dict[str, tuple[int, int]] = {
+    "packed": (10, 32), "cifar10": (10, 32), "cifar100": (100, 32), "imagenet": (1000, 224), "synthetic": (10, 32),
+}
 
 # Per-channel mean/std of pixel values in [0, 1]. CIFAR-10's are the true
 # per-pixel std (62.99/255 ...), not the often-copied 0.2023/0.1994/0.2010.
@@ -355,8 +362,13 @@ def load_datasets(dataset: str, root: str | None, *, augment: bool = True, seed:
     )
 
 
+def data_root(root: str | None) -> str | None:
+    """``root``, else ``$TDC_DATA_ROOT``, else None."""
+    return root or os.environ.get(ROOT_ENV) or None
+
+
 def _resolve_root(dataset: str, root: str | None, *, create: bool) -> Path:
-    root = root or os.environ.get(ROOT_ENV) or None
+    root = data_root(root)
     if root is None:
         raise _error(dataset, None, f"no data root given and ${ROOT_ENV} is unset")
     path = Path(root).expanduser()

@@ -16,10 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from launcher.schema import Config
-
-# Marks the optimizer param group of the ADMM-penalized weights (a plain key: DeepSpeed keeps it).
-ADMM_GROUP = "tdc_admm"
+from trainer.config import EngineConfig, OptimConfig
 
 
 @dataclass(frozen=True)
@@ -30,11 +27,11 @@ class Precision:
     channels_last: bool  # feed channels_last inputs (parameters stay contiguous: DeepSpeed needs that)
 
 
-def resolve_precision(cfg: Config, device: torch.device) -> Precision:
+def resolve_precision(engine: EngineConfig, device: torch.device) -> Precision:
     """Turn ``auto`` settings into concrete ones for ``device``."""
     on_gpu = device.type == "cuda"
-    bf16 = cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and on_gpu)
-    cl = cfg.engine.channels_last == "on" or (cfg.engine.channels_last == "auto" and on_gpu)
+    bf16 = engine.precision == "bf16" or (engine.precision == "auto" and on_gpu)
+    cl = engine.channels_last == "on" or (engine.channels_last == "auto" and on_gpu)
     return Precision(bf16=bf16, channels_last=cl)
 
 
@@ -47,21 +44,22 @@ def prepare_deepspeed_env() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def deepspeed_config(cfg: Config, world_size: int, precision: Precision) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run.
+def deepspeed_config(optim: OptimConfig, engine: EngineConfig, *, batch_size: int, world_size: int,
+                     precision: Precision) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run (``batch_size``: global images per optimizer step).
 
     Autocast is requested through DeepSpeed's own ``torch_autocast`` section:
     an outer ``torch.autocast`` is switched off inside the engine (measured
     0.58x on an H100: the model silently trains in fp32).
     """
-    micro = cfg.data.batch_size // (world_size * cfg.optim.grad_accum)
+    micro = batch_size // (world_size * optim.grad_accum)
     ds: dict[str, Any] = {
-        "train_batch_size": cfg.data.batch_size,
+        "train_batch_size": batch_size,
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": cfg.optim.grad_accum,
-        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "gradient_accumulation_steps": optim.grad_accum,
+        "zero_optimization": {"stage": engine.zero_stage},
         # Explicit: DeepSpeed's default is 1.0, a silent clip (and a global-norm pass every step).
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": optim.grad_clip,
         # We pass a torch SGD; DeepSpeed asks for this flag to pair it with ZeRO >= 1.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,
@@ -73,22 +71,20 @@ def deepspeed_config(cfg: Config, world_size: int, precision: Precision) -> dict
 
 
 def param_groups(model: nn.Module, weight_decay: float,
-                 penalized: Sequence[nn.Parameter] = ()) -> list[dict[str, Any]]:
+                 extra_groups: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Weight decay on conv/linear weights only; BN parameters and biases (1-D) get none.
 
-    The weights in ``penalized`` (the ADMM phase's planned layers) get a group of
-    their own, marked ``ADMM_GROUP`` and carrying ``base_weight_decay``: the ADMM
-    component raises its weight decay by rho, so the rho W half of the penalty
-    gradient is added inside the optimizer's step, which reads W and the gradient
-    for weight decay anyway (admm.component).
+    ``extra_groups`` are the groups components asked for (``Component.prepare``), kept as
+    given: their parameters leave the default groups. (The ADMM component's group carries
+    rho W of its penalty as weight decay; the engine need not know.)
     """
-    marked = {id(p) for p in penalized}
-    decay, no_decay, admm = [], [], []
+    claimed = {id(p) for g in extra_groups for p in g["params"]}
+    decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (admm if id(p) in marked else decay if p.ndim > 1 else no_decay).append(p)
+        if p.requires_grad and id(p) not in claimed:
+            (decay if p.ndim > 1 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": admm, "weight_decay": weight_decay, "base_weight_decay": weight_decay, ADMM_GROUP: True}]
+              *extra_groups]
     # No empty groups: DeepSpeed drops them, and the LR scheduler built on the full list would then
     # hold one learning rate too many (e.g. when every weight of a small model is planned).
     return [g for g in groups if g["params"]]
@@ -107,31 +103,33 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
     return factor
 
 
-def build_engine(model: nn.Module, cfg: Config, *, lr: float, total_steps: int, steps_per_epoch: int,
-                 world_size: int, precision: Precision, penalized: Sequence[nn.Parameter] = ()):
+def build_engine(model: nn.Module, optim: OptimConfig, engine_cfg: EngineConfig, *, batch_size: int, lr: float,
+                 total_steps: int, steps_per_epoch: int, world_size: int, precision: Precision,
+                 extra_groups: Sequence[dict[str, Any]] = ()):
     """Wrap ``model`` in a DeepSpeed engine with SGD and a warmup+cosine schedule.
 
     Args:
+        batch_size: global images per optimizer step (all ranks, all micro-batches).
         total_steps: optimizer steps of the phase (sets the cosine length).
         steps_per_epoch: optimizer steps per epoch (converts warmup_epochs).
-        penalized: weights whose ADMM penalty the optimizer's weight decay carries (see param_groups).
+        extra_groups: optimizer param groups the phase's components ask for (see param_groups).
     Returns:
         The DeepSpeed engine; ``engine.module`` is the (unwrapped) model.
     """
     import deepspeed
 
-    o = cfg.optim
-    opt = torch.optim.SGD(param_groups(model, o.weight_decay, penalized), lr=lr, momentum=o.momentum,
+    o = optim
+    opt = torch.optim.SGD(param_groups(model, o.weight_decay, extra_groups), lr=lr, momentum=o.momentum,
                           nesterov=o.nesterov, fused=o.fused)
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup, o.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, world_size, precision))
-    if world_size == 1 and cfg.engine.zero_stage == 0:
+    ds_config = deepspeed_config(o, engine_cfg, batch_size=batch_size, world_size=world_size, precision=precision)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    if world_size == 1 and engine_cfg.zero_stage == 0:
         # One rank: the gradient all-reduce is the identity, yet DeepSpeed still flattens every
         # gradient into a bucket (torch.cat) and copies it back each step: 76 of 178 ms of a
         # ResNet-18 CPU step (batch 16, 64 px). ZeRO 1/2 reduce inside their optimizer: untouched.
         engine.enable_backward_allreduce = False
-    if cfg.engine.compile:
+    if engine_cfg.compile:
         engine.compile()
     return engine

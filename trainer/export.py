@@ -14,6 +14,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from admm.fold import apply_folding, fold_batchnorm
+from admm.realize import realize
+from admm.surgery import apply_manifest, manifest_of
+from trainer import checkpoint as ckpt
+from trainer.latency import format_row, layer_latency_table
+from trainer.models import build_model
+from trainer.stateful import restore_model
+
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -34,8 +42,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: 
     """
     from safetensors.torch import save_file
 
-    from trainer import checkpoint as ckpt
-
     run_dir = Path(run_dir)
     last = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if last is None:
@@ -45,32 +51,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: 
     shared = ckpt.load_shared(last)
     out = Path(out_dir) if out_dir else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
-    from trainer.models import build_model
-
-    model = build_model(meta["model"], meta["num_classes"])
-    surgery = shared.get("surgery")
-    if surgery:
-        from admm.surgery import apply_manifest
-
-        model = apply_manifest(model, surgery)
-    model.load_state_dict(shared["model"])
+    model = restore_model(build_model(meta["model"], meta["num_classes"]), shared["model"])
     folded: list = []
     if fold_bn:
-        from admm.fold import fold_batchnorm
-
         model.eval()
         folded = [list(p) for p in fold_batchnorm(model)]
-        surgery = getattr(model, "tdc_manifest", None) or surgery
     table: list[dict[str, Any]] = []
-    if tune_batch > 0 and surgery:
-        from admm.realize import realize
-        from trainer.latency import format_row, layer_latency_table
-
+    if tune_batch > 0 and manifest_of(model):
         size = int(meta["image_size"])
         rows = layer_latency_table(model, (tune_batch, 3, size, size), channels_last=channels_last,
                                    progress=(lambda r: progress(format_row(r))) if progress else None)
         realize(model, {r.name: r.choice for r in rows if r.choice != "factored"})
-        surgery = getattr(model, "tdc_manifest", None)
         table = [{"layer": r.name, "format": r.format, "input_shape": list(r.input_shape), "ms": r.ms,
                   "choice": r.choice} for r in rows]
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -78,7 +69,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: 
     save_file(state, str(tmp))
     tmp.replace(out / WEIGHTS)
     manifest = {"format_version": FORMAT_VERSION, "model": meta["model"], "num_classes": meta["num_classes"],
-                "image_size": meta["image_size"], "dataset": meta.get("dataset"), "surgery": surgery,
+                "image_size": meta["image_size"], "dataset": meta.get("dataset"), "surgery": manifest_of(model),
                 "folded_bn": folded, "source_checkpoint": str(last), "phase": meta["phase"]}
     if table:
         manifest["latency_table"] = {"batch": tune_batch, "channels_last": channels_last, "device": "cpu",
@@ -103,18 +94,12 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     """Build the exported model from ``path`` (a directory with manifest.json + model.safetensors)."""
     from safetensors.torch import load_file
 
-    from trainer.models import build_model
-
     path = Path(path)
     manifest = read_manifest(path)
     model = build_model(manifest["model"], manifest["num_classes"])
     if manifest.get("folded_bn"):  # first: the folded producers carry a bias the manifest's specs expect
-        from admm.fold import apply_folding
-
         model = apply_folding(model, manifest["folded_bn"])
     if manifest.get("surgery"):
-        from admm.surgery import apply_manifest
-
         model = apply_manifest(model, manifest["surgery"])
     model.load_state_dict(load_file(str(path / WEIGHTS), device=str(device)), strict=True)
     return model.to(device).eval(), manifest

@@ -3,40 +3,23 @@
 Hook points, in order, for every optimizer step:
   forward + loss -> engine.backward (gradient hooks registered by components
   run here, before DeepSpeed's data-parallel average) -> engine.step ->
-  ``on_step_end``; and ``on_epoch_end`` after each epoch.
+  ``on_step_end``; and ``on_epoch_end`` after each epoch. The full contract
+  (prepare, attach, checkpoint, detach) is :mod:`trainer.component`.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.component import Component, LoopState
 from trainer.engine import Precision
-
-
-@dataclass
-class LoopState:
-    """Counters of the running phase (optimizer steps, not micro-batches)."""
-
-    phase: str
-    epoch: int = 0  # completed epochs in this phase
-    step: int = 0  # optimizer steps done in this phase
-    epochs: int = 0
-    steps_per_epoch: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-class Hook(Protocol):
-    def on_step_end(self, state: LoopState) -> None: ...
-
-    def on_epoch_end(self, state: LoopState) -> None: ...
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -58,7 +41,7 @@ def _fmt_time(seconds: float) -> str:
 
 
 def train_epoch(engine, loader: Iterable, state: LoopState, *, device: torch.device, precision: Precision,
-                label_smoothing: float, hooks: list[Hook], log_every: int,
+                label_smoothing: float, hooks: Sequence[Component], log_every: int,
                 log: Callable[[dict[str, float], int], None]) -> dict[str, float]:
     """One epoch (or ``state.steps_per_epoch`` optimizer steps) through the DeepSpeed engine.
 

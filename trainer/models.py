@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-__all__ = ["MODEL_NAMES", "build_model", "CifarResNet", "BasicBlock", "TinyCNN"]
+from trainer.config import MODEL_NAMES
+
+__all__ = ["MODEL_BUILDERS", "MODEL_NAMES", "build_model", "CifarResNet", "BasicBlock", "TinyCNN"]
 
 
 class BasicBlock(nn.Module):
@@ -123,7 +125,8 @@ def _kaiming_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+# Keyed by trainer.config.ModelName, the one list of model names (tests/test_layout.py checks they agree).
+MODEL_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "resnet20": lambda k: CifarResNet(3, k),
     "resnet32": lambda k: CifarResNet(5, k),
     "resnet56": lambda k: CifarResNet(9, k),
@@ -132,8 +135,6 @@ _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "resnet50": lambda k: tvm.resnet50(weights=None, num_classes=k),
     "tinycnn": TinyCNN,
 }
-
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
@@ -151,8 +152,8 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     Raises:
         ValueError: unknown name or ``num_classes < 1``.
     """
-    if name not in _BUILDERS:
+    if name not in MODEL_BUILDERS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    return _BUILDERS[name](num_classes)
+    return MODEL_BUILDERS[name](num_classes)

@@ -61,10 +61,6 @@ class Tracker:
         self._client = client(uri) if (uri and run_id) else None
         self.best: dict[str, float] = {}
 
-    @property
-    def active(self) -> bool:
-        return self._client is not None
-
     def metrics(self, values: dict[str, float], step: int) -> None:
         if not self._client:
             return

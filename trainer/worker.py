@@ -1,53 +1,28 @@
 """Per-worker entry: build data and model, then run (or resume) the phase sequence.
 
-This is the composition root on the worker side: it is the one trainer
-module that may reach into ``admm`` (through :mod:`trainer.phases`), and it
-runs unchanged under Ray Train or in-process (backend ``local``).
+It runs unchanged under Ray Train (``cluster.ray_runtime`` calls it with Ray's
+report function) or in-process (backend ``local``); it knows nothing of Ray.
 """
 from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher.config import from_dict
-from launcher.schema import Config
 from trainer import checkpoint as ckpt
+from trainer.context import WorkerContext, WorkerJob
 from trainer.data import load_datasets, make_loader
 from trainer.engine import prepare_deepspeed_env
 from trainer.loop import rank_and_world
 from trainer.models import build_model
+from trainer.phases import run_phase
+from trainer.stateful import restore_model
 from trainer.tracking import Tracker
-
-
-@dataclass
-class WorkerContext:
-    """Everything a phase needs that outlives one phase."""
-
-    cfg: Config
-    rank: int
-    world: int
-    device: torch.device
-    run_dir: Path
-    train_loader: Any
-    eval_loader: Any
-    num_classes: int
-    image_size: int
-    parent: Tracker
-    phase_trackers: list[Tracker]
-    ckpt_index: int = 0
-    report: Any = None  # ray.train.report under Ray Train (a collective: every rank calls it)
-    node: str = "local"  # Ray node id of this worker (recorded in checkpoints)
-
-    @property
-    def ckpt_root(self) -> Path:
-        return self.run_dir / "checkpoints"
 
 
 def seed_everything(seed: int) -> None:
@@ -56,27 +31,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(cfg: Config) -> torch.device:
-    want = cfg.cluster.use_gpu
-    if want == "yes" and not torch.cuda.is_available():
+def pick_device(use_gpu: str) -> torch.device:
+    """``use_gpu``: "yes" (fail without CUDA), "no", or "auto" (CUDA when this worker sees one)."""
+    if use_gpu == "yes" and not torch.cuda.is_available():
         raise RuntimeError("cluster.use_gpu is 'yes' but this worker sees no CUDA device")
-    if want != "no" and torch.cuda.is_available():
+    if use_gpu != "no" and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
 
 
-def data_root(cfg: Config) -> str | None:
-    return cfg.data.root or os.environ.get("TDC_DATA_ROOT")
-
-
-def build_context(payload: dict[str, Any]) -> WorkerContext:
-    cfg: Config = from_dict(Config, payload["config"])
+def build_context(job: WorkerJob) -> WorkerContext:
+    cfg = job.config
     rank, world = rank_and_world()
-    device = pick_device(cfg)
+    device = pick_device(job.use_gpu)
     d = cfg.data
-    sets = load_datasets(d.dataset, data_root(cfg), augment=d.augment, seed=cfg.seed, train_subset=d.train_subset,
+    sets = load_datasets(d.dataset, d.root, augment=d.augment, seed=cfg.seed, train_subset=d.train_subset,
                          eval_subset=d.eval_subset, download=d.download, synthetic_train=d.synthetic_train,
                          synthetic_eval=d.synthetic_eval)
     micro = d.batch_size // (world * cfg.optim.grad_accum)
@@ -84,41 +55,28 @@ def build_context(payload: dict[str, Any]) -> WorkerContext:
                                drop_last=True, num_workers=d.loader_workers)
     eval_loader = make_loader(sets.eval, max(1, d.eval_batch_size // world), rank=rank, world_size=world,
                               shuffle=False, seed=cfg.seed, drop_last=False, num_workers=d.loader_workers)
-    uri = payload.get("tracking_uri")
-    ids = payload.get("run_ids") or {}
-    lead = rank == 0 and bool(uri)
-    parent = Tracker(uri, ids.get("parent") if lead else None)
-    phases = [Tracker(uri, rid if lead else None) for rid in ids.get("phases", [None] * len(cfg.phases))]
-    return WorkerContext(cfg=cfg, rank=rank, world=world, device=device, run_dir=Path(payload["run_dir"]),
+    lead = rank == 0 and bool(job.tracking_uri)  # only rank 0 logs
+    parent = Tracker(job.tracking_uri, job.parent_run_id if lead else None)
+    ids = job.phase_run_ids or [None] * len(cfg.phases)
+    phases = [Tracker(job.tracking_uri, rid if lead else None) for rid in ids]
+    return WorkerContext(cfg=cfg, rank=rank, world=world, device=device, run_dir=Path(job.run_dir),
                          train_loader=train_loader, eval_loader=eval_loader, num_classes=sets.num_classes,
-                         image_size=sets.image_size,
-                         parent=parent, phase_trackers=phases)
+                         image_size=sets.image_size, parent=parent, phase_trackers=phases)
 
 
-def _quiet_ray_train_reports() -> None:
-    """Ray Train 2.60 logs every ``ray.train.report`` call (the whole metrics dict) at INFO from each
-    worker; our own progress lines already say it. Its logger is named by its file path."""
-    import logging
+def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None = None,
+               node: str = "local") -> dict[str, Any]:
+    """Run ``job`` on this worker: every rank of the process group calls it.
 
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # another Ray layout: nothing to quiet
-        return
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
-
-def train_func(payload: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train ``train_loop_per_worker`` (also called directly by the local backend)."""
-    from trainer.phases import run_phase, restore_model
-
+    Args:
+        report: called with each phase's scalar results on every rank (Ray Train's report).
+        node: the node this worker runs on, recorded in checkpoints.
+    Returns:
+        ``{"<index>:<kind>": metrics}`` of the phases this call ran.
+    """
     prepare_deepspeed_env()
-    ctx = build_context(payload)
-    if payload.get("backend") == "ray":
-        import ray.train
-
-        ctx.report = ray.train.report
-        ctx.node = ray.get_runtime_context().get_node_id()
-        _quiet_ray_train_reports()
+    ctx = build_context(job)
+    ctx.report, ctx.node = report, node
     cfg = ctx.cfg
     seed_everything(cfg.seed)
     model = build_model(cfg.model.name, ctx.num_classes)
@@ -128,7 +86,7 @@ def train_func(payload: dict[str, Any]) -> dict[str, Any]:
     if last is not None:
         meta = ckpt.read_meta(last)
         ctx.ckpt_index = meta["index"] + 1
-        model = restore_model(model, ckpt.load_shared(last), cfg)
+        model = restore_model(model, ckpt.load_shared(last)["model"])
         start_phase = meta["phase_index"] + (1 if meta["phase_done"] else 0)
         if not meta["phase_done"]:
             resume = last
@@ -144,4 +102,3 @@ def train_func(payload: dict[str, Any]) -> dict[str, Any]:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return results
-

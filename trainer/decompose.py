@@ -1,4 +1,4 @@
-"""The decompose phase: replace planned layers by factored modules and measure what that costs.
+"""The decompose phase: replace planned layers by factored modules (admm.surgery) and measure what that costs.
 
 The papers' key point is the accuracy right after decomposition: after ADMM the
 dense model is already close to low rank, so decomposing loses little, while
@@ -8,13 +8,14 @@ plan's formulas and measured by ``torch.utils.flop_counter`` on rank 0.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from admm.component import plan_for_model
 from admm.surgery import decompose_model
+from trainer.context import WorkerContext
+from trainer.engine import resolve_precision
+from trainer.loop import evaluate
 
 
 def measured_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -35,13 +36,10 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def decompose_phase(ctx: Any, index: int, model: nn.Module) -> tuple[nn.Module, dict[str, float]]:
+def decompose_model_phase(ctx: WorkerContext, index: int, model: nn.Module) -> tuple[nn.Module, dict[str, float]]:
     """Decompose ``model`` in place by the run's rank plan; returns the factored model and metrics."""
-    from trainer.engine import resolve_precision
-    from trainer.loop import evaluate
-
     cfg = ctx.cfg
-    precision = resolve_precision(cfg, ctx.device)
+    precision = resolve_precision(cfg.engine, ctx.device)
     tracker = ctx.phase_trackers[index]
     shape = (1, 3, ctx.image_size, ctx.image_size)
     plan = plan_for_model(model, cfg.compression, ctx.world, input_shape=shape)

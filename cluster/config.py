@@ -1,0 +1,28 @@
+"""The ``cluster`` config section: where and on how many workers a run executes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from admm.config import check
+
+
+@dataclass
+class ClusterConfig:
+    # ray: Ray Train workers; local: one worker in this process, no Ray (debugging, GPU boxes without Ray).
+    backend: Literal["ray", "local"] = "ray"
+    address: str | None = None  # None: start an embedded local Ray; else "auto" or "ray://host:port"
+    num_workers: int = 2
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    cpus_per_worker: int = 1
+    max_failures: int = 0  # worker-group restarts before the run fails
+    storage: str = "runs"  # checkpoints and run state; shared storage on a multi-node cluster
+    object_store_mb: int = 512  # embedded Ray only
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        check(self.cpus_per_worker >= 1, "cpus_per_worker", f"must be >= 1, got {self.cpus_per_worker}")
+        check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1 = retry forever), got {self.max_failures}")
+        check(self.object_store_mb >= 64, "object_store_mb", f"must be >= 64, got {self.object_store_mb}")
+        check(self.backend == "ray" or self.num_workers == 1, "num_workers",
+              f"backend 'local' runs exactly one worker, got {self.num_workers}")

@@ -1,0 +1,66 @@
+"""One source for every name list, and the component contract.
+
+The config's ``Literal`` types are the lists of allowed names (and what a bad
+value's error message offers); each registry that acts on a name is keyed by
+the same list. The import direction itself is checked by import-linter
+(pyproject.toml, run by `make test`).
+"""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+
+from admm.component import AdmmComponent, plan_for_model
+from admm.config import FORMATS, AdmmConfig, CompressionConfig
+from admm.layers import FACTORED_LAYERS
+from admm.projections import PROJECTIONS
+from trainer.component import Component
+from trainer.config import (
+    DATASET_NAMES,
+    MODEL_NAMES,
+    PHASE_KINDS,
+    TRAINING_PHASES,
+    DataConfig,
+    FailAt,
+    ModelConfig,
+    PhaseConfig,
+)
+from trainer.data import DATASET_SHAPES
+from trainer.faults import FailureInjector
+from trainer.models import MODEL_BUILDERS, build_model
+from trainer.phases import PHASES
+
+
+def _allowed(cls: type, field: str) -> tuple:
+    return typing.get_args(typing.get_type_hints(cls)[field])
+
+
+@pytest.mark.parametrize("allowed, registry", [
+    (_allowed(ModelConfig, "name"), MODEL_BUILDERS),
+    (_allowed(DataConfig, "dataset"), DATASET_SHAPES),
+    (_allowed(PhaseConfig, "kind"), PHASES),
+    (_allowed(CompressionConfig, "format"), PROJECTIONS),
+    (_allowed(CompressionConfig, "format"), FACTORED_LAYERS),
+], ids=["models", "datasets", "phases", "projections", "factored-layers"])
+def test_schema_and_registries_agree(allowed, registry):
+    assert tuple(registry) == allowed
+
+
+def test_name_tuples_are_the_literals():
+    assert MODEL_NAMES == _allowed(ModelConfig, "name")
+    assert DATASET_NAMES == _allowed(DataConfig, "dataset")
+    assert PHASE_KINDS == _allowed(PhaseConfig, "kind")
+    assert FORMATS == _allowed(CompressionConfig, "format")
+    assert set(TRAINING_PHASES) < set(PHASE_KINDS)
+
+
+def test_components_meet_the_contract(tmp_path: Path):
+    model = build_model("tinycnn", 10)
+    plan = plan_for_model(model, CompressionConfig(format="svd", exclude=[], min_channels=3))
+    admm = AdmmComponent(plan, AdmmConfig(), rank=0, world=1, grad_accum=1, log=lambda m, s: None)
+    injector = FailureInjector(FailAt(phase=0, epoch=1), 0, tmp_path, rank=0)
+    for comp in (admm, injector):
+        assert isinstance(comp, Component), type(comp).__name__
+    assert admm.name != injector.name  # their checkpoint keys

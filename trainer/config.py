@@ -1,0 +1,183 @@
+"""Config sections the trainer owns, and the typed config a worker runs.
+
+Sections: ``model``, ``data``, ``optim``, ``engine``, ``phases``, ``tracking``,
+``debug``. Each is validated in ``__post_init__`` (``ValueError`` naming the
+field; the launcher adds the section). :class:`WorkerConfig` is what the
+driver hands every worker: these sections plus the method's (``compression``,
+``admm``), already typed and checked, so no worker parses anything.
+
+The name lists (models, datasets, phase kinds) are the ``Literal`` types here;
+the registries in :mod:`trainer.models`, :mod:`trainer.data` and
+:mod:`trainer.phases` are keyed by them (tests/test_layout.py checks they agree).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from admm.config import AdmmConfig, CompressionConfig, check
+
+ModelName = Literal["resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "tinycnn"]
+DatasetName = Literal["packed", "cifar10", "cifar100", "imagenet", "synthetic"]
+PhaseKind = Literal["pretrain", "admm", "decompose", "finetune", "evaluate"]
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+PHASE_KINDS: tuple[str, ...] = get_args(PhaseKind)
+TRAINING_PHASES: tuple[str, ...] = ("pretrain", "admm", "finetune")  # phases that run epochs of SGD
+COMPRESSING_PHASES: tuple[str, ...] = ("admm", "decompose")  # phases that need a rank plan
+
+
+@dataclass
+class ModelConfig:
+    name: ModelName = "resnet20"
+
+
+@dataclass
+class DataConfig:
+    dataset: DatasetName = "packed"
+    # Directory of the dataset; empty means the TDC_DATA_ROOT environment variable.
+    root: str | None = None
+    download: bool = False
+    batch_size: int = 128  # global images per optimizer step, all workers together
+    eval_batch_size: int = 256
+    train_subset: int = 0  # 0 = the whole split; else a fixed seeded random subset
+    eval_subset: int = 0
+    augment: bool = True
+    loader_workers: int = 0  # DataLoader processes per training worker
+    synthetic_train: int = 1024
+    synthetic_eval: int = 256
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        for key in ("train_subset", "eval_subset", "loader_workers"):
+            check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("synthetic_train", "synthetic_eval"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # peak learning rate for the global batch
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # applied to conv/linear weights, not to BN or biases
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    label_smoothing: float = 0.0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    # Global gradient-norm clipping; 0 = off. DeepSpeed 0.19 clips at 1.0 unless told otherwise,
+    # which silently shrank the ADMM penalty gradient; the project always sets it explicitly.
+    grad_clip: float = 0.0
+    # torch's fused SGD: the whole update in one kernel per step (CPU and CUDA). On CPU it took
+    # ResNet-50's SGD step from 14.5 to 8.0 ms (bench/README.md, train_throughput.py --fused).
+    fused: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        check(not self.nesterov or self.momentum > 0, "nesterov", "needs momentum > 0")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(0 <= self.label_smoothing < 1, "label_smoothing",
+              f"must be in [0, 1), got {self.label_smoothing}")
+        check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
+    # auto: bf16 autocast on a GPU, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto: channels_last inputs on a GPU (parameters stay contiguous for DeepSpeed).
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False  # torch.compile the model inside the engine
+
+    def __post_init__(self) -> None:
+        check(self.zero_stage in (0, 1, 2), "zero_stage", f"must be one of 0, 1, 2, got {self.zero_stage}")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns.db
+    uri: str | None = None
+    experiment: str = "tdcompress"
+
+
+@dataclass
+class PhaseConfig:
+    kind: PhaseKind
+    epochs: int = 1
+    lr: float | None = None  # overrides optim.lr for this phase
+    steps_per_epoch: int = 0  # 0 = a full pass over the data; >0 caps it (smoke runs)
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
+        check(self.lr is None or self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.steps_per_epoch >= 0, "steps_per_epoch", f"must be >= 0, got {self.steps_per_epoch}")
+
+    @property
+    def trains(self) -> bool:
+        return self.kind in TRAINING_PHASES
+
+
+@dataclass
+class FailAt:
+    """Where an injected failure strikes: after the checkpoint of ``epoch`` (1-based) of phase ``phase``."""
+
+    phase: int
+    epoch: int
+    rank: int | None = None  # None: every rank fails together
+
+    def __post_init__(self) -> None:
+        check(self.phase >= 0, "phase", f"must be >= 0, got {self.phase}")
+        check(self.epoch >= 1, "epoch", f"must be >= 1 (epochs count from 1), got {self.epoch}")
+        check(self.rank is None or self.rank >= 0, "rank", f"must be >= 0 or null (every rank), got {self.rank}")
+
+
+@dataclass
+class DebugConfig:
+    # Fail once at this point, to test recovery (cluster.max_failures, resume=true). Logged with
+    # the run's params like every other setting; null (the default) never fails.
+    fail_at: FailAt | None = None
+
+
+@dataclass(kw_only=True)
+class WorkerConfig:
+    """Everything a worker runs, typed and validated (the launcher's experiment config extends it)."""
+
+    seed: int = 0
+    log_every: int = 50  # optimizer steps between progress lines / metric logs
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    admm: AdmmConfig = field(default_factory=AdmmConfig)
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig("pretrain"), PhaseConfig("evaluate")])
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        check_phases(self.phases)
+        fail = self.debug.fail_at
+        if fail is not None:
+            check(fail.phase < len(self.phases) and self.phases[fail.phase].trains, "debug.fail_at.phase",
+                  f"must be the index of a training phase ({', '.join(TRAINING_PHASES)}), got {fail.phase}")
+            check(fail.epoch <= self.phases[fail.phase].epochs, "debug.fail_at.epoch",
+                  f"phase {fail.phase} runs {self.phases[fail.phase].epochs} epochs, got {fail.epoch}")
+
+
+def check_phases(phases: list[PhaseConfig]) -> None:
+    """The phase sequence must make sense: one decompose at most, and fine-tuning only after it."""
+    check(len(phases) >= 1, "phases", "needs at least one phase")
+    kinds = [p.kind for p in phases]
+    for i, kind in enumerate(kinds):
+        if kind == "decompose":
+            check(kind not in kinds[:i], f"phases.{i}.kind", "decompose may appear only once")
+        if kind == "finetune":
+            check("decompose" in kinds[:i], f"phases.{i}.kind",
+                  "finetune trains the factored model; put a decompose phase before it")

@@ -1,0 +1,48 @@
+"""What the driver sends a worker (:class:`WorkerJob`) and what a worker builds from it (:class:`WorkerContext`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from trainer.config import WorkerConfig
+from trainer.tracking import Tracker
+
+
+@dataclass
+class WorkerJob:
+    """One run as every worker receives it: the typed config and where results go."""
+
+    config: WorkerConfig
+    run_dir: str
+    tracking_uri: str | None = None  # None: no MLflow
+    parent_run_id: str | None = None
+    phase_run_ids: list[str | None] = field(default_factory=list)  # one per phase
+    use_gpu: Literal["auto", "yes", "no"] = "auto"  # cluster.use_gpu: "auto" takes CUDA where a worker has it
+
+
+@dataclass
+class WorkerContext:
+    """Everything a phase needs that outlives one phase."""
+
+    cfg: WorkerConfig
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
+    train_loader: Any
+    eval_loader: Any
+    num_classes: int
+    image_size: int
+    parent: Tracker
+    phase_trackers: list[Tracker]
+    ckpt_index: int = 0
+    # Called with each phase's scalar results on every rank (Ray Train's report, a collective), or None.
+    report: Callable[[dict[str, float]], None] | None = None
+    node: str = "local"  # the node this worker runs on (recorded in checkpoints)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
