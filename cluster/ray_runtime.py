@@ -45,10 +45,33 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
+def local_cpus() -> int:
+    """CPUs this process may use (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def wants_gpu(cluster: ClusterConfig) -> bool:
     if cluster.use_gpu == "auto":
         return torch.cuda.is_available()
     return cluster.use_gpu == "yes"
+
+
+def _loopback_only() -> None:
+    """Make the embedded Ray bind every server to 127.0.0.1.
+
+    Ray 2.60 ignores ``_node_ip_address`` for its own servers: GCS, raylet, agents and workers
+    listened on all interfaces and the host's address, and metrics endpoints answered
+    unauthenticated on 0.0.0.0. Its "local only" mode (meant for laptops) binds them all to
+    loopback; the Ray processes read it from the environment, and the driver from a constant
+    Ray sets when it is first imported, so both are set. tests/test_distributed_ray.py lists the
+    listening sockets of a running embedded Ray.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def ensure_ray(c: ClusterConfig) -> None:
@@ -62,8 +85,9 @@ def ensure_ray(c: ClusterConfig) -> None:
     if c.address:
         ray.init(address=c.address, runtime_env=env, log_to_driver=True)
         return
+    _loopback_only()
     need = c.num_workers * c.cpus_per_worker
-    ray.init(num_cpus=max(need, os.cpu_count() or 1), num_gpus=torch.cuda.device_count() if gpu else 0,
+    ray.init(num_cpus=max(need, local_cpus()), num_gpus=torch.cuda.device_count() if gpu else 0,
              # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls;
              # without it that cleaner logs a warning every few seconds. Loopback only.
              object_store_memory=c.object_store_mb * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",

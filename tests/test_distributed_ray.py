@@ -122,3 +122,57 @@ def test_cut_on_two_workers_resumes_on_one(tiny, ray_local):
     resumed = pipeline.run(tiny(*SHARDED, "run_name=moved", "resume=true"))  # local backend: 1 worker
     ref = pipeline.run(tiny(*SHARDED, "run_name=ref"))
     _assert_same_model(_last(resumed)[0], _last(ref)[0])
+
+
+def test_reported_accuracy_is_the_saved_models(tiny, ray_local, tmp_path):
+    """BatchNorm statistics are averaged over the ranks before every evaluation and checkpoint.
+
+    Each rank updates its running statistics from its own shard; without the average the
+    replicas differ, evaluation pools them, and only rank 0's model is saved: the logged top-1
+    was not the saved model's. Here the logged top-1, the checkpoint's and the export's agree
+    on the same images, and both ranks hold the same model.
+    """
+    from trainer.data import load_datasets, make_loader
+    from trainer.engine import Precision
+    from trainer.export import export_run, load_exported
+    from trainer.loop import evaluate
+    from trainer.models import build_model
+    from trainer.stateful import restore_model
+
+    cfg = tiny(*RAY2, "model.name=resnet20", "run_name=bn",
+               "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 4}, {kind: evaluate}]")
+    info = pipeline.run(cfg)
+    path, _ = _last(info)
+    prints = [ckpt.load_rank(path, r)["fingerprint"] for r in range(2)]
+    assert torch.equal(prints[0], prints[1]), "replicas hold different BatchNorm statistics"
+    logged = tracking.client(info.tracking_uri).get_run(info.phase_ids[1]).data.metrics["top1"]
+
+    d = cfg.data
+    sets = load_datasets(d.dataset, d.root, augment=False, seed=cfg.seed, eval_subset=d.eval_subset)
+    loader = make_loader(sets.eval, 64, rank=0, world_size=1, shuffle=False, seed=0, drop_last=False)
+    cpu, fp32 = torch.device("cpu"), Precision(False, False)
+    saved = restore_model(build_model("resnet20", sets.num_classes), ckpt.load_shared(path)["model"])
+    exported, _ = load_exported(export_run(info.dir, tmp_path / "export"))
+    for model in (saved, exported):
+        assert evaluate(model, loader, device=cpu, precision=fp32)["top1"] == pytest.approx(logged, abs=1e-9)
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is IPv4 loopback on a dual-stack socket
+    return (mapped or addr).is_loopback
+
+
+def test_embedded_ray_listens_on_loopback_only(ray_local):
+    """Every socket the embedded Ray's processes (GCS, raylet, agents, workers, dashboard) listen on is 127.0.0.1."""
+    import psutil
+
+    me = psutil.Process()
+    ours = {p.pid for p in me.children(recursive=True)} | {me.pid}
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert listening, "found no Ray listener: the check would pass vacuously"
+    public = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in listening
+              if not _is_loopback(c.laddr.ip)]
+    assert not public, f"listening beyond loopback: {public}"

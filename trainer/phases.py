@@ -20,7 +20,7 @@ from trainer.data import set_loader_epoch
 from trainer.decompose import decompose_model_phase
 from trainer.engine import build_engine, resolve_precision
 from trainer.faults import FailureInjector
-from trainer.loop import evaluate, train_epoch
+from trainer.loop import average_batchnorm_stats, evaluate, train_epoch
 from trainer.stateful import CheckpointRegistry, ModelState, ZeroOptimizerState, fingerprint
 
 PhaseResult = tuple[nn.Module, dict[str, float]]
@@ -103,6 +103,7 @@ def _train_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) -> Ph
         stats = train_epoch(engine, ctx.train_loader, state, device=ctx.device, precision=precision,
                             label_smoothing=cfg.optim.label_smoothing, hooks=components,
                             log_every=cfg.log_every, log=tracker.metrics)
+        average_batchnorm_stats(engine.module)  # every replica = the model saved and evaluated
         out = {**stats, **evaluate(engine.module, ctx.eval_loader, device=ctx.device, precision=precision)}
         tracker.metrics({**out, "epoch": state.epoch}, state.step)
         tracker.best_of("top1", out["top1"], state.step)
