@@ -6,6 +6,8 @@ from typing import Literal
 
 from admm.config import check
 
+MAX_FAILURES = 10  # the most worker-group restarts cluster.max_failures may ask for
+
 
 @dataclass
 class ClusterConfig:
@@ -22,7 +24,10 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         check(self.cpus_per_worker >= 1, "cpus_per_worker", f"must be >= 1, got {self.cpus_per_worker}")
-        check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1 = retry forever), got {self.max_failures}")
+        # Bounded: a deterministic error would fail every restart the same way (-1, Ray's "forever", is refused).
+        check(0 <= self.max_failures <= MAX_FAILURES, "max_failures",
+              f"must be in 0..{MAX_FAILURES} (restarts of the worker group, each from the newest intact "
+              f"checkpoint; -1 = retry forever is not allowed), got {self.max_failures}")
         check(self.object_store_mb >= 64, "object_store_mb", f"must be >= 64, got {self.object_store_mb}")
         check(self.backend == "ray" or self.num_workers == 1, "num_workers",
               f"backend 'local' runs exactly one worker, got {self.num_workers}")
