@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConfigError, dump_yaml, flatten, to_dict
+import yaml
+
+from launcher.config import ConfigError, dump_yaml, flatten, from_dict, to_dict
+from launcher.mlflow_runs import DRIVER_BUFFER, RunInfo, close_runs, open_runs
 from launcher.schema import Config
 from trainer import checkpoint as ckpt
 from trainer import tracking
 from trainer.config import COMPRESSING_PHASES
 from trainer.data import DATASET_SHAPES, DatasetError, data_root, load_datasets
-
-
-@dataclass
-class RunInfo:
-    name: str
-    dir: Path
-    tracking_uri: str | None
-    parent_id: str | None
-    phase_ids: list[str | None]
 
 
 def runs_root(cfg: Config) -> Path:
@@ -57,7 +50,20 @@ def resolve_run_dir(cfg: Config) -> tuple[str, Path]:
 
 
 def check_data(cfg: Config) -> tuple[int, int]:
-    """Fail on the driver if the dataset is missing (where the driver can see it); returns (classes, image size)."""
+    """Fail on the driver if the dataset is missing (where the driver can see it); returns (classes, image size).
+
+    Also what this machine can check before anything starts: an embedded Ray asked for more CPUs
+    than the machine has, a global batch larger than the training set.
+    """
+    c = cfg.cluster
+    if c.backend == "ray" and not c.address:
+        from cluster.ray_runtime import local_cpus
+
+        need, have = c.num_workers * c.cpus_per_worker, local_cpus()
+        if need > have:
+            raise ConfigError(f"cluster.num_workers: {c.num_workers} workers x {c.cpus_per_worker} CPUs need {need} "
+                              f"CPUs; this machine has {have}. Lower cluster.num_workers, or run on a cluster "
+                              "(cluster.address)")
     if cfg.cluster.address and cfg.cluster.backend == "ray":
         return DATASET_SHAPES[cfg.data.dataset]  # data lives on the cluster's nodes; workers report it
     d = cfg.data
@@ -72,6 +78,10 @@ def check_data(cfg: Config) -> tuple[int, int]:
     for key, size, split in (("train_subset", d.train_subset, sets.train), ("eval_subset", d.eval_subset, sets.eval)):
         if size > len(split):
             raise ConfigError(f"data.{key}: must be in [0, {len(split)}] for {d.dataset}, got {size}")
+    n_train = d.train_subset or len(sets.train)
+    if n_train < d.batch_size:
+        raise ConfigError(f"data.batch_size: {d.batch_size} is more than the {n_train} training images, so no "
+                          "step would run; lower data.batch_size or enlarge data.train_subset")
     return sets.num_classes, sets.image_size
 
 
@@ -90,7 +100,7 @@ def make_plan(cfg: Config, classes: int, size: int):
     return plan
 
 
-def record_plan(cfg: Config, plan, info: "RunInfo") -> None:
+def record_plan(cfg: Config, plan, info: RunInfo) -> None:
     """Print the plan and store it in the run directory and the MLflow parent run."""
     if plan is None:
         return
@@ -99,8 +109,8 @@ def record_plan(cfg: Config, plan, info: "RunInfo") -> None:
           f"{cfg.cluster.num_workers} workers):\n{table}", flush=True)
     (info.dir / "rank_plan.txt").write_text(table + "\n")
     (info.dir / "rank_plan.json").write_text(json.dumps(plan.to_json(), indent=1))
-    if info.tracking_uri:
-        t = tracking.Tracker(info.tracking_uri, info.parent_id)
+    if info.tracking_uri and not info.resumed:  # logged again on resume, the plan_* metrics had two step-0 points
+        t = tracking.Tracker(info.tracking_uri, info.parent_id, buffer=info.dir / DRIVER_BUFFER)
         t.artifact(info.dir / "rank_plan.txt")
         t.artifact(info.dir / "rank_plan.json")
         t.metrics({"plan_params_before": plan.dense_params_total, "plan_params_after": plan.params_after_total,
@@ -108,53 +118,71 @@ def record_plan(cfg: Config, plan, info: "RunInfo") -> None:
                    "plan_compression": plan.compression}, 0)
 
 
-def _open_mlflow(cfg: Config, run_name: str, run_dir: Path, state: dict[str, Any]) -> tuple[str | None, str | None, list]:
-    if not cfg.tracking.enabled:
-        return None, None, [None] * len(cfg.phases)
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    client = tracking.client(uri)
-    if state.get("parent_id"):
-        client.update_run(state["parent_id"], status="RUNNING")
-        return uri, state["parent_id"], state["phase_ids"]
-    exp = tracking.get_or_create_experiment(uri, cfg.tracking.experiment)
-    parent = client.create_run(exp, run_name=run_name, tags={"tdcompress.run_dir": str(run_dir),
-                                                             "tdcompress.config": cfg.name}).info.run_id
-    children = []
-    for i, phase in enumerate(cfg.phases):
-        run = client.create_run(exp, run_name=f"{run_name}/{i}-{phase.kind}",
-                                tags={"mlflow.parentRunId": parent, "tdcompress.phase": phase.kind})
-        children.append(run.info.run_id)
-    t = tracking.Tracker(uri, parent)
-    t.params(flatten(to_dict(cfg)))
-    t.text(dump_yaml(cfg), "config.yaml")
-    return uri, parent, children
+# Settings a resumed run may change: where and how it runs, how it is logged, not what it computes.
+RESUME_MAY_CHANGE = ("resume", "run_name", "allow_config_change", "log_every", "cluster.", "tracking.", "debug.",
+                     "data.root", "data.loader_workers", "data.skip_bad_images", "data.download")
 
 
-def _close_mlflow(info: RunInfo, status: str) -> None:
-    if not info.tracking_uri:
-        return
-    client = tracking.client(info.tracking_uri)
-    last = ckpt.latest_checkpoint(info.dir / "checkpoints")
-    done = -1
-    if last is not None:
-        meta = ckpt.read_meta(last)
-        done = meta["phase_index"] - (0 if meta["phase_done"] else 1)
-    for i, rid in enumerate(info.phase_ids):
-        if rid and client.get_run(rid).info.status == "RUNNING":
-            client.set_terminated(rid, "FINISHED" if i <= done else status)
-    client.set_terminated(info.parent_id, status)
+def check_resume_config(cfg: Config, run_dir: Path) -> list[str]:
+    """The keys where ``cfg`` differs from the config the run in ``run_dir`` started with.
+
+    Raises ConfigError when the run holds a checkpoint and a key outside ``RESUME_MAY_CHANGE``
+    differs (a tucker2 ADMM state resumed into an svd plan, another model...), unless
+    ``allow_config_change=true``.
+    """
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file() or ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
+        return []
+    try:
+        saved = flatten(to_dict(from_dict(Config, yaml.safe_load(saved_file.read_text()))))
+    except (ConfigError, yaml.YAMLError) as e:
+        raise ConfigError(f"resume: the run's {saved_file} cannot be read ({e}); restore it, or start a new run "
+                          "without resume=true") from None
+    now = flatten(to_dict(cfg))
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)
+                     and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_MAY_CHANGE))
+    if changed and not cfg.allow_config_change:
+        diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+        raise ConfigError(f"resume: this config differs from the one run {run_dir.name} started with ({diff}"
+                          f"{'; ...' if len(changed) > 8 else ''}); resume with the same settings, or add "
+                          "allow_config_change=true to continue with the new ones")
+    return changed
+
+
+def _read_state(state_file: Path) -> dict[str, Any]:
+    if not state_file.is_file():
+        return {}
+    try:
+        state = json.loads(state_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"resume: {state_file} is not valid JSON ({e}); it records the run's MLflow ids: "
+                          "restore it, or delete it to continue the run under new MLflow runs") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"resume: {state_file} must hold a JSON object, got {type(state).__name__}")
+    return state
 
 
 def prepare(cfg: Config) -> RunInfo:
     name, run_dir = resolve_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    changed = check_resume_config(cfg, run_dir)
     state_file = run_dir / "run.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    uri, parent, children = _open_mlflow(cfg, name, run_dir, state)
+    state = _read_state(state_file)
+    resumed = bool(state.get("parent_id"))
+    # MLflow first: a tracking server that cannot be reached fails here, before the run directory exists.
+    uri, parent, children = open_runs(cfg, name, run_dir, state)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state.pop("mlflow_unclosed", None)  # applied by open_runs
     state.update(run_name=name, parent_id=parent, phase_ids=children, tracking_uri=uri)
     ckpt.atomic_write_text(state_file, json.dumps(state, indent=1))
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    return RunInfo(name=name, dir=run_dir, tracking_uri=uri, parent_id=parent, phase_ids=children)
+    if changed:  # the config the run started with stays; each changed resume leaves its own beside it
+        k = 1 + len(list(run_dir.glob("config-resume-*.yaml")))
+        ckpt.atomic_write_text(run_dir / f"config-resume-{k}.yaml", dump_yaml(cfg))
+        print(f"resume: continuing with changed settings ({', '.join(changed)}); saved as config-resume-{k}.yaml",
+              flush=True)
+    elif not (run_dir / "config.yaml").is_file() or ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
+        ckpt.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    return RunInfo(name=name, dir=run_dir, tracking_uri=uri, parent_id=parent, phase_ids=children,
+                   resumed=resumed and parent is not None)
 
 
 def run(cfg: Config) -> RunInfo:
@@ -176,11 +204,13 @@ def run(cfg: Config) -> RunInfo:
     t0 = time.time()
     try:
         run_workers(job, cfg.cluster, info.name)
-    except BaseException:
-        _close_mlflow(info, "FAILED")
-        print(f"run {info.name} failed; continue it from its last checkpoint with: "
-              f"tdcompress run CONFIG run_name={info.name} resume=true", flush=True)
+    except BaseException as e:
+        try:  # close_runs raises no Exception: the error that stopped the run stays the one raised
+            close_runs(info, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        finally:
+            print(f"run {info.name} failed; continue it from its last checkpoint with: "
+                  f"tdcompress run CONFIG run_name={info.name} resume=true", flush=True)
         raise
-    _close_mlflow(info, "FINISHED")
+    close_runs(info, "FINISHED")
     print(f"run {info.name} finished in {time.time() - t0:.0f}s", flush=True)
     return info

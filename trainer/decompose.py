@@ -56,7 +56,8 @@ def decompose_model_phase(ctx: WorkerContext, index: int, model: nn.Module) -> t
            "flops_factored": float(flops), "flops_reduction": dense_flops / max(1, flops),
            "plan_params_after": float(plan.params_after_total), "factored_layers": float(len(plan.layers))}
     tracker.metrics(out, 0)
-    ctx.parent.metrics({k: v for k, v in out.items() if k != "factored_layers"}, 0)
+    # plan_params_after is on the parent already (the driver logs the plan): once per step is enough.
+    ctx.parent.metrics({k: v for k, v in out.items() if k not in ("factored_layers", "plan_params_after")}, 0)
     if ctx.rank == 0:
         tracker.text(plan.table(), "rank_plan.txt")
         print(f"[decompose] {len(plan.layers)} layers factored ({cfg.compression.format}): params "

@@ -4,13 +4,38 @@ The driver creates the runs and hands their ids to the workers; only rank 0
 logs, through an explicit :class:`mlflow.tracking.MlflowClient` bound to a
 run id (no global "active run" state, so nothing leaks between phases and
 no other rank creates a run of its own).
+
+Tracking never stops training: a :class:`Tracker` whose server does not
+answer prints one warning, keeps what it could not send in a JSONL buffer
+(in the run directory) and sends it, in order, once the server answers again
+(tried at most every :data:`RETRY_EVERY_S` seconds) or at :meth:`Tracker.flush`.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+# MLflow's HTTP defaults (mlflow.environment_variables: MLFLOW_HTTP_REQUEST_MAX_RETRIES=7,
+# MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2, MLFLOW_HTTP_REQUEST_TIMEOUT=120 s) block one call about
+# 4 minutes when the tracking server is gone. MLflow reads them at every request, so setting them
+# before the first call is enough; a value already in the environment wins. With these a refused
+# connection fails in about 3 s, a server that accepts but never answers in about 30 s.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+RETRY_EVERY_S = 30.0  # while the server is away, Trackers try it again at most this often
+PROBE_TIMEOUT_S = 5.0  # reachability check of an http(s) tracking URI at start
+
+
+def bound_http() -> None:
+    """Apply :data:`HTTP_ENV` to this process."""
+    for key, value in HTTP_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -40,8 +65,28 @@ def client(uri: str):
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    bound_http()  # every process that tracks (driver, rank 0) makes its client here
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why an http(s) tracking server cannot be reached (no HTTP answer within ``timeout``), or None.
+
+    Any HTTP answer counts as reachable; other URI schemes are not probed.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.Timeout:
+        return f"no answer within {timeout:g} s"
+    except requests.RequestException as e:
+        errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(e))  # e.g. [Errno 111] Connection refused
+        return errno.group(0).strip() if errno else short_error(e)
+    return None
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:
@@ -53,22 +98,125 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     return c.create_experiment(name, artifact_location=Path(root, name).as_uri() if root else None)
 
 
-class Tracker:
-    """Logs metrics/params/artifacts to one MLflow run; a no-op without a run id (ranks != 0)."""
+def short_error(e: BaseException) -> str:
+    """One line for a warning: the exception's type and the first line of its message (MLflow's run long)."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text[:160]}"
 
-    def __init__(self, uri: str | None, run_id: str | None) -> None:
+
+def _rejected(e: BaseException) -> bool:
+    """True when the server answered and refused the record (retrying cannot help): HTTP 4xx but 408/429."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, _Unsendable):
+        return True
+    if isinstance(e, MlflowException):
+        code = e.get_http_status_code()
+        return 400 <= code < 500 and code not in (408, 429)
+    return False
+
+
+class _Unsendable(Exception):
+    """A buffered record that can never be sent (its artifact file is gone)."""
+
+
+class _Outbox:
+    """Records not yet sent, shared by all Trackers of one process with the same URI and buffer file.
+
+    With a file, the file is the buffer (appended line by line, so a crash loses nothing already
+    kept, and the next process using the file sends it); without one, a list in memory.
+    """
+
+    def __init__(self, uri: str, path: Path | None) -> None:
+        self.uri, self.path = uri, path
+        self.lock = threading.RLock()
+        self.memory: list[dict[str, Any]] = []
+        self.pending = len(self.entries())
+        self.next_try = 0.0  # time.monotonic() of the next attempt while records wait
+        self.down = False  # warned about the current outage
+        self.dropped = 0
+        self.broken = False  # warned that the buffer itself failed
+
+    def entries(self) -> list[dict[str, Any]]:
+        if self.path is None or not self.path.is_file():
+            return list(self.memory)
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line cut by a crash mid-write
+                continue
+        return out + self.memory
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self.pending += 1
+        if self.path is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(entry, default=str) + "\n")
+                return
+            except OSError as e:
+                print(f"WARNING mlflow: cannot write the tracking buffer {self.path} ({short_error(e)}); "
+                      "keeping records in memory", file=sys.stderr, flush=True)
+        self.memory.append(entry)
+
+    def replace(self, entries: list[dict[str, Any]]) -> None:
+        self.pending, self.memory = len(entries), []
+        if self.path is None:
+            self.memory = list(entries)
+            return
+        if not entries:
+            self.path.unlink(missing_ok=True)
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(e, default=str) + "\n" for e in entries))
+        os.replace(tmp, self.path)
+
+
+_OUTBOXES: dict[tuple[str, str | None], _Outbox] = {}
+_OUTBOXES_LOCK = threading.Lock()
+
+
+def _outbox(uri: str, path: str | Path | None) -> _Outbox:
+    p = Path(path).resolve() if path is not None else None
+    key = (uri, str(p) if p else None)
+    with _OUTBOXES_LOCK:
+        box = _OUTBOXES.get(key)
+        if box is None:
+            box = _OUTBOXES[key] = _Outbox(uri, p)
+        else:  # another process (a Ray worker, an earlier command) may have written the file since
+            with box.lock:
+                box.pending = len(box.entries())
+        return box
+
+
+class Tracker:
+    """Logs metrics/params/artifacts to one MLflow run; a no-op without a run id (ranks != 0).
+
+    No method raises because of MLflow: a record the server does not take is buffered (``buffer``:
+    a JSONL file, else memory) and sent once the server answers again, in the original order, with
+    its original timestamps (so a replay of a record that did arrive is not a second point). One
+    warning is printed per outage; records the server rejects (HTTP 4xx) are dropped with a warning.
+
+    Args:
+        buffer: the JSONL file kept records go to; Trackers of one process sharing a URI and a
+            file share the buffer. A file left by an earlier process is sent by the next Tracker using it.
+        retry_every: seconds between attempts while the server is away (default :data:`RETRY_EVERY_S`).
+    """
+
+    def __init__(self, uri: str | None, run_id: str | None, buffer: str | Path | None = None,
+                 retry_every: float | None = None) -> None:
         self.run_id = run_id
         self._client = client(uri) if (uri and run_id) else None
+        self._box = _outbox(uri, buffer) if self._client else None
+        self.retry_every = RETRY_EVERY_S if retry_every is None else retry_every
         self.best: dict[str, float] = {}
 
+    # -- public API -------------------------------------------------------------------
     def metrics(self, values: dict[str, float], step: int) -> None:
-        if not self._client:
-            return
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
-        self._client.log_batch(self.run_id, metrics=batch)
+        self._submit({"kind": "metrics", "metrics": [[k, float(v), now, int(step)] for k, v in values.items()]})
 
     def best_of(self, key: str, value: float, step: int) -> None:
         """Log ``best_<key>`` whenever ``value`` beats the best so far (higher is better)."""
@@ -77,23 +225,132 @@ class Tracker:
             self.metrics({f"best_{key}": value}, step)
 
     def params(self, values: dict[str, Any]) -> None:
-        if not self._client:
-            return
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in values.items()]
-        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self._client.log_batch(self.run_id, params=items[i:i + 100])
+        self._submit({"kind": "params", "params": [[k, str(v)[:6000]] for k, v in values.items()]})
 
     def tags(self, values: dict[str, str]) -> None:
-        if self._client:
-            for k, v in values.items():
-                self._client.set_tag(self.run_id, k, v)
+        self._submit({"kind": "tags", "tags": {k: str(v) for k, v in values.items()}})
 
     def artifact(self, path: str | Path, subdir: str | None = None) -> None:
-        if self._client:
-            self._client.log_artifact(self.run_id, str(path), subdir)
+        self._submit({"kind": "artifact", "path": str(Path(path).resolve()), "subdir": subdir})
 
     def text(self, text: str, name: str) -> None:
-        if self._client:
-            self._client.log_text(self.run_id, text, name)
+        self._submit({"kind": "text", "text": text, "name": name})
+
+    @property
+    def pending(self) -> int:
+        """Records kept, not yet sent (shared with the Trackers using the same buffer)."""
+        return self._box.pending if self._box else 0
+
+    def flush(self) -> bool:
+        """Send every kept record now (whatever the retry interval); True when none is left.
+
+        Flushes the buffer this Tracker shares with the other Trackers of the same URI and file.
+        """
+        box = self._box
+        if box is None:
+            return True
+        with box.lock:
+            try:
+                if self._drain(force=True):
+                    return True
+            except Exception as e:  # the buffer file itself failed (disk full, ...): still never raise
+                self._broken(e)
+                return False
+            where = (f"kept in {box.path}; the next run of this run directory (resume=true) that reaches the "
+                     "server sends them") if box.path else "lost when this process ends"
+            print(f"WARNING mlflow: {box.pending} tracking records could not be sent to {box.uri}; {where}",
+                  file=sys.stderr, flush=True)
+            return False
+
+    # -- sending and buffering --------------------------------------------------------
+    def _submit(self, entry: dict[str, Any]) -> None:
+        if self._client is None:
+            return
+        entry["run"] = self.run_id
+        try:
+            self._submit_or_keep(entry)
+        except Exception as e:  # the buffer file itself failed (disk full, ...): still never raise
+            self._broken(e)
+
+    def _broken(self, e: BaseException) -> None:
+        if not self._box.broken:
+            self._box.broken = True
+            print(f"WARNING mlflow: the tracking buffer failed ({short_error(e)}); some records may be lost",
+                  file=sys.stderr, flush=True)
+
+    def _submit_or_keep(self, entry: dict[str, Any]) -> None:
+        box = self._box
+        with box.lock:
+            if box.pending and not self._drain(force=False):
+                box.add(entry)  # keep the order: nothing overtakes a kept record
+                return
+            try:
+                self._send(entry)
+            except Exception as e:  # tracking must never stop training
+                if _rejected(e):
+                    self._drop(entry, e)
+                else:
+                    box.add(entry)
+                    self._went_away(e)
+
+    def _drain(self, force: bool) -> bool:
+        """Send kept records in order; True when none remain. Tries only when due (or ``force``)."""
+        box = self._box
+        if not box.pending:
+            return True
+        if not force and time.monotonic() < box.next_try:
+            return False
+        entries = box.entries()
+        for i, entry in enumerate(entries):
+            try:
+                self._send(entry)
+            except Exception as e:  # likewise
+                if _rejected(e):
+                    self._drop(entry, e)
+                    continue
+                box.replace(entries[i:])
+                self._went_away(e)
+                return False
+        box.replace([])
+        if box.down:
+            box.down = False
+            print(f"mlflow: {box.uri} answers again; sent {len(entries)} kept records", file=sys.stderr, flush=True)
+        return True
+
+    def _went_away(self, e: BaseException) -> None:
+        box = self._box
+        box.next_try = time.monotonic() + self.retry_every
+        if not box.down:
+            box.down = True
+            where = box.path or "memory"
+            print(f"WARNING mlflow: tracking server {box.uri} did not take a record ({short_error(e)}). Training "
+                  f"continues; records are kept in {where} and sent when it answers again (tried every "
+                  f"{self.retry_every:g}s and at the end).", file=sys.stderr, flush=True)
+
+    def _drop(self, entry: dict[str, Any], e: BaseException) -> None:
+        box = self._box
+        box.dropped += 1
+        if box.dropped == 1:
+            print(f"WARNING mlflow: the server refused a {entry.get('kind')} record for run {entry.get('run')} "
+                  f"({short_error(e)}); dropped (later refusals are not printed)", file=sys.stderr, flush=True)
+
+    def _send(self, entry: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        run, kind, c = entry["run"], entry["kind"], self._client
+        if kind == "metrics":
+            c.log_batch(run, metrics=[Metric(k, float(v), int(ts), int(s)) for k, v, ts, s in entry["metrics"]])
+        elif kind == "params":
+            items = [Param(k, v) for k, v in entry["params"]]
+            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+                c.log_batch(run, params=items[i:i + 100])
+        elif kind == "tags":
+            c.log_batch(run, tags=[RunTag(k, v) for k, v in entry["tags"].items()])
+        elif kind == "artifact":
+            if not Path(entry["path"]).exists():
+                raise _Unsendable(f"artifact {entry['path']} no longer exists")
+            c.log_artifact(run, entry["path"], entry["subdir"])
+        elif kind == "text":
+            c.log_text(run, entry["text"], entry["name"])
+        else:
+            raise _Unsendable(f"unknown record kind {kind!r}")

@@ -49,16 +49,18 @@ def build_context(job: WorkerJob) -> WorkerContext:
     d = cfg.data
     sets = load_datasets(d.dataset, d.root, augment=d.augment, seed=cfg.seed, train_subset=d.train_subset,
                          eval_subset=d.eval_subset, download=d.download, synthetic_train=d.synthetic_train,
-                         synthetic_eval=d.synthetic_eval)
+                         synthetic_eval=d.synthetic_eval, skip_bad_images=d.skip_bad_images)
     micro = d.batch_size // (world * cfg.optim.grad_accum)
     train_loader = make_loader(sets.train, micro, rank=rank, world_size=world, shuffle=True, seed=cfg.seed,
                                drop_last=True, num_workers=d.loader_workers)
     eval_loader = make_loader(sets.eval, max(1, d.eval_batch_size // world), rank=rank, world_size=world,
                               shuffle=False, seed=cfg.seed, drop_last=False, num_workers=d.loader_workers)
     lead = rank == 0 and bool(job.tracking_uri)  # only rank 0 logs
-    parent = Tracker(job.tracking_uri, job.parent_run_id if lead else None)
+    # What the tracking server does not take waits in this file (shared by these Trackers) until it answers.
+    buffer = Path(job.run_dir) / "tracking-buffer-rank0.jsonl"
+    parent = Tracker(job.tracking_uri, job.parent_run_id if lead else None, buffer=buffer)
     ids = job.phase_run_ids or [None] * len(cfg.phases)
-    phases = [Tracker(job.tracking_uri, rid if lead else None) for rid in ids]
+    phases = [Tracker(job.tracking_uri, rid if lead else None, buffer=buffer) for rid in ids]
     return WorkerContext(cfg=cfg, rank=rank, world=world, device=device, run_dir=Path(job.run_dir),
                          train_loader=train_loader, eval_loader=eval_loader, num_classes=sets.num_classes,
                          image_size=sets.image_size, parent=parent, phase_trackers=phases)
@@ -82,7 +84,12 @@ def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None
     model = build_model(cfg.model.name, ctx.num_classes)
 
     start_phase, resume = 0, None
-    last = ckpt.latest_checkpoint(ctx.ckpt_root)
+    # The newest checkpoint that verifies (rank 0 checks, all ranks agree); damaged newer ones are
+    # skipped, so a restart never retries the same bad file. None intact at all: CheckpointError.
+    last, skipped = ckpt.resume_checkpoint(ctx.ckpt_root)
+    if ctx.rank == 0:
+        for path, why in skipped:
+            print(f"[resume] skipped {path}: {why}", flush=True)
     if last is not None:
         meta = ckpt.read_meta(last)
         ctx.ckpt_index = meta["index"] + 1
@@ -99,6 +106,7 @@ def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None
     for index in range(start_phase, len(cfg.phases)):
         model, out = run_phase(ctx, index, model, resume if index == start_phase else None)
         results[f"{index}:{cfg.phases[index].kind}"] = out
+    ctx.parent.flush()  # send what an unreachable tracking server did not take (the buffer all Trackers share)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return results
