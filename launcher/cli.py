@@ -216,13 +216,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tdcompress: {e}", file=sys.stderr)  # a wrong run or export directory: it says which and why
         return 2
-    except Exception as e:  # a missing dataset and the like: say it plainly, no traceback
+    except Exception as e:  # a missing dataset, a malformed export or checkpoint: say it plainly, no traceback
+        from trainer.checkpoint import CheckpointError
         from trainer.data import DatasetError
+        from trainer.export import ExportError
 
-        if isinstance(e, DatasetError):
-            print(f"tdcompress: data error: {e}", file=sys.stderr)
-            return 2
-        raise
+        kinds = {DatasetError: "data", ExportError: "export", CheckpointError: "checkpoint"}
+        kind = next((k for t, k in kinds.items() if isinstance(e, t)), None)
+        if kind is None:
+            raise
+        print(f"tdcompress: {kind} error: {e}", file=sys.stderr)
+        return 2
 
 
 def console() -> int:

@@ -9,11 +9,17 @@ therefore fails on the driver, before Ray or any worker starts.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, replace
 
 from admm.config import check
 from cluster.config import ClusterConfig
 from trainer.config import TrackingConfig, WorkerConfig
+
+
+def _plain_name(text: str) -> bool:
+    """A name that is one path component: no separators, no '..', nothing hidden."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*", text)) and ".." not in text
 
 
 class ConfigError(ValueError):
@@ -27,12 +33,17 @@ class Config(WorkerConfig):
 
     name: str
     resume: bool = False
+    allow_config_change: bool = False  # resume even where settings that change the result differ (logged)
     run_name: str | None = None  # default: <name>-<timestamp>; resume picks the latest
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        check(_plain_name(self.name), "name", f"must be a plain name (letters, digits, '-', '_', '.'; not "
+              f"starting with '.'), got {self.name!r}")
+        check(self.run_name is None or _plain_name(self.run_name), "run_name",
+              f"must be a plain name (letters, digits, '-', '_', '.'; not starting with '.'): it names a folder "
+              f"under cluster.storage, got {self.run_name!r}")
         super().__post_init__()  # the trainer's own checks (log_every, phase order, debug.fail_at)
         split = self.optim.grad_accum * self.cluster.num_workers
         check(self.data.batch_size % split == 0, "data.batch_size",

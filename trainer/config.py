@@ -44,6 +44,8 @@ class DataConfig:
     eval_subset: int = 0
     augment: bool = True
     loader_workers: int = 0  # DataLoader processes per training worker
+    # An undecodable image: false = stop with an error naming it; true = skip it (warned and counted).
+    skip_bad_images: bool = False
     synthetic_train: int = 1024
     synthetic_eval: int = 256
 
@@ -178,6 +180,9 @@ def check_phases(phases: list[PhaseConfig]) -> None:
     for i, kind in enumerate(kinds):
         if kind == "decompose":
             check(kind not in kinds[:i], f"phases.{i}.kind", "decompose may appear only once")
+        if kind == "admm":
+            check("decompose" not in kinds[:i], f"phases.{i}.kind",
+                  "admm trains the dense model toward low rank; put it before the decompose phase")
         if kind == "finetune":
             check("decompose" in kinds[:i], f"phases.{i}.kind",
                   "finetune trains the factored model; put a decompose phase before it")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -108,6 +109,7 @@ class PackedSource:
         problem = _packed_problem(jpeg, offsets, labels, classes)
         if problem:
             raise _error(dataset, path, problem)
+        self.path = path
         self.jpeg, self.offsets = jpeg, offsets.astype(np.int64)
         self.labels = labels.astype(np.int64)
         self.classes = [str(c) for c in classes]
@@ -118,6 +120,9 @@ class PackedSource:
         if first.shape[0] != first.shape[1]:
             raise _error(dataset, path, f"images must be square, item 0 is {first.shape[:2]}")
         self.image_size = int(first.shape[0])
+
+    def describe(self, j: int) -> str:
+        return f"item {j} of {self.path}"
 
     def image(self, j: int) -> np.ndarray:
         """Decode item j to a ``(H, W, 3)`` uint8 array."""
@@ -154,6 +159,9 @@ class ArraySource:
     def image(self, j: int) -> np.ndarray:
         return self.data[j]
 
+    def describe(self, j: int) -> str:
+        return f"item {j} of the in-memory array"
+
 
 class FolderSource:
     """Image files on disk (ImageFolder samples), opened per item as RGB PIL images."""
@@ -166,6 +174,9 @@ class FolderSource:
         with Image.open(self.paths[j]) as im:
             return im.convert("RGB")
 
+    def describe(self, j: int) -> str:
+        return self.paths[j]
+
 
 class SyntheticSource:
     """Standard-normal float32 ``(3, size, size)`` images and uniform labels, fixed per index."""
@@ -173,6 +184,9 @@ class SyntheticSource:
     def __init__(self, n: int, num_classes: int, size: int, seed: int, split: int) -> None:
         self.key, self.size = (seed, _SYNTH_TAG, split), size
         self.labels = np.random.default_rng(self.key).integers(0, num_classes, n).astype(np.int64)
+
+    def describe(self, j: int) -> str:
+        return f"synthetic item {j}"
 
     def image(self, j: int) -> torch.Tensor:
         rng = np.random.default_rng([*self.key, j])
@@ -267,11 +281,16 @@ class ImageDataset(Dataset):
 
     ``ds[i]`` -> ``(x, y)``: x float32 ``(3, H, W)``, y int. With ``augment``,
     the transform draws from ``default_rng([seed, epoch, i])``.
+
+    An image that cannot be decoded raises :class:`DatasetError` naming the item and its source
+    (file or packed item); with ``skip_bad=True`` the next decodable item of the split stands in,
+    with a warning that names it and counts the skips of this process.
     """
 
     def __init__(self, source: Any, transform: Callable[[Any, np.random.Generator | None], torch.Tensor] | None,
-                 *, augment: bool, seed: int, indices: np.ndarray | None = None) -> None:
+                 *, augment: bool, seed: int, indices: np.ndarray | None = None, skip_bad: bool = False) -> None:
         self.source, self.transform = source, transform
+        self.skip_bad, self.skipped = skip_bad, 0
         self.augment = augment and transform is not None
         self.seed, self.epoch = seed, 0
         self.indices = indices
@@ -289,11 +308,26 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
-        img = self.source.image(i if self.indices is None else int(self.indices[i]))
-        if self.transform is None:
-            return img, int(self.labels[i])
-        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.augment else None
-        return self.transform(img, rng), int(self.labels[i])
+        for k in range(len(self)):  # k > 0 only when skipping bad images
+            j = (i + k) % len(self)
+            src = j if self.indices is None else int(self.indices[j])
+            try:
+                img = self.source.image(src)
+            except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises for broken files
+                where = self.source.describe(src)
+                if not self.skip_bad:
+                    raise DatasetError(f"image {j} ({where}) cannot be decoded: {type(exc).__name__}: {exc}; "
+                                       "fix or remove it, or set data.skip_bad_images=true to skip such "
+                                       "images") from exc
+                self.skipped += 1
+                print(f"warning: skipped undecodable image {j} ({where}): {exc} "
+                      f"[{self.skipped} skipped in this process]", file=sys.stderr, flush=True)
+                continue
+            if self.transform is None:
+                return img, int(self.labels[j])
+            rng = np.random.default_rng([self.seed, self.epoch, j]) if self.augment else None
+            return self.transform(img, rng), int(self.labels[j])
+        raise DatasetError(f"no image of this split can be decoded ({len(self)} tried)")
 
 
 # ---------------------------------------------------------------- loading ---
@@ -301,7 +335,8 @@ class ImageDataset(Dataset):
 def load_datasets(dataset: str, root: str | None, *, augment: bool = True, seed: int = 0,
                   train_subset: int = 0, eval_subset: int = 0, download: bool = False,
                   synthetic_train: int = 1024, synthetic_eval: int = 256,
-                  image_size: int | None = None, num_classes: int | None = None) -> Datasets:
+                  image_size: int | None = None, num_classes: int | None = None,
+                  skip_bad_images: bool = False) -> Datasets:
     """Build the train and eval splits of ``dataset`` (one of ``DATASET_NAMES``).
 
     Args:
@@ -316,6 +351,7 @@ def load_datasets(dataset: str, root: str | None, *, augment: bool = True, seed:
         image_size: synthetic side (default 32), imagenet crop side (default 224);
             for CIFAR-style data it must be None or the native size.
         num_classes: synthetic class count (default 10); elsewhere None or the true count.
+        skip_bad_images: an undecodable image is skipped (with a warning naming it), not an error.
 
     Raises:
         DatasetError: data missing or malformed. ValueError: bad arguments.
@@ -354,9 +390,9 @@ def load_datasets(dataset: str, root: str | None, *, augment: bool = True, seed:
         if num_classes is not None and num_classes != len(classes):
             raise ValueError(f"num_classes={num_classes} but {dataset!r} has {len(classes)} classes")
     return Datasets(
-        train=ImageDataset(train_src, transform, augment=augment, seed=seed,
+        train=ImageDataset(train_src, transform, augment=augment, seed=seed, skip_bad=skip_bad_images,
                            indices=_subset(len(train_src.labels), train_subset, seed, split=0)),
-        eval=ImageDataset(eval_src, transform, augment=False, seed=seed,
+        eval=ImageDataset(eval_src, transform, augment=False, seed=seed, skip_bad=skip_bad_images,
                           indices=_subset(len(eval_src.labels), eval_subset, seed, split=1)),
         num_classes=len(classes), image_size=size, classes=classes,
     )

@@ -18,6 +18,7 @@ from admm.fold import apply_folding, fold_batchnorm
 from admm.realize import realize
 from admm.surgery import apply_manifest, manifest_of
 from trainer import checkpoint as ckpt
+from trainer.config import MODEL_NAMES
 from trainer.latency import format_row, layer_latency_table
 from trainer.models import build_model
 from trainer.stateful import restore_model
@@ -43,7 +44,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: 
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    last, skipped = ckpt.latest_intact_checkpoint(run_dir / "checkpoints")
+    for path, why in skipped:
+        print(f"export: skipped damaged checkpoint {path}: {why}", flush=True)
+    if last is None and skipped:
+        raise ckpt.CheckpointError(ckpt.no_intact_message(run_dir / "checkpoints", skipped))
     if last is None:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint (expected {run_dir / 'checkpoints' / 'latest'}); "
                                 "pass the run directory printed by `tdcompress run`")
@@ -84,10 +89,40 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not an export: {file} does not exist; write one with "
                                 "`tdcompress export RUN_DIR` (default output: RUN_DIR/export)")
-    manifest = json.loads(file.read_text())
+    try:
+        manifest = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{file}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise ExportError(f"{file}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    _check_field(file, manifest, "model", lambda v: v in MODEL_NAMES, f"one of {', '.join(MODEL_NAMES)}")
+    _check_field(file, manifest, "num_classes", lambda v: _int_in(v, 1, MAX_CLASSES), f"an integer in [1, {MAX_CLASSES}]")
+    _check_field(file, manifest, "image_size", lambda v: _int_in(v, 8, MAX_IMAGE_SIZE),
+                 f"an integer in [8, {MAX_IMAGE_SIZE}]")
+    for key in ("surgery",):
+        _check_field(file, manifest, key, lambda v: v is None or isinstance(v, dict), "a mapping or null")
+    _check_field(file, manifest, "folded_bn", lambda v: v is None or isinstance(v, list), "a list or null")
     return manifest
+
+
+# Bounds on what a manifest may ask to build: a tampered file must not make us allocate without limit.
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIZE = 4096
+
+
+class ExportError(ValueError):
+    """An export directory is malformed or tampered with; the message names the file and the field."""
+
+
+def _int_in(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _check_field(file: Path, manifest: dict[str, Any], key: str, ok: Callable[[Any], bool], allowed: str) -> None:
+    if not ok(manifest.get(key)):
+        raise ExportError(f"{file}: {key} must be {allowed}, got {manifest.get(key)!r}")
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -97,9 +132,14 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     path = Path(path)
     manifest = read_manifest(path)
     model = build_model(manifest["model"], manifest["num_classes"])
-    if manifest.get("folded_bn"):  # first: the folded producers carry a bias the manifest's specs expect
-        model = apply_folding(model, manifest["folded_bn"])
-    if manifest.get("surgery"):
-        model = apply_manifest(model, manifest["surgery"])
-    model.load_state_dict(load_file(str(path / WEIGHTS), device=str(device)), strict=True)
+    try:
+        if manifest.get("folded_bn"):  # first: the folded producers carry a bias the manifest's specs expect
+            model = apply_folding(model, manifest["folded_bn"])
+        if manifest.get("surgery"):
+            model = apply_manifest(model, manifest["surgery"])
+        model.load_state_dict(load_file(str(path / WEIGHTS), device=str(device)), strict=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a manifest that does not describe this model, or weights that do not fit it
+        raise ExportError(f"{path} cannot be loaded: {type(e).__name__}: {e}") from None
     return model.to(device).eval(), manifest
