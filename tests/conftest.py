@@ -49,6 +49,20 @@ def tiny_config(tmp_path: Path, data_root: Path, **sections) -> Config:
     return from_dict(Config, apply_overrides({"name": "tiny"}, overrides))
 
 
+def make_image_folder(root: Path, wnids: tuple[str, ...] = ("n01", "n02"), per_class: int = 2) -> None:
+    """A tiny ImageNet-style tree: root/{train,val}/<wnid>/<k>.JPEG, random 50x40 RGB images (seeded)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for wnid in wnids:
+            (root / split / wnid).mkdir(parents=True)
+            for k in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
+                    root / split / wnid / f"{k}.JPEG")
+
+
 @pytest.fixture
 def tiny(tmp_path, cifar_root):
     """Factory: ``tiny(*overrides)`` -> Config for a seconds-long run in tmp_path."""

@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import make_image_folder
 
 from launcher import pipeline
 from launcher.cli import main
@@ -55,13 +54,7 @@ def test_nan_loss_stops_the_run(tiny):
 
 
 def _folder_with_a_broken_jpeg(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for wnid in ("n01", "n02"):
-            (root / split / wnid).mkdir(parents=True)
-            for k in range(2):
-                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
-                    root / split / wnid / f"{k}.JPEG")
+    make_image_folder(root)
     bad = root / "train" / "n02" / "0.JPEG"
     bad.write_bytes(bad.read_bytes()[:100])  # truncated: Pillow cannot decode it
     return bad

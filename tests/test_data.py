@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from PIL import Image
 
 from trainer.data import (
@@ -235,13 +236,7 @@ def test_bad_arguments(cifar_root: Path) -> None:
 # --------------------------------------------------- imagenet + synthetic ---
 
 def test_imagenet_folder_layout(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for wnid in ("n01", "n02"):
-            (tmp_path / split / wnid).mkdir(parents=True)
-            for k in range(2):
-                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
-                    tmp_path / split / wnid / f"{k}.JPEG")
+    make_image_folder(tmp_path)
     d = load_datasets("imagenet", str(tmp_path), image_size=24, seed=3)
     assert (len(d.train), len(d.eval), d.classes, d.image_size) == (4, 4, ["n01", "n02"], 24)
     x, y = d.train[3]

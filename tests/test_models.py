@@ -13,8 +13,12 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_registry_names() -> None:
-    assert MODEL_NAMES == ("resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "tinycnn")
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_registered_model_maps_images_to_logits(name: str) -> None:
+    """Every name the config allows builds (tests/test_layout.py: the names and the builders agree)."""
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert build_model(name, 7).eval()(x).shape == (2, 7)
 
 
 @pytest.mark.parametrize("name, expected", [
