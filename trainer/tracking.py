@@ -12,14 +12,14 @@ answer prints one warning, keeps what it could not send in a JSONL buffer
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from trainer.tracking_buffer import Unsendable, outbox_for, short_error
 
 # MLflow's HTTP defaults (mlflow.environment_variables: MLFLOW_HTTP_REQUEST_MAX_RETRIES=7,
 # MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2, MLFLOW_HTTP_REQUEST_TIMEOUT=120 s) block one call about
@@ -98,97 +98,16 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     return c.create_experiment(name, artifact_location=Path(root, name).as_uri() if root else None)
 
 
-def short_error(e: BaseException) -> str:
-    """One line for a warning: the exception's type and the first line of its message (MLflow's run long)."""
-    text = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {text[:160]}"
-
-
 def _rejected(e: BaseException) -> bool:
     """True when the server answered and refused the record (retrying cannot help): HTTP 4xx but 408/429."""
     from mlflow.exceptions import MlflowException
 
-    if isinstance(e, _Unsendable):
+    if isinstance(e, Unsendable):
         return True
     if isinstance(e, MlflowException):
         code = e.get_http_status_code()
         return 400 <= code < 500 and code not in (408, 429)
     return False
-
-
-class _Unsendable(Exception):
-    """A buffered record that can never be sent (its artifact file is gone)."""
-
-
-class _Outbox:
-    """Records not yet sent, shared by all Trackers of one process with the same URI and buffer file.
-
-    With a file, the file is the buffer (appended line by line, so a crash loses nothing already
-    kept, and the next process using the file sends it); without one, a list in memory.
-    """
-
-    def __init__(self, uri: str, path: Path | None) -> None:
-        self.uri, self.path = uri, path
-        self.lock = threading.RLock()
-        self.memory: list[dict[str, Any]] = []
-        self.pending = len(self.entries())
-        self.next_try = 0.0  # time.monotonic() of the next attempt while records wait
-        self.down = False  # warned about the current outage
-        self.dropped = 0
-        self.broken = False  # warned that the buffer itself failed
-
-    def entries(self) -> list[dict[str, Any]]:
-        if self.path is None or not self.path.is_file():
-            return list(self.memory)
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a line cut by a crash mid-write
-                continue
-        return out + self.memory
-
-    def add(self, entry: dict[str, Any]) -> None:
-        self.pending += 1
-        if self.path is not None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(entry, default=str) + "\n")
-                return
-            except OSError as e:
-                print(f"WARNING mlflow: cannot write the tracking buffer {self.path} ({short_error(e)}); "
-                      "keeping records in memory", file=sys.stderr, flush=True)
-        self.memory.append(entry)
-
-    def replace(self, entries: list[dict[str, Any]]) -> None:
-        self.pending, self.memory = len(entries), []
-        if self.path is None:
-            self.memory = list(entries)
-            return
-        if not entries:
-            self.path.unlink(missing_ok=True)
-            return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(e, default=str) + "\n" for e in entries))
-        os.replace(tmp, self.path)
-
-
-_OUTBOXES: dict[tuple[str, str | None], _Outbox] = {}
-_OUTBOXES_LOCK = threading.Lock()
-
-
-def _outbox(uri: str, path: str | Path | None) -> _Outbox:
-    p = Path(path).resolve() if path is not None else None
-    key = (uri, str(p) if p else None)
-    with _OUTBOXES_LOCK:
-        box = _OUTBOXES.get(key)
-        if box is None:
-            box = _OUTBOXES[key] = _Outbox(uri, p)
-        else:  # another process (a Ray worker, an earlier command) may have written the file since
-            with box.lock:
-                box.pending = len(box.entries())
-        return box
 
 
 class Tracker:
@@ -209,7 +128,7 @@ class Tracker:
                  retry_every: float | None = None) -> None:
         self.run_id = run_id
         self._client = client(uri) if (uri and run_id) else None
-        self._box = _outbox(uri, buffer) if self._client else None
+        self._box = outbox_for(uri, buffer) if self._client else None
         self.retry_every = RETRY_EVERY_S if retry_every is None else retry_every
         self.best: dict[str, float] = {}
 
@@ -348,9 +267,9 @@ class Tracker:
             c.log_batch(run, tags=[RunTag(k, v) for k, v in entry["tags"].items()])
         elif kind == "artifact":
             if not Path(entry["path"]).exists():
-                raise _Unsendable(f"artifact {entry['path']} no longer exists")
+                raise Unsendable(f"artifact {entry['path']} no longer exists")
             c.log_artifact(run, entry["path"], entry["subdir"])
         elif kind == "text":
             c.log_text(run, entry["text"], entry["name"])
         else:
-            raise _Unsendable(f"unknown record kind {kind!r}")
+            raise Unsendable(f"unknown record kind {kind!r}")
