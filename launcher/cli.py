@@ -149,9 +149,19 @@ def _memory_format_args(p: argparse.ArgumentParser) -> None:
                         "(trainer/malloc.py; only the `tdcompress` console command re-runs)")
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("tdcompress")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tdcompress", description="Low-tensor-rank CNN compression with ADMM, "
                                 "distributed with Ray + DeepSpeed, tracked in MLflow.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run an experiment's phases (resume=true continues the last run)")
@@ -204,7 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _override_hint(argv: list[str]) -> str | None:
+    """An override written as an option (``--optim.lr=0.1``): say how overrides are written."""
+    for a in argv:
+        key, _, value = a.partition("=")
+        if a.startswith("--") and "." in key:
+            example = f"{key[2:]}={value or 'VALUE'}"
+            return (f"tdcompress: {a!r} looks like a config override; overrides are key=value without dashes, "
+                    f"e.g. {example}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    hint = _override_hint(argv)
+    if hint:
+        print(hint, file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -12,7 +12,14 @@ COLUMNS = (("top1", "top1 %"), ("top5", "top5 %"), ("compression", "params x"), 
 
 
 def parent_runs(uri: str, experiment: str, names: list[str] | None = None, limit: int = 20) -> list[Any]:
-    """Newest parent runs (one per `tdcompress run`) of ``experiment``, optionally filtered by run name."""
+    """Newest parent runs (one per `tdcompress run`) of ``experiment``, optionally filtered by run name.
+
+    Reading never creates a store: a SQLite file that does not exist is an error, not an empty database.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_file():
+        raise ConfigError(f"tracking uri: no MLflow store at {uri[len(prefix):]}; run this where `tdcompress run` "
+                          "wrote mlruns.db, or pass --tracking-uri (or set MLFLOW_TRACKING_URI)")
     client = tracking.client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

@@ -156,3 +156,19 @@ def test_plan_command_prints_the_plan_without_data(capsys, monkeypatch):
     assert all(p.name in out for p in plan.layers)
     assert main(["plan", str(CONFIGS / "quickstart.yaml"), "compression.keep_ratio=0.01"]) == 2
     assert "compression.keep_ratio=0.01 is impossible" in capsys.readouterr().err
+
+
+def test_cli_version_and_override_hint(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("tdcompress ")
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--optim.lr=0.1"]) == 2
+    assert "overrides are key=value without dashes, e.g. optim.lr=0.1" in capsys.readouterr().err
+
+
+def test_compare_never_creates_a_store(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["compare"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no empty mlruns.db left behind
