@@ -123,15 +123,16 @@ RESUME_MAY_CHANGE = ("resume", "run_name", "allow_config_change", "log_every", "
                      "data.root", "data.loader_workers", "data.skip_bad_images", "data.download")
 
 
-def check_resume_config(cfg: Config, run_dir: Path) -> list[str]:
-    """The keys where ``cfg`` differs from the config the run in ``run_dir`` started with.
+def check_resume_config(cfg: Config, run_dir: Path, has_checkpoint: bool) -> list[str]:
+    """The keys where ``cfg`` differs from the config the run in ``run_dir`` started with (none before
+    its first checkpoint: ``has_checkpoint`` False).
 
     Raises ConfigError when the run holds a checkpoint and a key outside ``RESUME_MAY_CHANGE``
     differs (a tucker2 ADMM state resumed into an svd plan, another model...), unless
     ``allow_config_change=true``.
     """
     saved_file = run_dir / "config.yaml"
-    if not saved_file.is_file() or ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
+    if not saved_file.is_file() or not has_checkpoint:
         return []
     try:
         saved = flatten(to_dict(from_dict(Config, yaml.safe_load(saved_file.read_text()))))
@@ -164,7 +165,8 @@ def _read_state(state_file: Path) -> dict[str, Any]:
 
 def prepare(cfg: Config) -> RunInfo:
     name, run_dir = resolve_run_dir(cfg)
-    changed = check_resume_config(cfg, run_dir)
+    has_checkpoint = ckpt.latest_checkpoint(run_dir / "checkpoints") is not None
+    changed = check_resume_config(cfg, run_dir, has_checkpoint)
     state_file = run_dir / "run.json"
     state = _read_state(state_file)
     resumed = bool(state.get("parent_id"))
@@ -179,7 +181,7 @@ def prepare(cfg: Config) -> RunInfo:
         ckpt.atomic_write_text(run_dir / f"config-resume-{k}.yaml", dump_yaml(cfg))
         print(f"resume: continuing with changed settings ({', '.join(changed)}); saved as config-resume-{k}.yaml",
               flush=True)
-    elif not (run_dir / "config.yaml").is_file() or ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
+    elif not (run_dir / "config.yaml").is_file() or not has_checkpoint:
         ckpt.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     return RunInfo(name=name, dir=run_dir, tracking_uri=uri, parent_id=parent, phase_ids=children,
                    resumed=resumed and parent is not None)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from admm.component import AdmmComponent
+from trainer import checkpoint as ckpt
 from trainer.component import Component, LoopState
 from trainer.context import WorkerContext
 from trainer.data import set_loader_epoch
@@ -121,9 +122,7 @@ def _train_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) -> Ph
 
 
 def _check_zero_stage(ctx: WorkerContext, path) -> None:
-    from trainer.checkpoint import read_meta
-
-    saved = read_meta(path)["zero_stage"]
+    saved = ckpt.read_meta(path)["zero_stage"]
     if saved != ctx.cfg.engine.zero_stage:
         raise RuntimeError(f"checkpoint {path} was written with engine.zero_stage={saved}; "
                            f"resume with the same stage (got {ctx.cfg.engine.zero_stage})")
