@@ -10,7 +10,7 @@ Units and conventions:
 * ``out_hw = (H_out, W_out)`` is the dense conv's output size, ``(1, 1)`` for
   Linear. ``in_hw`` (default: ``out_hw``, i.e. stride 1 with "same" padding)
   matters only for modules whose first factor is a 1x1 conv at input resolution
-  (tucker2, cp).
+  (tucker2, cp, and tt's in-channel chain for kxk kernels).
 
 The factored modules (what ``admm.layers`` must build so these counts hold),
 for a kernel ``(C_out, C_in, kh, kw)``, ``s = kh*kw``:
@@ -18,10 +18,15 @@ for a kernel ``(C_out, C_in, kh, kw)``, ``s = kh*kw``:
 * svd (r): kxk conv ``C_in -> r`` (the dense conv's stride/padding) then 1x1 ``r -> C_out``.
 * tucker2 (r_out, r_in), Kim et al. 2016: 1x1 ``C_in -> r_in``, kxk ``r_in -> r_out``,
   1x1 ``r_out -> C_out``.
-* tt (r): cores of :meth:`admm.reshape.TTLayout.core_shapes`. Spatial core first
-  (Garipov et al. 2016): a kxk conv with ``r_1`` filters applied to every input
-  channel separately, giving ``(i_1..i_d, r_1)`` per output pixel; then channel
-  core ``j`` contracts ``(i_j, r_j) -> (o_j, r_{j+1})``, all at output resolution.
+* tt (r), the TT-ADMM code's channel-aligned layout: cores of
+  :meth:`admm.reshape.TTLayout.core_shapes` over modes ``(o_1..o_p, s, i_1..i_q)``,
+  bonds ``(1, a_1..a_p, b_0..b_{q-1}, 1)`` (``a_p`` left of ``s``, ``b_0`` right of it).
+  In-channel cores ``i_q .. i_1``, each a matmul over channels at input resolution:
+  core ``i_j`` maps ``(i_1..i_j, b_j) -> (i_1..i_{j-1}, b_{j-1})`` per pixel; then the
+  spatial core as a kxk conv ``b_0 -> a_p`` (the dense conv's stride/padding); then
+  out-channel cores ``o_p .. o_1`` at output resolution, core ``o_j`` mapping
+  ``(o_{j+1}..o_p, a_j) -> (o_j..o_p, a_{j-1})``. For 1x1 kernels and Linear there is
+  no spatial core and everything runs at output resolution (the input is subsampled first).
 * cp (R), Lebedev et al. 2015: 1x1 ``C_in -> R``, depthwise kxk on ``R`` channels,
   1x1 ``R -> C_out``; params ``R*(C_out + C_in + s)``.
 * lowrank_sparse (r, k), Yu et al. 2017: the svd pair plus a sparse kernel with
@@ -98,20 +103,19 @@ def dense_flops(shape: Sequence[int], out_hw: Sequence[int]) -> int:
     return 2 * dense_params(shape) * _hw(out_hw, "out_hw")
 
 
-def _tt_macs_per_pixel(shape: Sequence[int], rank: int) -> int:
-    """MACs per output pixel of the TT module (spatial core, then channel cores in order)."""
+def _tt_macs(shape: Sequence[int], rank: RankSpec, n_out: int, n_in: int) -> int:
+    """MACs per image of the TT module (in-channel chain, spatial conv, out-channel chain)."""
     layout = tt_layout(shape)
-    ranks = layout.ranks(rank)
-    macs, offset = 0, 0
-    if layout.has_spatial:
-        macs += layout.c_in * ranks[1] * layout.spatial
-        offset = 1
+    r = layout.ranks(rank)
+    p, q = len(layout.out_factors), len(layout.in_factors)
     outs, ins = layout.out_factors, layout.in_factors
-    for j, (o, i) in enumerate(zip(outs, ins)):
-        # state (o_1..o_{j-1}, i_j..i_d, r_j) -> (o_1..o_j, i_{j+1}..i_d, r_{j+1})
-        r_left, r_right = ranks[offset + j], ranks[offset + j + 1]
-        macs += math.prod(outs[:j]) * math.prod(ins[j + 1 :]) * o * i * r_left * r_right
-    return macs
+    a = r[: p + 1]  # (1, a_1..a_p): bonds left of the middle
+    b = r[len(r) - q - 1:]  # (b_0..b_{q-1}, 1): bonds right of the middle
+    spatial = layout.has_spatial
+    chain_in = sum(math.prod(ins[: j + 1]) * b[j + 1] * b[j] for j in range(q))  # per pixel
+    chain_out = sum(math.prod(outs[j:]) * a[j + 1] * a[j] for j in range(p))
+    middle = a[p] * b[0] * layout.spatial if spatial else 0
+    return chain_in * (n_in if spatial else n_out) + (middle + chain_out) * n_out
 
 
 def factored_flops(
@@ -123,8 +127,8 @@ def factored_flops(
 ) -> int:
     """FLOPs (2 x MACs) per image of the factored module of ``fmt`` at ``rank``.
 
-    ``in_hw`` is the input spatial size (default ``out_hw``); only tucker2 and cp
-    run a 1x1 conv before the strided kxk conv and so depend on it.
+    ``in_hw`` is the input spatial size (default ``out_hw``); only tucker2, cp and tt
+    (kxk kernels) run channel contractions before the strided kxk conv and so depend on it.
     """
     c_out, c_in, kh, kw = kernel_shape(shape)
     s = kh * kw
@@ -137,7 +141,7 @@ def factored_flops(
         r_out, r_in = spec  # type: ignore[misc]
         macs = c_in * r_in * n_in + (r_in * r_out * s + r_out * c_out) * n_out
     elif fmt == "tt":
-        macs = _tt_macs_per_pixel(shape, spec) * n_out  # type: ignore[arg-type]
+        macs = _tt_macs(shape, spec, n_out, n_in)
     elif fmt == "cp":
         macs = c_in * spec * n_in + spec * (s + c_out) * n_out  # type: ignore[operator]
     else:
@@ -162,7 +166,8 @@ def rank_for_keep_ratio(
 ) -> RankSpec:
     """Largest rank spec whose ``factored_params <= keep * dense_params``.
 
-    * svd, tt, cp: the largest int (tt: one uniform max bond rank).
+    * svd, tt, cp: the largest int (tt: one max bond rank, each bond ``min(r, cap)``; per-bond
+      tt ranks are given explicitly, never planned here).
     * tucker2: ``r_out / R_out ~= r_in / R_in`` with ``(R_out, R_in) = max_rank``,
       which is ``(C_out, C_in)`` for every kxk conv with ``k*k >= C_out/C_in`` and
       ``C_in/C_out`` (all ResNet 3x3 convs). For 1x1 convs and Linear the mode

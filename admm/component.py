@@ -31,7 +31,10 @@ of backward anyway; a smaller bucket or overlap_comm would not wait.)
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,21 +45,86 @@ from admm.config import AdmmConfig, CompressionConfig
 from admm.inspect import describe_layers
 from admm.planner import RankPlan, plan_ranks, select, with_owners
 from admm.state import AdmmState, LayerState, UpdateStats
+from admm.warm import ProjectionOptions
 
 # Marks the optimizer param group of the ADMM-penalized weights (a plain key: DeepSpeed keeps it).
 ADMM_GROUP = "tdc_admm"
 
 
+# The plan an ADMM phase fixed from its starting weights, in its phase directory: a resume and the
+# decompose phase use these ranks instead of planning again from weights that have moved since.
+PLAN_FILE = "rank_plan.json"
+
+
 def plan_for_model(model: nn.Module, compression: CompressionConfig, world: int = 1,
-                   input_shape: tuple[int, ...] | None = None) -> RankPlan:
-    """Plan ranks (and owners for ``world`` ranks) for ``model`` from a CompressionConfig."""
+                   input_shape: tuple[int, ...] | None = None, allocation: str | None = None,
+                   fixed: RankPlan | None = None) -> RankPlan:
+    """Plan ranks (and owners for ``world`` ranks) for ``model`` from a CompressionConfig.
+
+    ``allocation`` overrides ``compression.allocation`` (the driver has no trained weights and asks for
+    "uniform"); "error" plans from the model's current weights. ``fixed``: take every layer's format
+    and ranks from this earlier plan (recounting params and FLOPs at ``input_shape``). When a process
+    group of ``world`` > 1 ranks is up, every rank gets rank 0's plan (broadcast), so float differences
+    between hosts can never split the ranks' plans.
+    """
     layers = describe_layers(model, input_shape)
     planned = select(layers, compression.include, compression.exclude, compression.min_channels)
     if not planned:
         raise ValueError("compression: no layer matches include/exclude/min_channels; nothing to compress")
-    plan = plan_ranks(layers, planned, compression.format, compression.keep_ratio, compression.ranks,
-                      sparse_fraction=compression.sparse_fraction, rank_multiple=compression.rank_multiple)
+    allocation = allocation or compression.allocation
+    if fixed is not None:
+        mine = {layer.name for layer in planned}
+        if {p.name for p in fixed.layers} != mine:
+            theirs = sorted(p.name for p in fixed.layers)
+            raise ValueError(f"compression: the stored plan covers other layers ({theirs}) than this config plans "
+                             f"({sorted(mine)})")
+        plan = plan_ranks(layers, planned, compression.format, 1.0, {p.name: p.rank for p in fixed.layers},
+                          sparse_fraction=compression.sparse_fraction)
+        errors = {p.name: p.error for p in fixed.layers}
+        plan = dataclasses.replace(plan, allocation=fixed.allocation, notes=list(fixed.notes),
+                                   layers=[dataclasses.replace(p, error=errors[p.name]) for p in plan.layers])
+    else:
+        modules = dict(model.named_modules())
+        weights = {layer.name: modules[layer.name].weight for layer in planned} if allocation == "error" else None
+        plan = plan_ranks(layers, planned, compression.format, compression.keep_ratio, compression.ranks,
+                          sparse_fraction=compression.sparse_fraction, rank_multiple=compression.rank_multiple,
+                          allocation=allocation, weights=weights, min_rank_ratio=compression.min_rank_ratio,
+                          max_keep=compression.max_keep)
+    if world > 1 and dist.is_available() and dist.is_initialized():  # every rank calls this: a collective
+        box = [plan]
+        dist.broadcast_object_list(box, src=0)
+        plan = box[0]
     return with_owners(plan, world)
+
+
+def _compression_key(compression: CompressionConfig) -> str:
+    return json.dumps(dataclasses.asdict(compression), sort_keys=True)
+
+
+def save_plan(path: Path, plan: RankPlan, compression: CompressionConfig) -> None:
+    """Write ``plan`` (with the compression config it was made for) to ``path`` atomically, and its table beside it.
+
+    (tmp file + rename here, not trainer.checkpoint's helper: admm imports nothing of the trainer.)
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, text in ((path, json.dumps({"compression": json.loads(_compression_key(compression)),
+                                            "plan": plan.to_json()}, indent=1)),
+                         (path.with_suffix(".txt"), plan.table() + "\n")):
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+
+
+def load_plan(path: Path, compression: CompressionConfig) -> RankPlan | None:
+    """The plan ``save_plan`` wrote at ``path`` for this same compression config; None when absent or
+    made for another config (a resume with ``allow_config_change``: the phase plans anew)."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if json.dumps(data.get("compression"), sort_keys=True) != _compression_key(compression):
+        return None
+    return RankPlan.from_json(data["plan"])
+
 
 
 class AdmmComponent:
@@ -75,7 +143,9 @@ class AdmmComponent:
         self.plan, self.cfg = plan, admm_cfg
         self.rank, self.world, self.grad_accum = rank, world, grad_accum
         self.owned = [p for p in plan.layers if p.owner == rank]
-        self.state = AdmmState(rho=admm_cfg.rho)
+        self.state = AdmmState(rho=admm_cfg.rho, options=ProjectionOptions(
+            hooi_sweeps=admm_cfg.hooi_sweeps, hooi_tol=admm_cfg.hooi_tol,
+            cp_sweeps=admm_cfg.cp_sweeps, cp_tol=admm_cfg.cp_tol))
         self.log, self.out_dir, self.artifact = log, out_dir, artifact
         self.decomp_error = decomp_error
         self.history: list[dict[str, float]] = []  # rank 0: per-layer primal residuals per update
@@ -89,8 +159,21 @@ class AdmmComponent:
     def create(cls, model: nn.Module, compression: CompressionConfig, admm_cfg: AdmmConfig, *, rank: int,
                world: int, grad_accum: int, log: Callable[[dict[str, float], int], None],
                artifact: Callable[[Path], None] | None = None, out_dir: Path | None = None) -> "AdmmComponent":
-        """Plan ``model``'s ranks and owners for ``world`` ranks and build the component of ``rank``."""
-        return cls(plan_for_model(model, compression, world), admm_cfg, rank=rank, world=world,
+        """Plan ``model``'s ranks and owners for ``world`` ranks and build the component of ``rank``.
+
+        With ``out_dir`` the plan is fixed once: the first start plans from the weights it has (with
+        ``compression.allocation=error``, the trained ones) and rank 0 writes it to ``out_dir/PLAN_FILE``
+        (+ ``.txt``, logged as an artifact); a resume reads it back, and so does the decompose phase.
+        """
+        stored = load_plan(out_dir / PLAN_FILE, compression) if out_dir is not None else None
+        plan = plan_for_model(model, compression, world, fixed=stored)
+        if stored is None and out_dir is not None and rank == 0:
+            save_plan(out_dir / PLAN_FILE, plan, compression)
+            print(f"[admm] rank plan ({plan.allocation} allocation) from the weights this phase starts from:\n"
+                  f"{plan.table()}", flush=True)
+            if artifact is not None:
+                artifact((out_dir / PLAN_FILE).with_suffix(".txt"))
+        return cls(plan, admm_cfg, rank=rank, world=world,
                    grad_accum=grad_accum, log=log, out_dir=out_dir, artifact=artifact)
 
     # -- attach / detach ---------------------------------------------------------------
@@ -269,11 +352,15 @@ class AdmmComponent:
                 "history": self.history}
 
     def load_state_dict(self, shards: list[dict[str, Any]]) -> None:
-        """Take this rank's layers from every saved rank's state (any old world size: re-sharding)."""
+        """Take this rank's layers from every saved rank's state (any old world size: re-sharding).
+
+        A layer's warm factors (tucker2/cp) travel with its Z and U to its new owner; a
+        checkpoint from before they were saved restarts the projection cold (HOSVD / svd init).
+        """
         merged = {n: d for s in shards for n, d in s["layers"].items()}
         self.state.rho, self.state.updates = shards[0]["rho"], shards[0]["updates"]
         self.history = shards[0].get("history", [])
         for p in self.owned:
             if p.name in merged:
                 d = merged[p.name]
-                self.state.layers[p.name] = LayerState(p.fmt, p.rank, d["z"], d["u"])
+                self.state.layers[p.name] = LayerState(p.fmt, p.rank, d["z"], d["u"], dict(d.get("warm", {})))

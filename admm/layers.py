@@ -9,9 +9,9 @@ format          factors (``factors.0``, ``factors.1``, ...)                 init
 ==============  ==========================================================  =======================
 svd             ``(r, C_in, kh, kw)`` kxk conv, ``(C_out, r, 1, 1)`` 1x1    truncated SVD, sqrt(S)
                                                                             split into both
-tucker2         ``(r_in, C_in, 1, 1)``, ``(r_out, r_in, kh, kw)``,          HOSVD (= project_tucker2)
+tucker2         ``(r_in, C_in, 1, 1)``, ``(r_out, r_in, kh, kw)``,          HOOI (= project_tucker2)
                 ``(C_out, r_out, 1, 1)`` (Kim et al. 2016)
-cp              ``(R, C_in, 1, 1)``, depthwise ``(R, 1, kh, kw)``,          parafac (= project_cp),
+cp              ``(R, C_in, 1, 1)``, depthwise ``(R, 1, kh, kw)``,          ALS (= project_cp),
                 ``(C_out, R, 1, 1)`` (Lebedev et al. 2015)                  norms balanced
 lowrank_sparse  the svd pair of L, plus ``sparse_values (k,)`` (parameter)  lowrank_sparse_parts
                 at ``sparse_index (k,)`` (int64 buffer, flat indices into
@@ -28,18 +28,15 @@ layer has ``bias`` ``(C_out,)`` iff the dense one had it.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
-import tensorly as tl
 import torch
 import torch.nn.functional as F
-from tensorly.decomposition import parafac, partial_tucker
 from torch import Tensor, nn
 
 from admm.layers_base import FactoredLayer, Geometry, Padding, assign
 from admm.layers_tt import TTLayer
-from admm.projections import CP_N_ITER, RankSpec, lowrank_sparse_parts, max_rank
+from admm.projections import RankSpec, cp_factors, lowrank_sparse_parts, max_rank, tucker2_factors
 from admm.reshape import to_3way, to_matrix
 
 __all__ = [
@@ -142,8 +139,14 @@ class LowRankSparseLayer(SVDLayer):
         self.register_buffer("sparse_index", torch.zeros(k, dtype=torch.long, device=index_device))
 
     def _init_factors(self, weight: Tensor) -> None:
+        self.set_parts(*lowrank_sparse_parts(weight, self.rank))  # type: ignore[arg-type]
+
+    def set_parts(self, low: Tensor, sparse: Tensor) -> None:
+        """Fill the factors from ``L`` (matrix rank <= r) and ``S`` (<= k non-zeros), both of the weight's shape.
+
+        Also used by the data-aware fit (:mod:`admm.feature_fit`), whose parts are not GoDec's.
+        """
         k = self.rank[1]  # type: ignore[index]
-        low, sparse = lowrank_sparse_parts(weight, self.rank)  # type: ignore[arg-type]
         # rank(L) <= r, so its rank-r SVD reproduces it exactly.
         self._init_from_lowrank(to_matrix(low))
         flat = sparse.flatten()
@@ -192,12 +195,9 @@ class Tucker2Layer(FactoredLayer):
         self.factors = nn.ParameterList(_zeros(s, factory) for s in shapes)
 
     def _init_factors(self, weight: Tensor) -> None:
-        # The same call as project_tucker2 (one-shot truncated HOSVD), so that the
+        # The same call as project_tucker2 (HOSVD + HOOI sweeps), so that the
         # product of the factors is its Z: W ~ core x_0 U_out x_1 U_in.
-        with tl.backend_context("pytorch", local_threadsafe=True):
-            (core, (u_out, u_in)), _ = partial_tucker(
-                to_3way(weight), rank=list(self.rank), modes=[0, 1], n_iter_max=0, init="svd"  # type: ignore[arg-type]
-            )
+        core, u_out, u_in = tucker2_factors(weight, self.rank)  # type: ignore[arg-type]
         assign(self.factors[0], u_in.t())
         assign(self.factors[1], core)
         assign(self.factors[2], u_out)
@@ -273,11 +273,7 @@ class CPLayer(FactoredLayer):
             a, b, c = _exact_cp(w3, self.rank)  # type: ignore[arg-type]
         else:
             # The same call as project_cp, so that the product is its Z.
-            with tl.backend_context("pytorch", local_threadsafe=True), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "Trying to compute SVD with n_eigenvecs")
-                cp = parafac(w3, rank=self.rank, n_iter_max=CP_N_ITER, init="svd", random_state=0)
-            a, b, c = cp.factors
-            a = a * cp.weights
+            a, b, c = cp_factors(weight, self.rank)  # type: ignore[arg-type]
         a, b, c = _balance([a, b, c])
         assign(self.factors[0], b.t())
         assign(self.factors[1], c.t())
@@ -320,4 +316,8 @@ def factorize_module(module: nn.Conv2d | nn.Linear, fmt: str, rank: RankSpec,
 def module_from_spec(spec: dict[str, Any], *, device: torch.device | str | None = None,
                      dtype: torch.dtype | None = None) -> FactoredLayer:
     """Rebuild a factored layer (zero factors) from :meth:`FactoredLayer.spec`, ready for ``load_state_dict``."""
+    if spec.get("parametrization") == "usv":  # svd mid-way through rank pruning (admm.layers_prune)
+        from admm.layers_prune import PrunableSVDLayer
+
+        return PrunableSVDLayer.empty(spec, device=device, dtype=dtype)
     return _layer_class(str(spec.get("format"))).empty(spec, device=device, dtype=dtype)

@@ -1,24 +1,30 @@
-"""The TT-conv layer (TT-ADMM, Yin et al. 2021; layout of Garipov et al. 2016).
+"""The TT-conv layer in the channel-aligned layout of the TT-ADMM code (Yin et al., CVPR 2021).
 
 The kernel is held as the TT cores of :func:`admm.projections.tt_cores`, shapes
-``TTLayout.core_shapes(rank)`` = ``(r_{j-1}, n_j, r_j)`` with modes
-``n = (kh*kw, o_1*i_1, ..., o_d*i_d)`` (no spatial mode for 1x1 convs and
-Linear). The forward pass is the one :mod:`admm.accounting` counts:
+``TTLayout.core_shapes(rank)`` = ``(r_{j-1}, n_j, r_j)`` over the modes
+``(o_1..o_p, kh*kw, i_1..i_q)`` (no ``kh*kw`` for 1x1 convs and Linear). Name the
+bonds ``(1, a_1..a_p, b_0..b_{q-1}, 1)``: ``a_p`` sits left of the spatial mode,
+``b_0`` right of it. The forward pass is the chain :mod:`admm.accounting` counts:
 
-1. spatial core ``(1, kh*kw, r_1)``: a kxk conv with ``r_1`` filters applied to
-   every input channel separately (input viewed as ``(N*C_in, 1, H, W)``; the
-   dense layer's stride/padding/dilation go here), giving the state
-   ``(N, i_1..i_d, r_1, H_out*W_out)``. Without a spatial mode the input is
-   only zero-padded and subsampled by the stride (a 1x1 kernel has nothing to
-   convolve).
-2. channel core ``j`` ``(r_j, o_j*i_j, r_{j+1})`` contracts ``(i_j, r_j) -> (o_j, r_{j+1})``
-   by einsum at output resolution; after the last core the state is
-   ``(N, o_1..o_d, H_out*W_out)`` = ``(N, C_out, H_out, W_out)``.
+1. in-channel cores ``i_q, ..., i_1``: with the input channels-last as
+   ``(N*H*W, i_1..i_q)``, core ``i_j`` is one matmul that maps the trailing
+   ``(i_j, b_j)`` to ``b_{j-1}``; the state ends as ``(N*H*W, b_0)``.
+2. spatial core ``(a_p, kh*kw, b_0)``: a kxk conv ``b_0 -> a_p`` channels carrying
+   the dense conv's stride/padding/dilation. (1x1 kernels have no spatial core:
+   the input is zero-padded and subsampled by the stride before step 1, and
+   ``b_0`` is ``a_p``, the bond between ``i_1`` and ``o_p``.)
+3. out-channel cores ``o_p, ..., o_1``: core ``o_j`` maps the trailing ``a_j`` to
+   ``(o_j, a_{j-1})``, one matmul each, leaving ``(N*H_out*W_out, o_p..o_1)``; one
+   permute puts the digits back in row-major channel order.
+
+Every step is a plain 2-D matmul on a channels-last activation (a
+``channels_last`` input needs no copy), which is also how the TT-ADMM code runs
+its TT conv. :func:`admm.realize.merged_module` gives the same map as a Tucker-2
+or svd layer (the two chains contracted into matrices) for the latency table.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -35,9 +41,9 @@ __all__ = ["TTLayer"]
 class TTLayer(FactoredLayer):
     """TT-format conv/Linear. Parameters: ``cores.j`` of shape ``(r_{j-1}, n_j, r_j)``, plus ``bias``.
 
-    Conv input ``(N, C_in, H, W)`` -> ``(N, C_out, H_out, W_out)``; Linear input
-    ``(*, in)`` -> ``(*, out)``. ``rank`` is the max bond rank (each bond is
-    ``min(rank, cap)``, :meth:`admm.reshape.TTLayout.ranks`).
+    Conv input ``(N, C_in, H, W)`` -> ``(N, C_out, H_out, W_out)`` (channels-last
+    strides); Linear input ``(*, in)`` -> ``(*, out)``. ``rank`` is an int (each bond
+    ``min(rank, cap)``) or one rank per bond, :meth:`admm.reshape.TTLayout.ranks`.
     """
 
     format = "tt"
@@ -52,47 +58,81 @@ class TTLayer(FactoredLayer):
         for param, core in zip(self.cores, tt_cores(weight, self.rank)):
             assign(param, core)
 
-    def _spatial(self, x: Tensor) -> tuple[Tensor, int, int]:
-        """Step 1: ``(N, C_in, H, W)`` -> state ``(N, C_in, r_1, H_out*W_out)``, ``H_out``, ``W_out``."""
-        layout, g = self.layout, self.geometry
-        n, c_in, h, w = x.shape
-        if layout.has_spatial:
-            core = self.cores[0][0]  # (kh*kw, r_1)
-            kernel = core.t().reshape(-1, 1, layout.kh, layout.kw)
-            u = F.conv2d(x.reshape(n * c_in, 1, h, w), kernel, None, **g.conv_kwargs)
-            ho, wo = u.shape[-2:]
-            return u.reshape(n, c_in, -1, ho * wo), ho, wo
-        # 1x1 kernel: zero padding then stride subsampling is exactly the conv's sampling.
-        if not isinstance(g.padding, str) and any(g.padding):
-            ph, pw = g.padding
-            x = F.pad(x, (pw, pw, ph, ph))
-        x = x[:, :, :: g.stride[0], :: g.stride[1]]
-        ho, wo = x.shape[-2:]
-        return x.reshape(n, c_in, 1, ho * wo), ho, wo
+    # -- the three groups of cores ------------------------------------------------------
+    @property
+    def out_cores(self) -> list[Tensor]:
+        """Cores of ``o_1..o_p``, shapes ``(a_{j-1}, o_j, a_j)``."""
+        return list(self.cores)[: len(self.layout.out_factors)]
 
-    def _channels(self, state: Tensor) -> Tensor:
-        """Step 2: state ``(N, C_in, r_1, P)`` -> ``(N, C_out, P)`` through the channel cores."""
-        layout = self.layout
-        n = state.shape[0]
-        outs, ins = layout.out_factors, layout.in_factors
-        channel_cores = list(self.cores)[1:] if layout.has_spatial else list(self.cores)
-        for j, core in enumerate(channel_cores):
-            r_left, r_right = core.shape[0], core.shape[2]
-            g = core.reshape(r_left, outs[j], ins[j], r_right)
-            p, q = math.prod(outs[:j]), math.prod(ins[j + 1:])
-            # (N, o_1..o_{j-1}, i_j, i_{j+1}..i_d, r_j, P) -> (N, o_1..o_j, i_{j+1}..i_d, r_{j+1}, P)
-            state = state.reshape(n, p, ins[j], q, r_left, -1)
-            state = torch.einsum("bpiqrx,rois->bpoqsx", state, g)
-        return state.reshape(n, layout.c_out, -1)
+    @property
+    def spatial_core(self) -> Tensor | None:
+        """The ``(a_p, kh*kw, b_0)`` core, or None for 1x1 kernels and Linear."""
+        return self.cores[len(self.layout.out_factors)] if self.layout.has_spatial else None
+
+    @property
+    def in_cores(self) -> list[Tensor]:
+        """Cores of ``i_1..i_q``, shapes ``(b_{j-1}, i_j, b_j)``."""
+        return list(self.cores)[len(self.cores) - len(self.layout.in_factors):]
+
+    def in_matrix(self) -> Tensor:
+        """The in-channel chain as one matrix ``(b_0, C_in)`` (step 1 as a single 1x1 conv)."""
+        m = self.in_cores[-1].reshape(-1, self.layout.in_factors[-1])  # (b_{q-1}, i_q)
+        for core in reversed(self.in_cores[:-1]):
+            m = (core.reshape(-1, core.shape[2]) @ m).reshape(core.shape[0], -1)  # (b_{j-1}, i_j..i_q)
+        return m
+
+    def out_matrix(self) -> Tensor:
+        """The out-channel chain as one matrix ``(C_out, a_p)`` (step 3 as a single 1x1 conv)."""
+        m = self.out_cores[0].reshape(-1, self.out_cores[0].shape[2])  # (o_1, a_1)
+        for core in self.out_cores[1:]:
+            m = (m @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[2])  # (o_1..o_j, a_j)
+        return m
+
+    def spatial_kernel(self) -> Tensor:
+        """The spatial core as a conv kernel ``(a_p, b_0, kh, kw)``."""
+        core = self.spatial_core
+        assert core is not None, "1x1 kernels have no spatial core"
+        return core.transpose(1, 2).reshape(core.shape[0], core.shape[2], *self.geometry.kernel_size)
+
+    # -- forward ------------------------------------------------------------------------
+    def _in_chain(self, state: Tensor) -> Tensor:
+        """Step 1: ``(P, C_in)`` -> ``(P, b_0)``, contracting ``i_q`` first (its outer bond is 1)."""
+        rows = state.shape[0]
+        for core in reversed(self.in_cores):  # (b_{j-1}, i_j, b_j)
+            state = state.reshape(-1, core.shape[1] * core.shape[2]) @ core.reshape(core.shape[0], -1).t()
+        return state.reshape(rows, -1)
+
+    def _out_chain(self, state: Tensor) -> Tensor:
+        """Step 3: ``(P, a_p)`` -> ``(P, C_out)`` in row-major channel order."""
+        rows = state.shape[0]
+        outs = self.layout.out_factors
+        for core in reversed(self.out_cores):  # (a_{j-1}, o_j, a_j): trailing a_j -> (o_j, a_{j-1})
+            state = state.reshape(-1, core.shape[2]) @ core.permute(2, 1, 0).reshape(core.shape[2], -1)
+        p = len(outs)
+        if p > 1:  # digits come out as (o_p..o_1); o_1 must vary slowest
+            state = state.reshape(rows, *reversed(outs)).permute(0, *range(p, 0, -1))
+        return state.reshape(rows, self.layout.c_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.geometry.kind == "linear":
+        layout, g = self.layout, self.geometry
+        if g.kind == "linear":
             lead = x.shape[:-1]
-            state = x.reshape(-1, self.layout.c_in, 1, 1)
-            y = self._channels(state).reshape(*lead, self.layout.c_out)
-            return self._add_bias(y)
-        state, ho, wo = self._spatial(x)
-        y = self._channels(state).reshape(x.shape[0], self.layout.c_out, ho, wo)
+            y = self._out_chain(self._in_chain(x.reshape(-1, layout.c_in)))
+            return self._add_bias(y.reshape(*lead, layout.c_out))
+        if not layout.has_spatial:
+            # 1x1 kernel: zero padding then stride subsampling is exactly the conv's sampling.
+            if not isinstance(g.padding, str) and any(g.padding):
+                ph, pw = g.padding
+                x = F.pad(x, (pw, pw, ph, ph))
+            x = x[:, :, :: g.stride[0], :: g.stride[1]]
+        n, _, h, w = x.shape
+        state = self._in_chain(x.permute(0, 2, 3, 1).reshape(-1, layout.c_in))  # (N*H*W, b_0)
+        if layout.has_spatial:
+            u = state.reshape(n, h, w, -1).permute(0, 3, 1, 2)  # channels-last (N, b_0, H, W)
+            u = F.conv2d(u, self.spatial_kernel(), None, **g.conv_kwargs)
+            h, w = u.shape[-2:]
+            state = u.permute(0, 2, 3, 1).reshape(-1, u.shape[1])  # (N*H_out*W_out, a_p)
+        y = self._out_chain(state).reshape(n, h, w, layout.c_out).permute(0, 3, 1, 2)
         return self._add_bias(y)
 
     def to_dense_weight(self) -> Tensor:

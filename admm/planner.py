@@ -1,21 +1,36 @@
-"""Rank planning and owner assignment (pure: shapes in, plans out).
+"""Rank planning and owner assignment (pure: shapes, and for the error allocation weights, in; plans out).
 
-``plan_ranks`` turns a target into per-layer ranks: explicit ranks by layer
-name where given, else one per-layer keep fraction, found by bisection, so
-that the whole model (excluded layers stay dense) keeps ``keep_ratio`` of its
-parameters. ``assign_owners`` gives every planned layer one owner rank by a
-greedy longest-processing-time-first balance of projection cost.
+``plan_ranks`` turns a target into per-layer ranks so that the whole model
+(excluded layers stay dense) keeps ``keep_ratio`` of its parameters: explicit
+ranks by layer name where given; the other layers either share one per-layer
+keep fraction, found by bisection (``allocation="uniform"``), or get ranks
+allocated from the budget to minimise the summed relative projection error of
+their current weights (``allocation="error"``, :mod:`admm.allocate`).
+``assign_owners`` gives every planned layer one owner rank by a greedy
+longest-processing-time-first balance of projection cost.
+
+Each layer carries its own format (``LayerPlan.fmt``): a 1x1 conv or Linear
+planned as tucker2 is planned as svd (:func:`layer_format`).
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import heapq
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from torch import Tensor
+
 from admm.accounting import dense_flops, dense_params, factored_flops, factored_params, rank_for_keep_ratio
+from admm.allocate import Ladder, allocate, rank_ladder, relative_errors
+from admm.config import ALLOCATIONS
 from admm.projections import RankSpec, max_rank, validate_rank
 from admm.reshape import kernel_shape
+
+ONE_BY_ONE_NOTE = ("1x1 convs and Linear layers planned as tucker2 are planned as svd: for them Tucker-2 is the "
+                   "same projection plus an r x r core, i.e. more parameters for the same Z")
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,7 @@ class LayerPlan:
     flops_before: int  # per image, 2 x MACs
     flops_after: int
     owner: int = 0
+    error: float = -1.0  # ||W - Proj(W)|| / ||W|| of the weights it was planned from; -1: not computed
 
 
 @dataclass
@@ -47,6 +63,8 @@ class RankPlan:
     dense_params_total: int  # the whole model, planned or not (weights of conv/linear layers)
     dense_flops_total: int
     extra: dict[str, float] = field(default_factory=dict)
+    allocation: str = "uniform"  # how the free layers' ranks were chosen (see plan_ranks)
+    notes: list[str] = field(default_factory=list)  # printed under the table
 
     @property
     def params_after_total(self) -> int:
@@ -64,17 +82,33 @@ class RankPlan:
     def by_name(self) -> dict[str, LayerPlan]:
         return {p.name: p for p in self.layers}
 
+    @property
+    def has_errors(self) -> bool:
+        return bool(self.layers) and all(p.error >= 0 for p in self.layers)
+
+    @property
+    def error_sum(self) -> float:
+        """The error allocation's objective: sum over layers of ||W - Proj(W)||^2 / ||W||^2 (-1: not computed)."""
+        return sum(p.error ** 2 for p in self.layers) if self.has_errors else -1.0
+
     def table(self) -> str:
-        """Human-readable plan: one row per layer, then totals."""
-        rows = [("layer", "shape", "format", "ranks", "owner", "params", "->", "FLOPs", "->")]
+        """Human-readable plan: one row per layer (with its relative error when known), then totals and notes."""
+        errors = self.has_errors
+        rows = [("layer", "shape", "format", "ranks", "owner", "params", "->", "FLOPs", "->")
+                + (("rel. error",) if errors else ())]
         for p in self.layers:
             rows.append((p.name, "x".join(map(str, p.shape)), p.fmt, str(p.rank), str(p.owner),
-                         f"{p.params_before:,}", f"{p.params_after:,}", _si(p.flops_before), _si(p.flops_after)))
+                         f"{p.params_before:,}", f"{p.params_after:,}", _si(p.flops_before), _si(p.flops_after))
+                        + ((f"{p.error:.4f}",) if errors else ()))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         lines.append(f"model (conv+linear weights): params {self.dense_params_total:,} -> {self.params_after_total:,}"
                      f" ({self.compression:.2f}x), FLOPs/image {_si(self.dense_flops_total)} -> "
                      f"{_si(self.flops_after_total)} ({self.dense_flops_total / max(1, self.flops_after_total):.2f}x)")
+        if errors:
+            lines.append(f"allocation {self.allocation}: sum of per-layer ||W-Z||^2/||W||^2 {self.error_sum:.4f} "
+                         f"over {len(self.layers)} layers (mean {self.error_sum / len(self.layers):.4f})")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -82,7 +116,18 @@ class RankPlan:
                            for p in self.layers],
                 "dense_params": self.dense_params_total, "params_after": self.params_after_total,
                 "dense_flops": self.dense_flops_total, "flops_after": self.flops_after_total,
-                "compression": self.compression}
+                "compression": self.compression, "allocation": self.allocation, "notes": list(self.notes),
+                **({"error_sum": self.error_sum} if self.has_errors else {})}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "RankPlan":
+        """Inverse of :meth:`to_json` (ranks back to ints / tuples)."""
+        layers = [LayerPlan(**{**d, "shape": tuple(d["shape"]),
+                               "rank": tuple(d["rank"]) if isinstance(d["rank"], list) else d["rank"]})
+                  for d in data["layers"]]
+        return cls(layers=layers, dense_params_total=int(data["dense_params"]),
+                   dense_flops_total=int(data["dense_flops"]), allocation=str(data.get("allocation", "uniform")),
+                   notes=list(data.get("notes", [])))
 
 
 def _si(n: float) -> str:
@@ -143,41 +188,134 @@ def round_rank(shape: Sequence[int], fmt: str, rank: RankSpec, multiple: int) ->
     return values[0] if len(values) == 1 else (values[0], values[1])
 
 
+def layer_format(shape: Sequence[int], fmt: str) -> str:
+    """The format a layer of ``shape`` is planned in: ``fmt``, except svd for a 1x1 conv / Linear under tucker2.
+
+    For a 1x1 kernel the Tucker-2 modes C_out and C_in are the two sides of the weight matrix, so the
+    HOSVD is the rank-r SVD with an extra r x r core: the same Z at more parameters (the peer TT-ADMM
+    code plans such layers as svd too).
+    """
+    _, _, kh, kw = kernel_shape(shape)
+    return "svd" if fmt == "tucker2" and kh * kw == 1 else fmt
+
+
+def _within_limits(shape: Sequence[int], fmt: str, rank: RankSpec, min_rank_ratio: float, max_keep: float) -> bool:
+    """Every rank field >= ``min_rank_ratio`` x its full rank (at least 1) and params <= ``max_keep`` x dense."""
+    full = max_rank(shape, fmt)
+    values = rank if isinstance(rank, tuple) else (rank,)
+    caps = full if isinstance(full, tuple) else (full,)
+    n = 1 if fmt == "lowrank_sparse" else len(values)  # lowrank_sparse: k counts kernel entries, not a rank
+    if any(v < max(1, math.ceil(min_rank_ratio * c - 1e-9)) for v, c in zip(values[:n], caps[:n])):
+        return False
+    return factored_params(shape, fmt, rank) <= max_keep * dense_params(shape)
+
+
+def error_ladder(layer: LayerInfo, fmt: str, weight: Tensor, *, rank_multiple: int = 1, sparse_fraction: float = 0.1,
+                 min_rank_ratio: float = 0.0, max_keep: float = 1.0) -> Ladder:
+    """The rank options of one layer for :func:`admm.allocate.allocate`: rounded to ``rank_multiple``,
+    within the per-layer limits, cheapest first, with their parameter costs and relative squared errors.
+
+    Raises ValueError (naming the keys) when the limits leave no rank for this layer.
+    """
+    specs = [round_rank(layer.shape, fmt, r, rank_multiple)
+             for r in rank_ladder(layer.shape, fmt, sparse_share=sparse_fraction)]
+    specs = [r for r in dict.fromkeys(specs) if _within_limits(layer.shape, fmt, r, min_rank_ratio, max_keep)]
+    if not specs:
+        raise ValueError(f"compression.min_rank_ratio={min_rank_ratio} and compression.max_keep={max_keep} leave "
+                         f"no {fmt} rank for layer {layer.name} {tuple(layer.shape)}; lower min_rank_ratio or "
+                         "raise max_keep")
+    specs.sort(key=lambda r: (factored_params(layer.shape, fmt, r), r if isinstance(r, tuple) else (r,)))
+    errors = relative_errors(weight, fmt, specs)
+    return Ladder(ranks=tuple(specs), costs=tuple(factored_params(layer.shape, fmt, r) for r in specs),
+                  errors=tuple(errors))
+
+
+def with_errors(plan: RankPlan, weights: Mapping[str, Tensor]) -> RankPlan:
+    """A copy of ``plan`` whose layers carry ``error`` = ||W - Proj(W)|| / ||W|| of ``weights[name]``."""
+    layers = [LayerPlan(**{**p.__dict__, "error": math.sqrt(relative_errors(weights[p.name], p.fmt, [p.rank])[0])})
+              for p in plan.layers]
+    return RankPlan(layers=layers, dense_params_total=plan.dense_params_total,
+                    dense_flops_total=plan.dense_flops_total, extra=dict(plan.extra), allocation=plan.allocation,
+                    notes=list(plan.notes))
+
+
 def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fmt: str, keep_ratio: float,
                ranks: Mapping[str, int | Sequence[int]] | None = None, sparse_fraction: float = 0.1,
-               rank_multiple: int = 1) -> RankPlan:
+               rank_multiple: int = 1, allocation: str = "uniform", weights: Mapping[str, Tensor] | None = None,
+               min_rank_ratio: float = 0.0, max_keep: float = 1.0) -> RankPlan:
     """Per-layer ranks so the model keeps ``keep_ratio`` of its conv/linear parameters.
 
-    With ``rank_multiple > 1`` the budgeted ranks pass through :func:`round_rank`
-    inside the bisection, so the rounded plan still keeps at most ``keep_ratio``.
+    Every layer is planned in :func:`layer_format` of ``fmt``. With ``rank_multiple > 1``
+    the budgeted ranks pass through :func:`round_rank` before the budget is checked, so
+    the rounded plan still keeps at most ``keep_ratio``.
 
     Args:
         all_layers: every conv/linear layer of the model (for the totals).
         planned: the subset to factor (see :func:`select`).
         ranks: explicit ranks by layer name; these layers are fixed, the rest share the budget.
+        allocation: ``"uniform"``: the free layers keep one shared fraction of their parameters
+            (bisection); ``"error"``: ranks minimise the summed relative squared projection error
+            of ``weights`` (:mod:`admm.allocate`), each layer's ranks within ``min_rank_ratio`` of
+            its full ranks and ``max_keep`` of its dense parameters. The plan then ends within
+            one rank step of the budget, and its layers carry their ``error``.
+        weights: the current weight of every planned layer by name (needed for ``"error"``).
     Raises:
         ValueError: an explicit rank is invalid, names an unplanned layer, or the target cannot be met
-            even at rank 1 everywhere.
+            even at rank 1 everywhere (or at the ranks ``min_rank_ratio`` demands).
     """
     ranks = dict(ranks or {})
     names = {layer.name for layer in planned}
     unknown = sorted(set(ranks) - names)
     if unknown:
         raise ValueError(f"compression.ranks names layers that are not planned: {unknown}; planned: {sorted(names)}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"compression.allocation: must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allocation == "error" and (weights is None or not names <= set(weights)):
+        raise ValueError("the error allocation needs the weights of every planned layer")
     dense_total = sum(dense_params(layer.shape) for layer in all_layers)
     flops_total = sum(dense_flops(layer.shape, layer.out_hw) for layer in all_layers)
-    fixed = {n: validate_rank(next(layer.shape for layer in planned if layer.name == n), fmt,
-                              tuple(r) if isinstance(r, (list, tuple)) else r) for n, r in ranks.items()}
+    fmts = {layer.name: layer_format(layer.shape, fmt) for layer in planned}
+    notes = [ONE_BY_ONE_NOTE] if any(f != fmt for f in fmts.values()) else []
+    fixed = {}
+    for n, r in ranks.items():
+        shape = next(layer.shape for layer in planned if layer.name == n)
+        try:
+            fixed[n] = validate_rank(shape, fmts[n], tuple(r) if isinstance(r, (list, tuple)) else r)
+        except ValueError as e:
+            hint = " (a 1x1 layer under tucker2 is planned as svd: give one int)" if fmts[n] != fmt else ""
+            raise ValueError(f"compression.ranks.{n}: {e}{hint}") from None
     free = [layer for layer in planned if layer.name not in fixed]
     budget = keep_ratio * dense_total
+
+    if allocation == "error":
+        # The free layers' budget: what is left after dense layers and the fixed layers.
+        rest = dense_total - sum(dense_params(layer.shape) for layer in free)
+        rest -= sum(dense_params(layer.shape) - factored_params(layer.shape, fmts[n], fixed[n])
+                    for layer in planned for n in [layer.name] if n in fixed)
+        ladders = [error_ladder(layer, fmts[layer.name], weights[layer.name], rank_multiple=rank_multiple,
+                                sparse_fraction=sparse_fraction, min_rank_ratio=min_rank_ratio, max_keep=max_keep)
+                   for layer in free]
+        try:
+            choice = allocate(ladders, budget - rest)
+        except ValueError as e:
+            raise ValueError(f"compression.keep_ratio={keep_ratio} is impossible: {e} (min_rank_ratio "
+                             f"{min_rank_ratio}); raise keep_ratio, lower min_rank_ratio or the fixed ranks") from None
+        chosen = {layer.name: (lad.ranks[c], math.sqrt(lad.errors[c])) for layer, lad, c in zip(free, ladders, choice)}
+        for n, r in fixed.items():
+            chosen[n] = (r, math.sqrt(relative_errors(weights[n], fmts[n], [r])[0]))  # type: ignore[index]
+        return RankPlan(layers=[dataclasses.replace(_plan_layer(layer, fmts[layer.name], chosen[layer.name][0]),
+                                                    error=chosen[layer.name][1]) for layer in planned],
+                        dense_params_total=dense_total, dense_flops_total=flops_total, allocation="error",
+                        notes=notes)
 
     def rank_of(layer: LayerInfo, keep: float) -> RankSpec:
         if layer.name in fixed:
             return fixed[layer.name]
-        return round_rank(layer.shape, fmt, _uniform_keep(layer, fmt, keep, sparse_fraction), rank_multiple)
+        f = fmts[layer.name]
+        return round_rank(layer.shape, f, _uniform_keep(layer, f, keep, sparse_fraction), rank_multiple)
 
     def total(keep: float) -> tuple[int, list[LayerPlan]]:
-        plans = [_plan_layer(layer, fmt, rank_of(layer, keep)) for layer in planned]
+        plans = [_plan_layer(layer, fmts[layer.name], rank_of(layer, keep)) for layer in planned]
         return dense_total - sum(p.params_before - p.params_after for p in plans), plans
 
     lo_total, lo_plans = total(1e-9)  # rank 1 (or the fixed ranks) everywhere
@@ -198,7 +336,8 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
         t, plans = total(1.0)
         if t <= budget:
             best = plans
-    return RankPlan(layers=best, dense_params_total=dense_total, dense_flops_total=flops_total)
+    plan = RankPlan(layers=best, dense_params_total=dense_total, dense_flops_total=flops_total, notes=notes)
+    return with_errors(plan, weights) if weights is not None else plan
 
 
 def projection_cost(shape: Sequence[int], fmt: str) -> float:
@@ -233,4 +372,5 @@ def with_owners(plan: RankPlan, world: int) -> RankPlan:
     owners = assign_owners([projection_cost(p.shape, p.fmt) for p in plan.layers], world)
     layers = [LayerPlan(**{**p.__dict__, "owner": o}) for p, o in zip(plan.layers, owners)]
     return RankPlan(layers=layers, dense_params_total=plan.dense_params_total,
-                    dense_flops_total=plan.dense_flops_total, extra=dict(plan.extra))
+                    dense_flops_total=plan.dense_flops_total, extra=dict(plan.extra), allocation=plan.allocation,
+                    notes=list(plan.notes))

@@ -14,33 +14,38 @@ format          rank spec          constraint set / algorithm
 ==============  =================  ==============================================
 svd             int r              rank(C_out x C_in*k*k) <= r; Eckart-Young
 tucker2         (r_out, r_in)      multilinear ranks of modes C_out, C_in (Kim et
-                                   al. 2016); one-shot truncated HOSVD by default
-tt              int r (max bond)   TT ranks of the TT-matrix view <= r, each bond
-                                   capped at what it can hold; TT-SVD (Oseledets 2011)
-cp              int R              CP rank of (C_out, C_in, k*k) <= R; ALS (parafac)
+                                   al. 2016); HOOI from HOSVD or warm (admm.hooi)
+tt              int r (max bond)   TT ranks of the channel-aligned view (o.., k*k,
+                or one rank/bond   i..) of the TT-ADMM code <= r, each bond capped
+                                   at what it can hold; TT-SVD (Oseledets 2011)
+cp              int R              CP rank of (C_out, C_in, k*k) <= R; ALS from the
+                                   svd init or warm (admm.cp_als)
 lowrank_sparse  (r, k)             W ~ L + S, rank(L) <= r, nnz(S) <= k (Yu et al.
                                    2017); alternating hard projections (GoDec)
 ==============  =================  ==============================================
 
-Only svd, tucker2 and tt are exact or quasi-optimal projections; cp and
-lowrank_sparse are projections onto non-convex sets computed by a few
-iterations of a local method, so they are deterministic but not idempotent to
-float precision.
+Only svd, tucker2 and tt are exact or quasi-optimal projections, idempotent to
+round-off; cp and lowrank_sparse are projections onto non-convex sets computed
+by a few iterations of a local method, deterministic but, started cold, not
+idempotent (cp: see :func:`project_cp`). tucker2 and cp can start from the
+factors of the previous call (:mod:`admm.warm`, what the ADMM Z-update does);
+warm-started, cp returns its own output to round-off as well.
 """
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from numbers import Integral
 from typing import Callable, Iterator, Sequence, Union
 
 import tensorly as tl
 import torch
-from tensorly.decomposition import parafac, partial_tucker, tensor_train
+from tensorly.decomposition import tensor_train
 from torch import Tensor
 
 from admm.config import FORMATS
+from admm.cp_als import cp_als, cp_reconstruct
+from admm.hooi import hooi_factors, tucker2_reconstruct
 from admm.reshape import (
     from_3way,
     from_matrix,
@@ -54,7 +59,10 @@ from admm.reshape import (
 
 __all__ = [
     "CP_N_ITER",
+    "CP_TOL",
     "FORMATS",
+    "HOOI_SWEEPS",
+    "HOOI_TOL",
     "LOWRANK_SPARSE_N_ITER",
     "PROJECTIONS",
     "RankSpec",
@@ -66,18 +74,36 @@ __all__ = [
     "project_svd",
     "project_tt",
     "project_tucker2",
+    "cp_factors",
     "tt_cores",
+    "tucker2_factors",
     "validate_rank",
 ]
 
-# An int for svd/tt/cp, a pair for tucker2 (r_out, r_in) and lowrank_sparse (r, k).
-RankSpec = Union[int, tuple[int, int]]
+# An int for svd/tt/cp, a pair for tucker2 (r_out, r_in) and lowrank_sparse (r, k); tt also takes
+# one rank per bond (a tuple of TTLayout.n_bonds ints).
+RankSpec = Union[int, tuple[int, ...]]
 
-# ALS sweeps for CP. Each sweep costs three solves of an R x R system plus
-# Khatri-Rao products; 20 sweeps from the SVD init get most of the error
-# reduction while keeping the per-Z-update cost bounded (ADMM re-projects every
-# epoch and warm-starts nothing, so more sweeps buy little).
+# HOOI sweeps per tucker2 projection (admm.hooi), after HOSVD on a cold call and
+# from the previous Z-update's factors in ADMM (admm.warm). Chosen from
+# `bench/zupdate.py --hooi --max-layers 4` (ResNet-50 convs of all four stages at
+# keep 0.5, CPU, bench/README.md "Tucker-2 by warm-started HOOI"): after a weight
+# change of 1e-3 ||W||, one warm sweep is within 1.5e-6 (relative, worst layer)
+# of the error of 100 cold sweeps, where HOSVD is 3.3% above it; 2 or 3 sweeps
+# gain < 1e-6 more at 1.7x / 2.9x the time. One warm sweep costs 1.13x an HOSVD
+# and 1/76 of the 100 cold sweeps.
+HOOI_SWEEPS = 1
+# Stop HOOI early after a sweep that lowers ||W - Z|| by less than HOOI_TOL * ||W||
+# (0: always run HOOI_SWEEPS; a tolerance only pays with many sweeps).
+HOOI_TOL = 0.0
+
+# ALS sweeps for CP (admm.cp_als), from the svd init on a cold call and from the
+# previous Z-update's factors in ADMM. A sweep costs about 6 C_out C_in k^2 R flops;
+# cold, 20 sweeps get most of the error reduction that 100 get at a fifth of the
+# cost; warm, the sweeps accumulate across Z-updates. CP_TOL > 0 stops after a
+# sweep that lowers the relative error by less than it (0: always run all).
 CP_N_ITER = 20
+CP_TOL = 0.0
 
 # Alternations of (L = SVD_r(W - S), S = top_k(W - L)) for low-rank + sparse.
 # Each half-step is an exact block minimisation, so the error never increases;
@@ -138,6 +164,8 @@ def validate_rank(shape: Sequence[int], fmt: str, rank: object) -> RankSpec:
     Raises ValueError naming the format, the field, the shape and the allowed range.
     """
     _check_format(fmt)
+    if fmt == "tt" and isinstance(rank, (tuple, list)):
+        return _validate_tt_bonds(shape, rank)
     fields, ranges = _FIELDS[fmt], _ranges(shape, fmt)
     values = rank if isinstance(rank, (tuple, list)) else (rank,)
     if (len(fields) == 1 and isinstance(rank, (tuple, list))) or len(values) != len(fields):
@@ -152,6 +180,20 @@ def validate_rank(shape: Sequence[int], fmt: str, rank: object) -> RankSpec:
             )
         out.append(int(value))
     return out[0] if len(out) == 1 else (out[0], out[1])
+
+
+def _validate_tt_bonds(shape: Sequence[int], rank: Sequence[object]) -> tuple[int, ...]:
+    """A per-bond tt rank: ``n_bonds`` ints, bond ``j`` in ``1..cap_j``; returned as the ranks TT-SVD carries."""
+    layout = tt_layout(shape)
+    caps = layout.bond_caps
+    allowed = f"{len(caps)} ints for modes {layout.modes}, bond j in 1..cap_j with caps {caps}"
+    if len(rank) != len(caps):
+        raise ValueError(f"tt rank for weight shape {tuple(shape)} must be an int or {allowed}, got {rank!r}")
+    for j, (value, cap) in enumerate(zip(rank, caps)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or not 1 <= value <= cap:
+            raise ValueError(f"tt rank field r[{j}]={value!r} is invalid for weight shape {tuple(shape)}: "
+                             f"allowed {allowed}")
+    return layout.ranks([int(v) for v in rank])[1:-1]
 
 
 @contextmanager
@@ -188,48 +230,61 @@ def project_svd(weight: Tensor, rank: int) -> Tensor:
     return z.to(weight.dtype)
 
 
-def project_tucker2(weight: Tensor, rank: Sequence[int], n_iter: int = 0) -> Tensor:
-    """Tucker-2 (Kim et al. 2016) of the ``(C_out, C_in, k*k)`` view with ranks ``(r_out, r_in)``.
+def tucker2_factors(weight: Tensor, rank: Sequence[int], n_iter: int = HOOI_SWEEPS, tol: float = HOOI_TOL,
+                    init: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Tucker-2 factors ``(core (r_out, r_in, k*k), U_out (C_out, r_out), U_in (C_in, r_in))`` of ``weight``.
 
-    ``n_iter = 0`` (default) is the one-shot truncated HOSVD: factor matrices are
-    the leading left singular vectors of the mode-0 and mode-1 unfoldings, and
-    Z = W x_0 U_o U_o^T x_1 U_i U_i^T. It is quasi-optimal (error <= sqrt(2) x
-    best) and about 5x cheaper than 10 HOOI sweeps (DESIGN.md: 0.94 s vs
-    4.9 s for all ResNet-50 convs on an H100); ``n_iter > 0`` adds HOOI sweeps.
+    HOSVD, then ``n_iter`` HOOI sweeps (:func:`admm.hooi.hooi_factors`); with
+    ``init`` = the ``(U_out, U_in)`` of an earlier call, the sweeps start from
+    those instead (warm start, ``n_iter >= 1``). The factors are orthonormal,
+    in the compute dtype (float32/float64), on the weight's device.
     """
     r_out, r_in = validate_rank(weight.shape, "tucker2", rank)  # type: ignore[misc]
-    if n_iter < 0:
-        raise ValueError(f"tucker2 n_iter must be >= 0, got {n_iter}")
+    if n_iter < 0 or (init is not None and n_iter < 1):
+        raise ValueError(f"tucker2 n_iter must be >= {0 if init is None else 1}, got {n_iter}")
     with _computing(weight) as w:
-        (core, factors), _ = partial_tucker(
-            to_3way(w), rank=[r_out, r_in], modes=[0, 1], n_iter_max=n_iter, init="svd"
-        )
-        z = from_3way(tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1]), w.shape)
+        core, u_out, u_in, _ = hooi_factors(to_3way(w), (r_out, r_in), n_iter, tol, init)
+    return core, u_out, u_in
+
+
+def project_tucker2(weight: Tensor, rank: Sequence[int], n_iter: int = HOOI_SWEEPS,
+                    tol: float = HOOI_TOL) -> Tensor:
+    """Tucker-2 (Kim et al. 2016) of the ``(C_out, C_in, k*k)`` view with ranks ``(r_out, r_in)``.
+
+    Truncated HOSVD, then ``n_iter`` (default ``HOOI_SWEEPS``) HOOI sweeps, each
+    of which can only lower the error; ``n_iter = 0`` is the one-shot HOSVD
+    (quasi-optimal: error <= sqrt(2) x best). Written with torch
+    (:mod:`admm.hooi`) rather than tensorly's ``partial_tucker``: the same
+    iterates (tests/test_hooi.py: 1e-8 in float64), and a warm sweep took 1/4
+    of partial_tucker's time with the same init on ResNet-50 layers (bench/README.md).
+    Exact on tensors that already have Tucker-2 ranks ``(r_out, r_in)``, so
+    idempotent to round-off. The ADMM Z-update warm-starts it (:mod:`admm.warm`).
+    """
+    core, u_out, u_in = tucker2_factors(weight, rank, n_iter, tol)
+    with torch.no_grad():
+        z = from_3way(tucker2_reconstruct(core, u_out, u_in), weight.shape)
     return z.to(weight.dtype)
 
 
-def tt_cores(weight: Tensor, rank: int) -> list[Tensor]:
-    """TT-SVD (Oseledets 2011) cores of the TT-matrix view (see :mod:`admm.reshape`).
+def tt_cores(weight: Tensor, rank: RankSpec) -> list[Tensor]:
+    """TT-SVD (Oseledets 2011) cores of the channel-aligned TT view (see :mod:`admm.reshape`).
 
-    Returns cores ``G_j`` of shapes ``tt_layout(weight.shape).core_shapes(rank)``,
-    i.e. ``(r_{j-1}, n_j, r_j)`` with ``n = (k*k, o_1*i_1, ..., o_d*i_d)`` (no
-    spatial mode for 1x1 / Linear); a channel core reshapes to
-    ``(r_{j-1}, o_j, i_j, r_j)``. Cores are in the compute dtype (float32/64).
+    ``rank``: an int (each bond ``min(rank, cap)``) or one rank per bond. Returns
+    cores ``G_j`` of shapes ``tt_layout(weight.shape).core_shapes(rank)``, i.e.
+    ``(r_{j-1}, n_j, r_j)`` with ``n = (o_1..o_p, k*k, i_1..i_q)`` (no ``k*k`` for
+    1x1 / Linear). Cores are in the compute dtype (float32/64).
     """
     r = validate_rank(weight.shape, "tt", rank)
     layout = tt_layout(weight.shape)
     with _computing(weight) as w:
-        t = to_tt(w, layout)
-        if t.ndim == 1:  # a single mode has no bond to truncate
-            return [t.reshape(1, -1, 1).clone()]
-        return list(tensor_train(t, rank=list(layout.ranks(r))).factors)
+        return list(tensor_train(to_tt(w, layout), rank=list(layout.ranks(r))).factors)
 
 
-def project_tt(weight: Tensor, rank: int) -> Tensor:
-    """Project onto TT ranks ``<= rank`` (per bond ``min(rank, cap)``) by TT-SVD.
+def project_tt(weight: Tensor, rank: RankSpec) -> Tensor:
+    """Project onto TT ranks ``<= rank`` (int: per bond ``min(rank, cap)``; or per bond) by TT-SVD.
 
     TT-SVD is quasi-optimal (error <= sqrt(N-1) x best, Oseledets 2011) and is
-    exact on tensors that already have those TT ranks.
+    exact on tensors that already have those TT ranks, so it is idempotent to round-off.
     """
     cores = tt_cores(weight, rank)
     layout = tt_layout(weight.shape)
@@ -239,28 +294,63 @@ def project_tt(weight: Tensor, rank: int) -> Tensor:
     return z.to(weight.dtype)
 
 
-def project_cp(weight: Tensor, rank: int, n_iter: int = CP_N_ITER) -> Tensor:
-    """CP/PARAFAC of rank ``R`` of the ``(C_out, C_in, k*k)`` view (Lebedev et al. 2015).
+def cp_factors(weight: Tensor, rank: int, n_iter: int = CP_N_ITER, tol: float = CP_TOL,
+               init: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """CP factors ``(A (C_out, R), B (C_in, R), C (k*k, R))`` of ``weight`` by ALS (:mod:`admm.cp_als`).
 
-    ALS (tensorly ``parafac``) from the SVD init for ``n_iter`` sweeps (default
-    ``CP_N_ITER`` = 20), ``random_state=0`` so that the columns the SVD init
-    cannot fill are the same every call. The best rank-R CP approximation may
-    not exist (border rank), so this is a local, not an exact, projection. At
-    ``R = max_rank`` every tensor is feasible and W is returned unchanged.
+    ``n_iter`` ALS sweeps (stopping early by ``tol``) from the svd init, or from
+    ``init`` = the factors of an earlier call (warm start). At ``R = max_rank``
+    the exact slice decomposition is returned instead (every tensor is feasible there).
+    Factors in the compute dtype, on the weight's device.
     """
     r = validate_rank(weight.shape, "cp", rank)
     if n_iter < 1:
         raise ValueError(f"cp n_iter must be >= 1, got {n_iter}")
     with _computing(weight) as w:
+        w3 = to_3way(w)
         if r == max_rank(weight.shape, "cp"):
-            z = w.clone()
-        else:
-            with warnings.catch_warnings():
-                # R above a mode size is expected: the SVD init fills the extra
-                # columns randomly (seeded) and tensorly warns about it each time.
-                warnings.filterwarnings("ignore", "Trying to compute SVD with n_eigenvecs")
-                cp = parafac(to_3way(w), rank=r, n_iter_max=n_iter, init="svd", random_state=0)
-            z = from_3way(tl.cp_to_tensor(cp), w.shape)
+            return _exact_cp(w3, r)
+        a, b, c, _ = cp_als(w3, r, n_iter, tol, init)
+    return a, b, c
+
+
+def _exact_cp(w3: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """An exact CP decomposition of ``w3`` ``(O, I, S)`` with ``rank = min(O*I, O*S, I*S)`` terms.
+
+    Any 3-way tensor is the sum of its slices along one mode, each slice a sum of
+    rank-1 terms with unit vectors in the two other modes: e.g. with ``I*S``
+    terms, term ``(i, s)`` is ``W[:, i, s] (x) e_i (x) e_s``.
+    """
+    o, i, s = w3.shape
+    eye = lambda n: torch.eye(n, dtype=w3.dtype, device=w3.device)  # noqa: E731
+    if rank == i * s:
+        return w3.reshape(o, i * s).clone(), eye(i).repeat_interleave(s, 1), eye(s).repeat(1, i)
+    if rank == o * s:
+        return eye(o).repeat_interleave(s, 1), w3.permute(1, 0, 2).reshape(i, o * s), eye(s).repeat(1, o)
+    return eye(o).repeat_interleave(i, 1), eye(i).repeat(1, o), w3.reshape(o * i, s).t().clone()
+
+
+def project_cp(weight: Tensor, rank: int, n_iter: int = CP_N_ITER, tol: float = CP_TOL) -> Tensor:
+    """CP/PARAFAC of rank ``R`` of the ``(C_out, C_in, k*k)`` view (Lebedev et al. 2015).
+
+    ALS (:mod:`admm.cp_als`, the iteration of tensorly's ``parafac`` written in
+    torch) from the svd init for ``n_iter`` sweeps (default ``CP_N_ITER`` = 20).
+    The best rank-R CP approximation may not exist (border rank), so this is a
+    local, approximate projection. Started cold it is NOT idempotent at the
+    ranks compression uses: ||Proj(Proj(W)) - Proj(W)|| / ||Proj(W)|| on Gaussian
+    kernels at the planner's keep-0.5 ranks (`bench/zupdate.py --cp-idempotence`)
+    was 0.35 / 0.35 (32x32x9 R=63 / 64x64x9 R=134) after 20 sweeps, 0.34 / 0.37
+    after 100 (0.36 / 0.37 after 500 in a one-off run), and 0.41 for 512x512x9
+    R=1142 after 5 sweeps (6 s a sweep on one CPU core): ALS from the svd init
+    does not find the exact rank-R decomposition that Proj(W) has, and more
+    sweeps do not fix that at any affordable cost. Warm-started from the factors
+    of Proj(W) -- what the ADMM Z-update does (:mod:`admm.warm`) -- one sweep
+    returns Proj(W) to 2e-6..4e-5 (float32). At ``R = max_rank`` W is
+    returned unchanged.
+    """
+    with torch.no_grad():
+        a, b, c = cp_factors(weight, rank, n_iter, tol)
+        z = from_3way(cp_reconstruct(a, b, c), weight.shape)
     return z.to(weight.dtype)
 
 

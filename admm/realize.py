@@ -13,13 +13,17 @@ shape, so :mod:`trainer.latency` measures them and this module only builds them:
     svd structure ``kxk C_in -> r_out`` then ``1x1 r_out -> C_out``. One fewer
     activation pass. For a 1x1 kernel the core folds into the side of larger rank,
     so the result is a rank ``min(r_out, r_in)`` svd with fewer FLOPs than the chain.
+    tt: each channel chain contracted into one matrix, giving a Tucker-2 layer of
+    ranks ``(a_p, b_0)`` (the bonds either side of the spatial core; an svd of the
+    middle bond's rank for 1x1 kernels and Linear). Fewer, larger matmuls than the
+    chain, more parameters.
 ``dense``
     one ``nn.Conv2d``/``nn.Linear`` carrying :meth:`FactoredLayer.to_dense_weight`:
     more FLOPs, but a single pass over the activations.
 
 :func:`realize` swaps the chosen modules into a model and keeps its surgery
 manifest (:func:`admm.surgery.manifest_of`) in step: a ``dense`` layer leaves the manifest
-(a plain layer needs no rebuilding), a ``merged`` one is recorded as svd.
+(a plain layer needs no rebuilding), a ``merged`` one is recorded as svd (tt: tucker2 or svd).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from admm.layers import SVDLayer, Tucker2Layer
+from admm.layers import SVDLayer, TTLayer, Tucker2Layer
 from admm.layers_base import FactoredLayer, assign
 from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 
@@ -55,13 +59,15 @@ def dense_module(layer: FactoredLayer) -> nn.Conv2d | nn.Linear:
 
 
 @torch.no_grad()
-def merged_module(layer: FactoredLayer) -> SVDLayer | None:
-    """tucker2 as a two-factor svd layer (None for other formats); see the module docstring.
+def merged_module(layer: FactoredLayer) -> SVDLayer | Tucker2Layer | None:
+    """tucker2 as a two-factor svd layer, tt as tucker2/svd (None for other formats); see the module docstring.
 
     kxk kernel: first factor ``core * U_in`` ``(r_out, C_in, kh, kw)``, last ``U_out``.
     1x1 kernel or Linear: the core joins the factor on the side of larger rank, so
     the svd rank is ``min(r_out, r_in)``.
     """
+    if isinstance(layer, TTLayer):
+        return _tt_merged(layer)
     if not isinstance(layer, Tucker2Layer):
         return None
     g = layer.geometry
@@ -86,6 +92,26 @@ def merged_module(layer: FactoredLayer) -> SVDLayer | None:
     if g.bias:
         svd.bias.copy_(layer.bias)
     return svd.train(layer.training)
+
+
+@torch.no_grad()
+def _tt_merged(layer: TTLayer) -> SVDLayer | Tucker2Layer:
+    """tt with both channel chains as matrices: kxk -> tucker2 ``(a_p, b_0)``, 1x1/Linear -> svd."""
+    g = layer.geometry
+    u_in, u_out = layer.in_matrix().detach(), layer.out_matrix().detach()  # (b_0, C_in), (C_out, a_p)
+    factory = {"device": u_in.device, "dtype": u_in.dtype}
+    merged: SVDLayer | Tucker2Layer
+    if layer.layout.has_spatial:
+        merged = Tucker2Layer(g, (u_out.shape[1], u_in.shape[0]), **factory)
+        for param, value in zip(merged.factors, (u_in, layer.spatial_kernel().detach(), u_out)):
+            assign(param, value)
+    else:
+        merged = SVDLayer(g, u_in.shape[0], **factory)
+        assign(merged.factors[0], u_in)
+        assign(merged.factors[1], u_out)
+    if g.bias:
+        merged.bias.copy_(layer.bias)
+    return merged.train(layer.training)
 
 
 def _build(layer: FactoredLayer, choice: str) -> nn.Module | None:

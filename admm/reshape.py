@@ -7,14 +7,20 @@ Every weight is seen as a conv kernel ``(C_out, C_in, kh, kw)``; a Linear weight
   rank is the number of filters of a "kxk conv with r filters -> 1x1" pair.
 * 3-way view (tucker2, cp): ``(C_out, C_in, s)``; Tucker-2 (Kim et al. 2016)
   factorises modes 0 and 1 only, CP (Lebedev et al. 2015) all three.
-* TT view (tt): ``(s, o_1*i_1, ..., o_d*i_d)`` -- the TT-matrix layout of
-  TT-ADMM (Yin et al. 2021) / Novikov et al. 2015: ``C_out = o_1*...*o_d`` and
-  ``C_in = i_1*...*i_d`` are factorised into ``d`` small factors and paired
-  mode by mode, with the spatial mode put first as in Garipov et al. 2016
-  ("Ultimate tensorization"). Spatial-first lets the factored layer run its kxk
-  conv once per input channel and then contract channel cores at output
-  resolution. The spatial mode is dropped when ``s == 1`` (Linear, 1x1 conv),
-  where it would only add a trivial bond of rank 1.
+* TT view (tt): ``(o_1, ..., o_p, s, i_1, ..., i_q)`` -- the channel-aligned
+  layout of the TT-ADMM code (Yin et al., CVPR 2021): ``C_out = o_1*...*o_p`` and
+  ``C_in = i_1*...*i_q`` are split into small factors, the kernel is read as
+  ``(C_out, s, C_in)`` and its modes are ordered out-channel factors, the spatial
+  mode, in-channel factors. The bonds then line up with channel unfoldings: the
+  bond left of ``s`` has the rank of the ``C_out x (s*C_in)`` unfolding, the one
+  right of it that of ``(C_out*s) x C_in``, so the factored layer is a chain of
+  channel contractions, one kxk conv between the two middle bonds, and more
+  channel contractions (:mod:`admm.layers_tt`). The TT-SVD itself is Oseledets
+  2011. The spatial mode is dropped when ``s == 1`` (Linear, 1x1 conv), where it
+  would only add a bond that copies its neighbour. (An earlier version paired
+  ``o_j*i_j`` into TT-matrix modes with ``s`` first, Novikov et al. 2015 /
+  Garipov et al. 2016; it fit channel-structured weights worse at equal
+  parameters and its conv cost more FLOPs than the dense one, so it is gone.)
 
 Index convention (row-major, like ``torch.reshape``): output channel
 ``o = ((o_1 * O_2 + o_2) * O_3 + o_3) ...`` i.e. ``o_1`` varies slowest; the same
@@ -133,8 +139,9 @@ class TTLayout:
 
     Attributes:
         c_out, c_in: channel counts; ``kh, kw``: spatial kernel size.
-        out_factors, in_factors: ``(o_1..o_d)`` and ``(i_1..i_d)``, ascending,
-            products ``c_out`` and ``c_in``; paired index by index.
+        out_factors: ``(o_1..o_p)``, product ``c_out``, ascending (small factors at the train's ends
+            keep the end cores small).
+        in_factors: ``(i_1..i_q)``, product ``c_in``, descending (the mirror image).
     """
 
     c_out: int
@@ -151,14 +158,18 @@ class TTLayout:
 
     @property
     def has_spatial(self) -> bool:
-        """Whether the TT tensor has the leading spatial mode (``kh*kw > 1``)."""
+        """Whether the TT tensor has the middle spatial mode (``kh*kw > 1``)."""
         return self.spatial > 1
 
     @property
     def modes(self) -> tuple[int, ...]:
-        """Mode sizes of the TT tensor: ``(kh*kw,)`` if present, then ``o_j*i_j``."""
-        paired = tuple(o * i for o, i in zip(self.out_factors, self.in_factors))
-        return ((self.spatial,) if self.has_spatial else ()) + paired
+        """Mode sizes of the TT tensor: ``(o_1..o_p, kh*kw, i_1..i_q)``, without ``kh*kw`` when it is 1."""
+        return self.out_factors + ((self.spatial,) if self.has_spatial else ()) + self.in_factors
+
+    @property
+    def n_bonds(self) -> int:
+        """Number of internal bonds, ``len(modes) - 1``: the length of a per-bond rank spec."""
+        return len(self.modes) - 1
 
     @property
     def bond_caps(self) -> tuple[int, ...]:
@@ -166,15 +177,28 @@ class TTLayout:
         m = self.modes
         return tuple(min(math.prod(m[:j]), math.prod(m[j:])) for j in range(1, len(m)))
 
-    def ranks(self, rank: int) -> tuple[int, ...]:
-        """TT ranks ``(1, r_1, ..., r_{N-1}, 1)`` for a max-rank spec: each bond is ``min(rank, cap)``.
+    def ranks(self, rank: int | Sequence[int]) -> tuple[int, ...]:
+        """TT ranks ``(1, r_1, ..., r_{N-1}, 1)`` for a rank spec.
 
-        These are exactly the ranks TT-SVD (Oseledets 2011) produces with that cap.
+        ``rank`` is an int (every bond ``min(rank, cap)``) or one rank per bond
+        (``n_bonds`` of them). Each bond is then lowered to what its neighbours can
+        carry, ``r_j <= r_{j-1} n_j`` and ``r_j <= n_{j+1} r_{j+1}`` (a no-op for an
+        int spec): these are exactly the ranks TT-SVD (Oseledets 2011) produces.
         """
-        return (1,) + tuple(min(rank, c) for c in self.bond_caps) + (1,)
+        caps = self.bond_caps
+        wanted = [rank] * len(caps) if isinstance(rank, int) else [int(r) for r in rank]
+        if len(wanted) != len(caps):
+            raise ValueError(f"tt rank needs {len(caps)} bond ranks for modes {self.modes}, got {rank!r}")
+        r = [1] + [min(w, c) for w, c in zip(wanted, caps)] + [1]
+        m = self.modes
+        for j in range(1, len(r) - 1):
+            r[j] = min(r[j], r[j - 1] * m[j - 1])
+        for j in range(len(r) - 2, 0, -1):
+            r[j] = min(r[j], m[j] * r[j + 1])
+        return tuple(r)
 
-    def core_shapes(self, rank: int) -> tuple[tuple[int, int, int], ...]:
-        """Shapes ``(r_{j-1}, n_j, r_j)`` of the TT cores for a max-rank spec."""
+    def core_shapes(self, rank: int | Sequence[int]) -> tuple[tuple[int, int, int], ...]:
+        """Shapes ``(r_{j-1}, n_j, r_j)`` of the TT cores for a rank spec (see :meth:`ranks`)."""
         r = self.ranks(rank)
         return tuple((r[j], n, r[j + 1]) for j, n in enumerate(self.modes))
 
@@ -182,34 +206,29 @@ class TTLayout:
 def tt_layout(shape: Sequence[int]) -> TTLayout:
     """Default TT layout of a kernel shape: the one projections, accounting and layers share.
 
-    The order ``d = min(TT_MAX_ORDER, max(Omega(C_out), Omega(C_in)))`` (Omega = prime
-    factors with multiplicity, at least 1) so that no pair is ``1*1``; each channel
-    count is then split by :func:`factorize` into ``d`` balanced ascending factors.
+    Each channel count ``c`` is split by :func:`factorize` into
+    ``min(TT_MAX_ORDER, Omega(c))`` balanced factors (Omega = prime factors with
+    multiplicity, at least 1, so no factor is 1 unless ``c`` is): ``256 -> (4, 8, 8)``
+    for the out side, ``(8, 8, 4)`` for the in side.
     """
     c_out, c_in, kh, kw = kernel_shape(shape)
-    d = max(1, min(TT_MAX_ORDER, max(_prime_factor_count(c_out), _prime_factor_count(c_in))))
-    return TTLayout(c_out, c_in, kh, kw, factorize(c_out, d), factorize(c_in, d))
 
+    def split(c: int) -> tuple[int, ...]:
+        return factorize(c, max(1, min(TT_MAX_ORDER, _prime_factor_count(c))))
 
-def _tt_permutation(d: int) -> list[int]:
-    """Axes of ``(o_1..o_d, i_1..i_d, s)`` in TT order ``(s, o_1, i_1, ..., o_d, i_d)``."""
-    return [2 * d] + [axis for j in range(d) for axis in (j, d + j)]
+    return TTLayout(c_out, c_in, kh, kw, split(c_out), tuple(reversed(split(c_in))))
 
 
 def to_tt(weight: Tensor, layout: TTLayout) -> Tensor:
-    """Kernel ``(C_out, C_in, kh, kw)`` or ``(out, in)`` -> TT tensor of shape ``layout.modes``."""
-    d = len(layout.out_factors)
-    t = weight.reshape(*layout.out_factors, *layout.in_factors, layout.spatial)
-    return t.permute(_tt_permutation(d)).reshape(layout.modes)
+    """Kernel ``(C_out, C_in, kh, kw)`` or ``(out, in)`` -> TT tensor of shape ``layout.modes``.
+
+    Entry ``W[o, i, dy, dx]`` lands at ``[o_1..o_p, dy*kw + dx, i_1..i_q]`` (row-major digits).
+    """
+    t = weight.reshape(layout.c_out, layout.c_in, layout.spatial).transpose(1, 2)
+    return t.reshape(layout.modes)
 
 
 def from_tt(tensor: Tensor, layout: TTLayout, shape: Sequence[int]) -> Tensor:
     """Inverse of :func:`to_tt`: TT tensor of shape ``layout.modes`` -> tensor of ``shape``."""
-    d = len(layout.out_factors)
-    interleaved = [layout.spatial] + [
-        f for pair in zip(layout.out_factors, layout.in_factors) for f in pair
-    ]
-    perm = _tt_permutation(d)
-    inverse = [perm.index(axis) for axis in range(len(perm))]
-    return tensor.reshape(interleaved).permute(inverse).reshape(tuple(shape))
-
+    t = tensor.reshape(layout.c_out, layout.spatial, layout.c_in).transpose(1, 2)
+    return t.reshape(tuple(shape))

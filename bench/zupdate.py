@@ -20,8 +20,23 @@ Note: AdmmComponent.z_update with decomp_error=True (the default of
 AdmmComponent.create) runs a second projection per layer, project(W), for the
 logged decomposition error; this benchmark times the Z-update proper.
 
+A format may name a method: ``tucker2:hosvd`` (no HOOI sweep), ``tucker2:warm`` /
+``cp:warm`` (started from the factors of the projection of W, as every
+Z-update after the first is, admm.warm); a plain ``tucker2`` / ``cp`` is the cold
+first Z-update (HOSVD + HOOI_SWEEPS sweeps / svd init + CP_N_ITER ALS sweeps).
+
+``--hooi``: per planned tucker2 layer, error ||W - Z|| / ||W|| and time of HOSVD,
+cold HOOI (``--cold-sweeps``, 100), and warm HOOI with 1, 2, 3 sweeps after
+W' = W + ``--step`` ||W|| (Gaussian direction), started from the cold factors of
+W; and the same HOOI sweep through tensorly's partial_tucker (init = the warm
+factors) for the time ratio. ``--cp-idempotence``: ||Proj(Proj(W)) - Proj(W)|| /
+||Proj(W)|| of cp, cold and warm, on Gaussian 32x32x9, 64x64x9, 512x512x9 kernels
+at the planner's keep-0.5 ranks.
+
     PYTHONPATH=. .venv/bin/python bench/zupdate.py                  # svd, tucker2, tt
     PYTHONPATH=. .venv/bin/python bench/zupdate.py --formats svd,tucker2,tt,cp --worlds 2,4,8 --json zupdate.json
+    PYTHONPATH=. .venv/bin/python bench/zupdate.py --formats tucker2:hosvd,tucker2,tucker2:warm,cp:warm
+    PYTHONPATH=. .venv/bin/python bench/zupdate.py --hooi --cp-idempotence --formats ''
 """
 from __future__ import annotations
 
@@ -29,6 +44,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,7 +53,8 @@ import torch  # noqa: E402
 from admm.component import plan_for_model  # noqa: E402
 from admm.config import CompressionConfig  # noqa: E402
 from admm.planner import assign_owners  # noqa: E402
-from admm.projections import project  # noqa: E402
+from admm.projections import max_rank, project  # noqa: E402
+from admm.warm import ProjectionOptions, project_warm  # noqa: E402
 from bench.common import banner, banner_line, pick_device, time_fn, write_json  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 
@@ -51,7 +68,8 @@ def largest_shard(times: list[float], owners: list[int], world: int) -> float:
 
 def bench_format(model: torch.nn.Module, fmt: str, keep: float, worlds: list[int], rounds: int, repeats: int,
                  device: torch.device) -> list[dict]:
-    """``rounds`` sweeps over all planned layers; one result row per sweep."""
+    """``rounds`` sweeps over all planned layers; one result row per sweep. ``fmt``: format[:method]."""
+    label, (fmt, _, method) = fmt, fmt.partition(":")
     cc = CompressionConfig(format=fmt, keep_ratio=keep)
     plan = plan_for_model(model, cc, 1)
     modules = dict(model.named_modules())
@@ -66,7 +84,13 @@ def bench_format(model: torch.nn.Module, fmt: str, keep: float, worlds: list[int
 
     def proj(i: int):
         w, u = inputs[i]
-        return lambda: project(w + u, fmt, plan.layers[i].rank)
+        rank, lfmt = plan.layers[i].rank, plan.layers[i].fmt  # (1x1 layers of a tucker2 plan are svd)
+        if method == "hosvd":
+            return lambda: project_warm(w + u, lfmt, rank, None, ProjectionOptions(hooi_sweeps=0))
+        if method == "warm":  # the state a previous Z-update left: the factors of Proj(W)
+            state = project_warm(w, lfmt, rank)[1]
+            return lambda: project_warm(w + u, lfmt, rank, state)
+        return lambda: project(w + u, lfmt, rank)
 
     time_fn(proj(0), 1, 1, device)  # warmup: library init, backend switch, first kernels
     rows = []
@@ -81,7 +105,7 @@ def bench_format(model: torch.nn.Module, fmt: str, keep: float, worlds: list[int
             shards[str(wld)] = {"largest_shard_s": cost_model, "speedup": total / cost_model,
                                 "largest_shard_measured_lpt_s": measured,
                                 "bound_s": max(total / wld, slowest)}
-        rows.append({"format": fmt, "keep_ratio": keep, "round": rnd + 1, "layers": len(plan.layers),
+        rows.append({"format": label, "keep_ratio": keep, "round": rnd + 1, "layers": len(plan.layers),
                      "one_rank_total_s": total, "slowest_layer_s": slowest,
                      "slowest_layer": plan.layers[times.index(slowest)].name, "shards": shards,
                      "per_layer_s": {lp.name: t for lp, t in zip(plan.layers, times)},
@@ -90,20 +114,137 @@ def bench_format(model: torch.nn.Module, fmt: str, keep: float, worlds: list[int
     return rows
 
 
+def _rel(w: torch.Tensor, z: torch.Tensor) -> float:
+    return float((w - z).norm() / w.norm())
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Run ``fn`` once, synchronised; return (seconds, its result)."""
+    out = []
+    t = time_fn(lambda: out.append(fn()), 1, 0, device)
+    return t.median, out[0]
+
+
+def _tensorly_hooi(w2: torch.Tensor, rank: tuple[int, int], prev: dict, sweeps: int) -> torch.Tensor:
+    """The same warm HOOI through tensorly's partial_tucker (init = core and the previous factors)."""
+    import tensorly as tl
+    from tensorly.decomposition import partial_tucker
+
+    from admm.reshape import to_3way
+
+    w3 = to_3way(w2)
+    u_out, u_in = prev["u_out"], prev["u_in"]
+    core = torch.einsum("ois,or,ip->rps", w3, u_out, u_in)
+    with tl.backend_context("pytorch"):
+        (c, f), _ = partial_tucker(w3, rank=list(rank), modes=[0, 1], n_iter_max=sweeps,
+                                   init=(core, [u_out, u_in]), tol=0)
+        return tl.tenalg.multi_mode_dot(c, f, modes=[0, 1]).reshape(w2.shape)
+
+
+def _hooi_layer(w2: torch.Tensor, rank: tuple[int, int], prev: dict, cold_sweeps: int,
+                device: torch.device) -> dict[str, tuple[float, float]]:
+    """method -> (relative error, seconds) on one layer's W'."""
+    def tucker(sweeps: int, warm: dict | None) -> torch.Tensor:
+        return project_warm(w2, "tucker2", rank, warm, ProjectionOptions(hooi_sweeps=sweeps))[0]
+
+    runs = {"hosvd": lambda: tucker(0, None), f"cold{cold_sweeps}": lambda: tucker(cold_sweeps, None),
+            "warm1": lambda: tucker(1, prev), "warm2": lambda: tucker(2, prev), "warm3": lambda: tucker(3, prev),
+            "tensorly_warm1": lambda: _tensorly_hooi(w2, rank, prev, 1)}
+    out = {}
+    for m, fn in runs.items():
+        secs, z = _timed(fn, device)
+        out[m] = (_rel(w2, z), secs)
+    return out
+
+
+def bench_hooi(model: torch.nn.Module, keep: float, cold_sweeps: int, step: float, device: torch.device,
+               max_layers: int = 0) -> dict:
+    """HOSVD vs cold vs warm HOOI on the planned tucker2 layers (``max_layers`` > 0: that many, evenly
+    spaced); errors summed as squares over layers."""
+    plan = plan_for_model(model, CompressionConfig(format="tucker2", keep_ratio=keep), 1)
+    modules = dict(model.named_modules())
+    g = torch.Generator().manual_seed(0)
+    sq: dict[str, float] = {}
+    secs: dict[str, float] = {}
+    worst: dict[str, float] = {}
+    w_sq, layers = 0.0, 0
+    cold = f"cold{cold_sweeps}"
+    chosen = [lp for lp in plan.layers if lp.fmt == "tucker2"]  # 1x1 layers may be planned as svd
+    if 0 < max_layers < len(chosen):
+        chosen = [chosen[round(i * (len(chosen) - 1) / (max_layers - 1))] for i in range(max_layers)] \
+            if max_layers > 1 else chosen[:1]
+    for lp in chosen:
+        layers += 1
+        w = modules[lp.name].weight.detach().float().to(device)
+        _, prev = project_warm(w, "tucker2", lp.rank, None, ProjectionOptions(hooi_sweeps=cold_sweeps))
+        noise = torch.randn(w.shape, generator=g).to(device)
+        w2 = w + step * w.norm() * noise / noise.norm()  # the drift between two Z-updates
+        res = _hooi_layer(w2, lp.rank, prev, cold_sweeps, device)
+        print(f"  {lp.name} {tuple(w.shape)} ranks {lp.rank}: " + ", ".join(
+            f"{m} {e:.5f} {t:.3f}s" for m, (e, t) in res.items()), flush=True)
+        n_sq = float(w2.square().sum())
+        w_sq += n_sq
+        for m, (err, t) in res.items():
+            sq[m] = sq.get(m, 0.0) + err ** 2 * n_sq
+            secs[m] = secs.get(m, 0.0) + t
+            worst[m] = max(worst.get(m, -1.0), err / res[cold][0] - 1)
+    return {"layers": layers, "step": step, "cold_sweeps": cold_sweeps,
+            "error": {m: (v / w_sq) ** 0.5 for m, v in sq.items()}, "seconds": secs,
+            "worst_layer_excess_over_cold": worst}
+
+
+def print_hooi(r: dict, device: str) -> None:
+    cold = f"cold{r['cold_sweeps']}"
+    print(f"tucker2 on {r['layers']} planned ResNet-50 layers, W' = W + {r['step']:g} ||W|| noise, {device}:")
+    print(f"  {'method':15s} {'error':>9s} {'vs cold':>9s} {'worst layer':>12s} {'time s':>8s} {'vs hosvd':>9s}")
+    for m, e in r["error"].items():
+        print(f"  {m:15s} {e:9.5f} {e / r['error'][cold]:9.5f} {r['worst_layer_excess_over_cold'][m]:+12.2e} "
+              f"{r['seconds'][m]:8.3f} {r['seconds'][m] / r['seconds']['hosvd']:9.2f}", flush=True)
+
+
+def bench_cp_idempotence(device: torch.device, big: bool) -> list[dict]:
+    """||P(P(W)) - P(W)|| / ||P(W)|| of cp, cold (svd init, 20 and 100 sweeps) and warm (its own factors, 1 sweep)."""
+    from admm.cp_als import cp_reconstruct
+    from admm.projections import cp_factors
+
+    rows = []
+    shapes = [(32, 32, 3, 3), (64, 64, 3, 3)] + ([(512, 512, 3, 3)] if big else [])
+    for shape in shapes:
+        cc = CompressionConfig(format="cp", keep_ratio=0.5, exclude=[], min_channels=1)
+        conv = torch.nn.Conv2d(shape[1], shape[0], 3, bias=False)
+        rank = plan_for_model(torch.nn.Sequential(conv), cc, 1).layers[0].rank
+        assert rank < max_rank(shape, "cp")
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+        for sweeps in ([20, 100] if shape[0] < 512 else [5]):
+            seconds, (a, b, c) = _timed(lambda n=sweeps: cp_factors(w, rank, n), device)  # noqa: B023
+            z = cp_reconstruct(a, b, c).reshape(shape)
+            z_cold = project(z, "cp", rank) if sweeps == 20 else \
+                cp_reconstruct(*cp_factors(z, rank, sweeps)).reshape(shape)
+            z_warm = cp_reconstruct(*cp_factors(z, rank, 1, init=(a, b, c))).reshape(shape)
+            rows.append({"shape": [shape[0], shape[1], 9], "rank": rank, "sweeps": sweeps,
+                         "error": _rel(w, z), "seconds": seconds,
+                         "idempotence_cold": _rel(z, z_cold), "idempotence_warm": _rel(z, z_warm)})
+            r = rows[-1]
+            print(f"cp {shape[0]}x{shape[1]}x9 R={rank} sweeps={sweeps}: error {r['error']:.4f} in "
+                  f"{r['seconds']:.2f} s; idempotence cold {r['idempotence_cold']:.2e}, "
+                  f"warm (1 sweep) {r['idempotence_warm']:.2e}", flush=True)
+    return rows
+
+
 def print_table(rows: list[dict], worlds: list[int], device: str) -> None:
     cols = "".join(f"  {'world ' + str(w) + ' (speedup)':>20s}" for w in worlds)
-    print(f"{'format':8s} {'rnd':>3s} {'layers':>6s} {'1 rank':>9s}{cols}  {'slowest layer':>24s}  device")
+    print(f"{'format':13s} {'rnd':>3s} {'layers':>6s} {'1 rank':>9s}{cols}  {'slowest layer':>24s}  device")
     for r in rows:
         shards = "".join(f"  {s['largest_shard_s']:10.3f} s ({s['speedup']:4.1f}x)"
                          for s in (r["shards"][str(w)] for w in worlds))
         slow = f"{r['slowest_layer']} {r['slowest_layer_s']:.3f} s"
-        print(f"{r['format']:8s} {r['round']:3d} {r['layers']:6d} {r['one_rank_total_s']:7.3f} s{shards}  "
+        print(f"{r['format']:13s} {r['round']:3d} {r['layers']:6d} {r['one_rank_total_s']:7.3f} s{shards}  "
               f"{slow:>24s}  {device}", flush=True)
     print("largest shard if owners were balanced on the measured times / bound max(total/w, slowest layer):")
     for r in rows:
         alt = "  ".join(f"w{w}: {r['shards'][str(w)]['largest_shard_measured_lpt_s']:.3f} / "
                         f"{r['shards'][str(w)]['bound_s']:.3f} s" for w in worlds)
-        print(f"  {r['format']:8s} round {r['round']}: {alt}", flush=True)
+        print(f"  {r['format']:13s} round {r['round']}: {alt}", flush=True)
 
 
 def main() -> None:
@@ -116,6 +257,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed projections per layer per sweep (median)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--hooi", action="store_true", help="HOSVD vs cold vs warm HOOI on the tucker2 plan")
+    p.add_argument("--cold-sweeps", type=int, default=100, help="--hooi: sweeps of the cold HOOI")
+    p.add_argument("--max-layers", type=int, default=0, help="--hooi: that many evenly spaced layers (0: all)")
+    p.add_argument("--step", type=float, default=1e-3, help="--hooi: weight change ||W' - W|| / ||W||")
+    p.add_argument("--cp-idempotence", action="store_true", help="cold vs warm cp idempotence error")
+    p.add_argument("--cp-big", action="store_true", help="--cp-idempotence: add 512x512x9 (minutes on CPU)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,17 +271,24 @@ def main() -> None:
     print(banner_line(info), flush=True)
     torch.manual_seed(0)
     model = build_model("resnet50", 1000)
+    extra: dict = {}
+    if args.cp_idempotence:
+        extra["cp_idempotence"] = bench_cp_idempotence(device, args.cp_big)
+    if args.hooi:
+        extra["hooi"] = bench_hooi(model, args.keep, args.cold_sweeps, args.step, device, args.max_layers)
+        print_hooi(extra["hooi"], info["device"])
     rows = []
-    for fmt in args.formats.split(","):
+    for fmt in filter(None, args.formats.split(",")):
         got = bench_format(model, fmt, args.keep, worlds, args.rounds, args.repeats, device)
         rows += got
         totals = [r["one_rank_total_s"] for r in got]
         print(f"{fmt}: {got[0]['layers']} layers, one-rank totals {', '.join(f'{t:.3f}' for t in totals)} s "
               f"(median {statistics.median(totals):.3f} s)", flush=True)
-    print()
-    print_table(rows, worlds, info["device"])
+    if rows:
+        print()
+        print_table(rows, worlds, info["device"])
     if args.json:
-        write_json(args.json, {"banner": info, "args": vars(args), "rows": rows})
+        write_json(args.json, {"banner": info, "args": vars(args), "rows": rows, **extra})
 
 
 if __name__ == "__main__":

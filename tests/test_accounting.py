@@ -108,33 +108,38 @@ def test_svd_and_tucker2_on_linear():
 
 
 def tt_forward(x: torch.Tensor, cores: list[torch.Tensor], shape, stride=1, padding=0) -> torch.Tensor:
-    """Reference TT layer in the order admm.accounting documents (spatial core, then channel cores)."""
+    """Reference TT layer in the order admm.accounting documents, written with einsum in NCHW:
+    in-channel cores i_q..i_1, the spatial core as a kxk conv, out-channel cores o_p..o_1."""
     layout = tt_layout(shape)
+    p, q = len(layout.out_factors), len(layout.in_factors)
+    ins = layout.in_factors
     b, c_in = x.shape[:2]
-    cores = list(cores)
+    if x.ndim == 2:  # Linear: one pixel
+        x = x.reshape(b, c_in, 1, 1)
+    if not layout.has_spatial:  # 1x1 conv (padding 0): subsample first
+        x = x[:, :, ::stride, ::stride]
+    h, w = x.shape[2:]
+    state = x.reshape(b, c_in, 1, h * w)  # (B, i_1..i_j, b_j, HW) with b_q = 1
+    for j in range(q - 1, -1, -1):
+        core = cores[len(cores) - q + j]  # (b_{j-1}, i_j, b_j)
+        state = state.reshape(b, math.prod(ins[:j]), ins[j], core.shape[2], h * w)
+        state = torch.einsum("bpiry,sir->bpsy", state, core)
+    state = state.reshape(b, -1, h, w)  # (B, b_0, H, W)
     if layout.has_spatial:
-        g = cores.pop(0)[0]  # (s, r_1)
-        kernel = g.t().reshape(-1, 1, layout.kh, layout.kw)  # kxk conv per input channel
-        u = F.conv2d(x.reshape(b * c_in, 1, *x.shape[2:]), kernel, stride=stride, padding=padding)
-        ho, wo = u.shape[2:]
-        state = u.reshape(b, c_in, -1, ho * wo)  # (B, C_in, r_1, HW)
-    else:  # 1x1 conv (padding 0) or Linear: no spatial core
-        x = x[:, :, ::stride, ::stride] if x.ndim == 4 else x.reshape(b, c_in, 1, 1)
-        ho, wo = x.shape[2:]
-        state = x.reshape(b, c_in, 1, ho * wo)
-    outs, ins = layout.out_factors, layout.in_factors
-    for j, core in enumerate(cores):
-        rank_in, rank_out = core.shape[0], core.shape[2]
-        g = core.reshape(rank_in, outs[j], ins[j], rank_out)
-        p, q = math.prod(outs[:j]), math.prod(ins[j + 1 :])
-        state = state.reshape(b, p, ins[j], q, rank_in, -1)
-        state = torch.einsum("bpiqrx,rois->bpoqsx", state, g)
+        mid = cores[p]  # (a_p, s, b_0)
+        kernel = mid.permute(0, 2, 1).reshape(mid.shape[0], mid.shape[2], layout.kh, layout.kw)
+        state = F.conv2d(state, kernel, stride=stride, padding=padding)
+    ho, wo = state.shape[2:]
+    state = state.reshape(b, -1, 1, ho * wo)  # (B, a_j, o_{j+1}..o_p, HW)
+    for j in range(p - 1, -1, -1):
+        core = cores[j]  # (a_{j-1}, o_j, a_j)
+        state = torch.einsum("baqy,soa->bsoqy", state, core).reshape(b, core.shape[0], -1, ho * wo)
     return state.reshape(b, layout.c_out, ho, wo)
 
 
 @pytest.mark.parametrize(
     ("shape", "stride", "padding", "h"),
-    [((16, 8, 3, 3), 1, 1, 6), ((32, 16, 3, 3), 2, 1, 8), ((64, 32, 1, 1), 1, 0, 5)],
+    [((16, 8, 3, 3), 1, 1, 6), ((32, 16, 3, 3), 2, 1, 8), ((64, 32, 1, 1), 1, 0, 5), ((24, 12, 3, 3), 1, 0, 7)],
 )
 def test_tt_layer_contract(shape, stride, padding, h):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -143,13 +148,17 @@ def test_tt_layer_contract(shape, stride, padding, h):
     # At full rank the documented TT layer reproduces the dense conv.
     y = tt_forward(x, tt_cores(w, full), shape, stride, padding)
     torch.testing.assert_close(y, F.conv2d(x, w, stride=stride, padding=padding), atol=1e-4, rtol=1e-4)
-    # Params are the core sizes; FLOPs are those of that layer.
-    for r in (2, full // 2, full):
+    # Params are the core sizes; FLOPs are those of that layer (in-channel chain at input resolution).
+    layout = tt_layout(shape)
+    # (No bond of 1 in the per-bond spec: einsum runs a contraction over a size-1 index as a
+    # broadcast multiply, which FlopCounterMode does not count; TTLayer's matmuls are counted.)
+    per_bond = tuple(min(c, max(2, c // 2)) for c in layout.bond_caps)
+    for r in (2, full // 2, full, per_bond):
         cores = tt_cores(w, r)
         assert factored_params(shape, "tt", r) == sum(c.numel() for c in cores)
         ho = out_size(h, shape[2], stride, padding)
         flops = flops_per_image(lambda t, cores=cores: tt_forward(t, cores, shape, stride, padding), x)
-        assert factored_flops(shape, "tt", r, (ho, ho)) == flops
+        assert factored_flops(shape, "tt", r, (ho, ho), in_hw=(h, h)) == flops
 
 
 def test_tt_on_linear():
@@ -158,6 +167,8 @@ def test_tt_on_linear():
     cores = tt_cores(w, max_rank(w.shape, "tt"))
     torch.testing.assert_close(tt_forward(x, cores, w.shape).reshape(3, 10), x @ w.t(), atol=1e-4, rtol=1e-4)
     assert factored_params(w.shape, "tt", 3) == sum(c.numel() for c in tt_cores(w, 3))
+    flops = flops_per_image(lambda t: tt_forward(t, tt_cores(w, 3), w.shape), x)
+    assert factored_flops(w.shape, "tt", 3, (1, 1)) == flops
 
 
 def test_lowrank_sparse_counts_values_and_indices_separately():

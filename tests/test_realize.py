@@ -28,6 +28,8 @@ CASES = [  # (dense module, format, rank)
     (nn.Conv2d(12, 20, 3, stride=2, padding=1), "svd", 6),
     (nn.Conv2d(12, 20, 3, padding=1), "cp", 10),
     (nn.Conv2d(16, 16, 3, padding=1), "tt", 4),
+    (nn.Conv2d(16, 24, 1, stride=2, bias=False), "tt", (2, 6, 8, 4, 2)),  # merged: svd of the middle bond
+    (nn.Linear(16, 10), "tt", 3),
     (nn.Conv2d(12, 20, 3, padding=1), "lowrank_sparse", (4, 30)),
 ]
 
@@ -42,7 +44,7 @@ def test_every_realization_computes_the_factored_map(dense, fmt, rank):
     layer = factorize_module(dense, fmt, rank).eval()
     x = _input(dense)
     options = alternatives(layer)
-    assert set(options) == ({"factored", "merged", "dense"} if fmt == "tucker2" else {"factored", "dense"})
+    assert set(options) == ({"factored", "merged", "dense"} if fmt in ("tucker2", "tt") else {"factored", "dense"})
     with torch.no_grad():
         ref = layer(x)
         for name, module in options.items():
