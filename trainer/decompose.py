@@ -8,13 +8,16 @@ plan's formulas and measured by ``torch.utils.flop_counter`` on rank 0.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
-from admm.component import plan_for_model
+from admm.component import PLAN_FILE, load_plan, plan_for_model
 from admm.surgery import decompose_model
 from trainer.context import WorkerContext
 from trainer.engine import resolve_precision
+from trainer.feature_decompose import calibration_sample, decompose_by_features
 from trainer.loop import evaluate
 
 
@@ -42,11 +45,22 @@ def decompose_model_phase(ctx: WorkerContext, index: int, model: nn.Module) -> t
     precision = resolve_precision(cfg.engine, ctx.device)
     tracker = ctx.phase_trackers[index]
     shape = (1, 3, ctx.image_size, ctx.image_size)
-    plan = plan_for_model(model, cfg.compression, ctx.world, input_shape=shape)
+    # The ranks the ADMM phase fixed from its starting weights (phase<k>/rank_plan.json), not a new plan from
+    # weights ADMM has moved; without an ADMM phase before, a plan from the weights decomposed now.
+    admm_dirs = [ctx.run_dir / f"phase{k}" for k in range(index) if cfg.phases[k].kind == "admm"]
+    stored = load_plan(admm_dirs[-1] / PLAN_FILE, cfg.compression) if admm_dirs else None
+    plan = plan_for_model(model, cfg.compression, ctx.world, input_shape=shape, fixed=stored)
 
     dense = evaluate(model, ctx.eval_loader, device=ctx.device, precision=precision)
     dense_params, dense_flops = count_params(model), measured_flops(model, shape)
-    model = decompose_model(model, plan)
+    fit: dict[str, float] = {}
+    if cfg.decompose.fit == "features":  # each layer fitted to its outputs on real training images
+        batches = calibration_sample(ctx.train_loader, cfg.decompose.calibration_batches * cfg.optim.grad_accum)
+        model, fit = decompose_by_features(model, plan, batches, ctx.device)
+    else:
+        t0 = time.perf_counter()
+        model = decompose_model(model, plan)
+        fit = {"fit_seconds": time.perf_counter() - t0}
     after = evaluate(model, ctx.eval_loader, device=ctx.device, precision=precision)
     params, flops = count_params(model), measured_flops(model, shape)
     out = {"dense_top1": dense["top1"], "dense_top5": dense["top5"], "decomposed_top1": after["top1"],
@@ -54,14 +68,21 @@ def decompose_model_phase(ctx: WorkerContext, index: int, model: nn.Module) -> t
            "params_dense": float(dense_params), "params_factored": float(params),
            "compression": dense_params / max(1, params), "flops_dense": float(dense_flops),
            "flops_factored": float(flops), "flops_reduction": dense_flops / max(1, flops),
-           "plan_params_after": float(plan.params_after_total), "factored_layers": float(len(plan.layers))}
+           "plan_params_after": float(plan.params_after_total), "factored_layers": float(len(plan.layers)), **fit}
     tracker.metrics(out, 0)
     # plan_params_after is on the parent already (the driver logs the plan): once per step is enough.
-    ctx.parent.metrics({k: v for k, v in out.items() if k not in ("factored_layers", "plan_params_after")}, 0)
+    # On the parent, dense_top1 is the dense baseline (pretrain or model.init): the accuracy right before
+    # decomposition (after ADMM) is before_decompose_top1 there.
+    renamed = {"dense_top1": "before_decompose_top1", "dense_top5": "before_decompose_top5",
+               "top1_drop": "decompose_top1_drop"}
+    ctx.parent.metrics({renamed.get(k, k): v for k, v in out.items()
+                        if k not in ("factored_layers", "plan_params_after")}, 0)
     if ctx.rank == 0:
         tracker.text(plan.table(), "rank_plan.txt")
-        print(f"[decompose] {len(plan.layers)} layers factored ({cfg.compression.format}): params "
+        formats = "/".join(sorted({p.fmt for p in plan.layers}))
+        print(f"[decompose] {len(plan.layers)} layers factored ({formats}, {plan.allocation} ranks): params "
               f"{dense_params:,} -> {params:,} ({out['compression']:.2f}x), FLOPs/image {dense_flops / 1e6:.1f}M -> "
               f"{flops / 1e6:.1f}M ({out['flops_reduction']:.2f}x); top1 {dense['top1']:.2f}% -> "
-              f"{after['top1']:.2f}% right after decomposition", flush=True)
+              f"{after['top1']:.2f}% right after decomposition ({cfg.decompose.fit} fit, "
+              f"{out['fit_seconds']:.1f}s)", flush=True)
     return model, out

@@ -1,0 +1,275 @@
+"""The rank_prune phase (Sharma et al. 2025): train layers as U diag(s) V^T and cut their ranks as they train.
+
+Every layer the compression section selects (``include``/``exclude``/``min_channels``)
+becomes an :class:`admm.layers_prune.PrunableSVDLayer` at full rank, from the
+trained weights (``rank_prune.init: trained``) or random (``random``). Training
+adds, as gradients (tensor hooks: they run before DeepSpeed's data-parallel
+average, identically on every rank, so the average keeps them), an L1 term on
+``s`` and an orthogonality term on ``U`` and ``V``. At the end of every
+``rank_prune.interval``-th epoch the weak singular directions are cut
+(:func:`admm.layers_prune.plan_prune`; with ``rank_prune.keep_ratio`` on a
+linear path to that budget). Shapes change then, so the engine is rebuilt
+around the pruned model: the learning-rate schedule continues where it was,
+the SGD momentum of the pruned layers starts again from zero (the kept slices
+could be carried over; after a prune the directions rotate anyway). The
+epoch's checkpoint is written after the prune, so its manifest holds the new
+ranks and its optimizer state the new shapes: resume (also on another number
+of workers, ZeRO 0) continues from there. The last epoch turns every layer into
+a plain svd layer, so finetune, evaluate and export follow as after decompose.
+
+Logged: per-layer ranks (``layers/rank/<layer>``), the factored parameters as
+they fall (``params_factored``, ``params``), and at the end a plot of ranks by epoch.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from admm.inspect import describe_layers
+from admm.layers_prune import PrunableSVDLayer, penalty_grads, plan_prune, svd_params
+from admm.planner import select
+from admm.projections import max_rank
+from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
+from trainer.component import ComponentBase, LoopState
+from trainer.config import RankPruneConfig, WorkerConfig
+from trainer.context import WorkerContext
+from trainer.data import set_loader_epoch
+from trainer.engine import build_engine, resolve_precision
+from trainer.loop import average_batchnorm_stats, evaluate, train_epoch
+
+
+def planned_shapes(model: nn.Module, cfg: WorkerConfig) -> dict[str, tuple[int, ...]]:
+    """``{layer: dense weight shape}`` of the layers rank pruning factors (the compression section's selection)."""
+    c = cfg.compression
+    layers = select(describe_layers(model), c.include, c.exclude, c.min_channels)
+    if not layers:
+        raise ValueError("compression: no layer matches include/exclude/min_channels; nothing to rank-prune")
+    return {info.name: tuple(info.shape) for info in layers}
+
+
+def check_budget(model: nn.Module, cfg: WorkerConfig) -> None:
+    """Raise ``ValueError("rank_prune.keep_ratio: ...")`` when even ``min_rank`` everywhere exceeds the budget
+    (``ValueError("compression: ...")`` when the compression section selects no layer)."""
+    rp = cfg.rank_prune
+    shapes = planned_shapes(model, cfg)  # also fails when no layer is selected
+    if rp.keep_ratio <= 0:
+        return
+    dense = sum(torch.Size(s).numel() for s in shapes.values())
+    floor = sum(svd_params(s, min(rp.min_rank, int(max_rank(s, "svd")))) for s in shapes.values())  # type: ignore[arg-type]
+    if floor > rp.keep_ratio * dense:
+        raise ValueError(f"rank_prune.keep_ratio: {rp.keep_ratio} ({int(rp.keep_ratio * dense):,} of {dense:,} "
+                         f"parameters) cannot be reached: rank_prune.min_rank={rp.min_rank} in every layer keeps "
+                         f"{floor:,}; allowed: keep_ratio >= {floor / dense:.4f}, or a lower min_rank")
+
+
+def to_prunable(model: nn.Module, shapes: dict[str, tuple[int, ...]], init: str, seed: int) -> nn.Module:
+    """Replace each dense layer of ``shapes`` by a full-rank PrunableSVDLayer (in place); sets the manifest."""
+    manifest = manifest_of(model)
+    gen = torch.Generator().manual_seed(seed)
+    for name, shape in shapes.items():
+        dense = get_submodule(model, name)
+        full = int(max_rank(shape, "svd"))  # type: ignore[arg-type]
+        if init == "trained":
+            layer = PrunableSVDLayer.from_dense(dense, full)  # type: ignore[arg-type]
+        else:
+            layer = PrunableSVDLayer.from_geometry(dense, full)  # type: ignore[arg-type]
+            layer.init_random(gen)
+            layer.train(dense.training)
+        set_submodule(model, name, layer)
+        manifest[name] = layer.spec()
+    set_manifest(model, manifest)
+    return model
+
+
+def prunable_layers(model: nn.Module) -> dict[str, PrunableSVDLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PrunableSVDLayer)}
+
+
+def to_svd(model: nn.Module) -> nn.Module:
+    """Turn every PrunableSVDLayer into the equivalent plain svd layer (in place); updates the manifest."""
+    manifest = manifest_of(model)
+    for name, layer in prunable_layers(model).items():
+        plain = layer.to_svd()
+        set_submodule(model, name, plain)
+        manifest[name] = plain.spec()
+    set_manifest(model, manifest)
+    return model
+
+
+class RankPruner(ComponentBase):
+    """Adds the penalty gradients, prunes, and keeps the rank history (its checkpoint state)."""
+
+    name = "rank_prune"
+
+    def __init__(self, cfg: RankPruneConfig, shapes: dict[str, tuple[int, ...]], epochs: int, grad_accum: int) -> None:
+        self.cfg, self.shapes, self.grad_accum = cfg, shapes, grad_accum
+        self.events = epochs // cfg.interval  # prune events of the phase
+        self.dense_params = sum(torch.Size(s).numel() for s in shapes.values())
+        self.history: list[dict[str, Any]] = []  # one entry per epoch: {"epoch", "ranks", "params_factored"}
+        self._handles: list[Any] = []
+
+    def hook_gradients(self, model: nn.Module) -> None:
+        """(Re-)register the penalty hooks on the current parameters of every prunable layer."""
+        self.unhook()
+        if self.cfg.l1 == 0 and self.cfg.orth == 0:
+            return
+        for layer in prunable_layers(model).values():
+            for key in ("u", "s", "v"):
+                self._handles.append(getattr(layer, key).register_hook(self._hook(layer, key)))
+
+    def unhook(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, layer: PrunableSVDLayer, key: str):
+        # Called once per micro-batch: 1/grad_accum of the penalty each time.
+        def add(grad: torch.Tensor) -> torch.Tensor:
+            extra = penalty_grads(layer, self.cfg.l1, self.cfg.orth, which=(key,))[key]
+            return grad + extra.to(grad.dtype) / self.grad_accum
+        return add
+
+    def ranks(self, model: nn.Module) -> dict[str, int]:
+        return {n: int(m.rank) for n, m in prunable_layers(model).items()}  # type: ignore[arg-type]
+
+    def factored_params(self, ranks: dict[str, int]) -> int:
+        return sum(svd_params(self.shapes[n], r) for n, r in ranks.items())
+
+    def prune(self, model: nn.Module, epoch: int) -> bool:
+        """Prune after ``epoch`` (1-based) when it is a prune epoch; True when any rank changed."""
+        if epoch % self.cfg.interval != 0:
+            return False
+        layers = prunable_layers(model)
+        allowed = None
+        if self.cfg.keep_ratio > 0:
+            budget = self.cfg.keep_ratio * self.dense_params
+            now = self.factored_params(self.ranks(model))
+            left = self.events - epoch // self.cfg.interval  # events after this one
+            allowed = budget + max(0.0, now - budget) * left / (left + 1)
+        keep = plan_prune({n: m.s for n, m in layers.items()}, self.shapes, threshold=self.cfg.threshold,
+                          min_rank=self.cfg.min_rank, allowed=allowed)
+        changed = False
+        for name, index in keep.items():
+            if index.numel() < layers[name].s.numel():
+                layers[name].keep(index)
+                changed = True
+        if changed:
+            set_manifest(model, {**manifest_of(model), **{n: m.spec() for n, m in layers.items()}})
+        return changed
+
+    def record(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        ranks = self.ranks(model)
+        params = self.factored_params(ranks)
+        self.history.append({"epoch": epoch, "ranks": ranks, "params_factored": params})
+        return {**{f"layers/rank/{n}": float(r) for n, r in ranks.items()}, "params_factored": float(params),
+                "factored_keep_ratio": params / self.dense_params}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": json.dumps(self.history)}
+
+    def load_state_dict(self, shards: list[dict[str, Any]]) -> None:
+        self.history = json.loads(shards[0]["history"])  # identical on every rank
+
+    def plot(self, path: Path) -> Path | None:
+        """Each layer's rank by epoch (PNG)."""
+        if not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        epochs = [h["epoch"] for h in self.history]
+        for name in self.history[0]["ranks"]:
+            ax.plot(epochs, [h["ranks"].get(name, float("nan")) for h in self.history], marker=".", label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("rank")
+        ax.set_title("rank_prune: rank per layer")
+        ax.legend(fontsize=5, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def run_rank_prune(ctx: WorkerContext, index: int, model: nn.Module, resume) -> tuple[nn.Module, dict[str, float]]:
+    """Run phase ``index`` (kind rank_prune); ``resume`` is a checkpoint inside it or None."""
+    from trainer.phases import _check_zero_stage, components_for, registry_for, save, steps_per_epoch
+
+    cfg, phase, rp = ctx.cfg, ctx.cfg.phases[index], ctx.cfg.rank_prune
+    tracker = ctx.phase_trackers[index]
+    precision = resolve_precision(cfg.engine, ctx.device)
+    per_epoch = steps_per_epoch(ctx, index)
+    if per_epoch < 1:
+        raise ValueError(f"phases.{index}: the training set gives no full batch of data.batch_size="
+                         f"{cfg.data.batch_size}; lower the batch size or enlarge data.train_subset")
+    if not prunable_layers(model):  # a fresh start (a resume rebuilt them from the checkpoint's manifest)
+        shapes = planned_shapes(model, cfg)
+        model = to_prunable(model, shapes, rp.init, cfg.seed)
+    else:
+        shapes = {n: m.geometry.weight_shape for n, m in prunable_layers(model).items()}
+    state = LoopState(phase=phase.kind, epochs=phase.epochs, steps_per_epoch=per_epoch)
+    pruner = RankPruner(rp, shapes, phase.epochs, cfg.optim.grad_accum)
+    components = components_for(ctx, index, model)
+
+    def build():
+        # The usv factors get no weight decay: the L1 term on s is their shrinkage, the orthogonality term holds U, V.
+        params = [p for m in prunable_layers(model).values() for p in (m.u, m.s, m.v)]
+        eng = build_engine(model, cfg.optim, cfg.engine, batch_size=cfg.data.batch_size, lr=phase.lr or cfg.optim.lr,
+                           total_steps=per_epoch * phase.epochs, steps_per_epoch=per_epoch, world_size=ctx.world,
+                           precision=precision, extra_groups=[{"params": params, "weight_decay": 0.0}])
+        pruner.hook_gradients(eng.module)
+        return eng, registry_for(ctx, eng.module, state, eng, [*components, pruner])
+
+    engine, reg = build()
+    if resume is not None:
+        _check_zero_stage(ctx, resume)
+        reg.load(resume, ctx.device, exclude=("model",))
+    for c in components:
+        c.attach(engine.module, state, optimizer=engine.optimizer)
+    out: dict[str, float] = {}
+    if not pruner.history:
+        tracker.metrics(pruner.record(model, 0), state.step)
+    while state.epoch < phase.epochs:
+        set_loader_epoch(ctx.train_loader, state.epoch)
+        stats = train_epoch(engine, ctx.train_loader, state, device=ctx.device, precision=precision,
+                            label_smoothing=cfg.optim.label_smoothing, hooks=components, log_every=cfg.log_every,
+                            log=tracker.metrics)
+        done = state.epoch == phase.epochs
+        if pruner.prune(model, state.epoch) and not done:
+            # New shapes: a new engine and optimizer (momentum restarts), the schedule where it was.
+            sched = engine.lr_scheduler.state_dict()
+            engine, reg = build()
+            engine.lr_scheduler.load_state_dict(sched)
+            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
+        average_batchnorm_stats(model)
+        pruned = pruner.record(model, state.epoch)
+        if done:  # the phase ends with a plain svd model: finetune, evaluate and export follow as after decompose
+            pruner.unhook()
+            model = to_svd(model)
+            reg = registry_for(ctx, model, state, None, [*components, pruner])
+        out = {**stats, **evaluate(model, ctx.eval_loader, device=ctx.device, precision=precision),
+               "params": float(sum(p.numel() for p in model.parameters())), **pruned}
+        tracker.metrics({**out, "epoch": state.epoch}, state.step)
+        tracker.best_of("top1", out["top1"], state.step)
+        if ctx.rank == 0:
+            ranks = pruner.history[-1]["ranks"]
+            print(f"[rank_prune] epoch {state.epoch}/{phase.epochs} train_loss {out['epoch_train_loss']:.4f} top1 "
+                  f"{out['top1']:.2f}% factored params {int(out['params_factored']):,} "
+                  f"({out['factored_keep_ratio']:.3f} of dense), ranks {sorted(ranks.values())}", flush=True)
+        save(ctx, index, reg, state, done, model)
+        for c in components:
+            c.on_checkpoint(state)
+    if ctx.rank == 0:
+        path = pruner.plot(ctx.run_dir / f"phase{index}-ranks.png")
+        if path is not None:
+            tracker.artifact(path)
+    for c in components:
+        out.update(c.detach())
+    return model, out
