@@ -8,6 +8,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from trainer.config import WorkerConfig
+from trainer.init_weights import InitSource
 from trainer.tracking import Tracker
 
 
@@ -21,6 +22,7 @@ class WorkerJob:
     parent_run_id: str | None = None
     phase_run_ids: list[str | None] = field(default_factory=list)  # one per phase
     use_gpu: Literal["auto", "yes", "no"] = "auto"  # cluster.use_gpu: "auto" takes CUDA where a worker has it
+    init: InitSource | None = None  # model.init as the driver resolved and checked it (file + sha256)
 
 
 @dataclass
