@@ -9,6 +9,9 @@
 - ``cifar10`` / ``cifar100``: the torchvision layout under ``root``.
 - ``imagenet``: ImageFolder layout ``root/train/<wnid>/*.JPEG``, ``root/val/<wnid>/*``.
 - ``synthetic``: seeded random tensors, fixed per index (smoke tests, benchmarks).
+- ``shards``: tar shards + ``index.json`` written by ``tdcompress pack`` (trainer/pack.py), read per
+  rank and loader worker, decoded to uint8 there and normalised on the training device
+  (trainer/shard_loader.py; its batches differ from the items described below).
 
 Every item is ``(image, label)``: a float32 ``(3, H, W)`` tensor normalised with
 the dataset's mean/std, and a Python int that the default collate turns into an
@@ -35,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from trainer.config import DATASET_NAMES
+from trainer.decode import resized_crop_box as _resized_crop_box
 
 __all__ = [
     "DATASET_NAMES", "DATASET_SHAPES", "ROOT_ENV", "DatasetError", "Datasets", "ImageDataset", "ShardSampler",
@@ -47,6 +51,7 @@ ROOT_ENV = "TDC_DATA_ROOT"
 # where the data cannot be opened (the driver of a cluster run, `tdcompress plan`).
 DATASET_SHAPES: dict[str, tuple[int, int]] = {
     "packed": (10, 32), "cifar10": (10, 32), "cifar100": (100, 32), "imagenet": (1000, 224), "synthetic": (10, 32),
+    "shards": (1000, 224),
 }
 
 # Per-channel mean/std of pixel values in [0, 1]. CIFAR-10's are the true
@@ -61,6 +66,7 @@ _HOW = {
     "cifar10": "the torchvision CIFAR-10 directory, or set data.download=true when online",
     "cifar100": "the torchvision CIFAR-100 directory, or set data.download=true when online",
     "imagenet": "a directory holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG",
+    "shards": "a directory holding index.json and the .tar shards written by `tdcompress pack`",
 }
 
 
@@ -256,24 +262,6 @@ class ImageNetTransform:
         return self.normalize(np.asarray(img))
 
 
-def _resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                      scale: tuple[float, float] = (0.08, 1.0),
-                      ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params, drawing from ``rng`` instead of torch's global RNG."""
-    area = width * height
-    log_ratio = np.log(ratio)
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = float(np.exp(rng.uniform(*log_ratio)))
-        w, h = round((target * aspect) ** 0.5), round((target / aspect) ** 0.5)
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    in_ratio = width / height  # fallback: central crop at the clamped aspect ratio
-    w, h = ((width, round(width / ratio[0])) if in_ratio < ratio[0] else
-            (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height))
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 # ---------------------------------------------------------------- dataset ---
 
 class ImageDataset(Dataset):
@@ -336,7 +324,7 @@ def load_datasets(dataset: str, root: str | None, *, augment: bool = True, seed:
                   train_subset: int = 0, eval_subset: int = 0, download: bool = False,
                   synthetic_train: int = 1024, synthetic_eval: int = 256,
                   image_size: int | None = None, num_classes: int | None = None,
-                  skip_bad_images: bool = False) -> Datasets:
+                  skip_bad_images: bool = False, decode: str = "cpu", shuffle_buffer: int = 2048) -> Datasets:
     """Build the train and eval splits of ``dataset`` (one of ``DATASET_NAMES``).
 
     Args:
@@ -352,6 +340,7 @@ def load_datasets(dataset: str, root: str | None, *, augment: bool = True, seed:
             for CIFAR-style data it must be None or the native size.
         num_classes: synthetic class count (default 10); elsewhere None or the true count.
         skip_bad_images: an undecodable image is skipped (with a warning naming it), not an error.
+        decode, shuffle_buffer: shards only (``data.decode``, ``data.shuffle_buffer``).
 
     Raises:
         DatasetError: data missing or malformed. ValueError: bad arguments.
@@ -367,6 +356,12 @@ def load_datasets(dataset: str, root: str | None, *, augment: bool = True, seed:
         classes, transform = [f"class_{k}" for k in range(nc)], None
     else:
         path = _resolve_root(dataset, root, create=download and dataset.startswith("cifar"))
+        if dataset == "shards":
+            from trainer.shard_loader import shard_datasets  # imports this module
+
+            return shard_datasets(path, augment=augment, seed=seed, train_subset=train_subset,
+                                  eval_subset=eval_subset, image_size=image_size, num_classes=num_classes,
+                                  decode=decode, shuffle_buffer=shuffle_buffer)
         if dataset == "packed":
             train_src, eval_src = (PackedSource(dataset, path / f) for f in ("train.npz", "test.npz"))
             if train_src.classes != eval_src.classes or train_src.image_size != eval_src.image_size:
@@ -466,7 +461,7 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loader(ds: Dataset, batch_size: int, *, rank: int, world_size: int, shuffle: bool,
-                seed: int, drop_last: bool, num_workers: int = 0) -> DataLoader:
+                seed: int, drop_last: bool, num_workers: int = 0, device: torch.device | str | None = None) -> Any:
     """Rank ``rank``'s loader of ``ds``: batches ``(x (B, 3, H, W) float32, y (B,) int64)``.
 
     Training (``shuffle`` or ``drop_last`` set) uses ``DistributedSampler`` with
@@ -483,11 +478,17 @@ def make_loader(ds: Dataset, batch_size: int, *, rank: int, world_size: int, shu
 
     Workers are not persistent, so each ``iter(loader)`` forks them with the
     dataset epoch set by ``set_loader_epoch``.
+
+    A ``shards`` split gets its own loader (trainer/shard_loader.py: same batch contract, uint8
+    decode in the workers, normalised on ``device``; None = the current CUDA device, else CPU).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+    if hasattr(ds, "loader"):  # a shards split (trainer.shard_loader.ShardSplit)
+        return ds.loader(batch_size, rank=rank, world_size=world_size, shuffle=shuffle, drop_last=drop_last,
+                         num_workers=num_workers, device=device)
     sampler: Sampler[int]
     if shuffle or drop_last:
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle,
@@ -498,11 +499,14 @@ def make_loader(ds: Dataset, batch_size: int, *, rank: int, world_size: int, shu
                       num_workers=num_workers, pin_memory=torch.cuda.is_available())
 
 
-def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+def set_loader_epoch(loader: Any, epoch: int) -> None:
     """Set the epoch of the loader's sampler (shuffle order) and dataset (augmentation draws).
 
     Call before ``iter(loader)`` each epoch.
     """
+    if hasattr(loader, "set_epoch"):  # a shards loader: order, augmentation and resume position in one
+        loader.set_epoch(epoch)
+        return
     for obj in (loader.sampler, loader.dataset):
         if hasattr(obj, "set_epoch"):
             obj.set_epoch(epoch)
