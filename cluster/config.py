@@ -19,6 +19,9 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     max_failures: int = 0  # worker-group restarts before the run fails
     storage: str = "runs"  # checkpoints and run state; shared storage on a multi-node cluster
+    # The user asserts that storage is mounted at the same path on every node (cluster/storage.py):
+    # required for cluster.storage and a sqlite:/// tracking store when the cluster has more than one node.
+    shared_storage: bool = False
     object_store_mb: int = 512  # embedded Ray only
 
     def __post_init__(self) -> None:

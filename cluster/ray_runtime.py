@@ -74,6 +74,34 @@ def _loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _cluster_address(address: str) -> str:
+    """``auto`` made explicit: inside a Ray job the job server sets RAY_ADDRESS to its own cluster's GCS.
+
+    Ray resolves "auto" without RAY_ADDRESS from shared temp state (the newest cluster started on
+    this machine), which can be another Ray instance than the one the job runs on.
+    """
+    if address == "auto" and os.environ.get("RAY_ADDRESS", "auto") != "auto":
+        return os.environ["RAY_ADDRESS"]
+    return address
+
+
+def _beside_job_env(env: dict[str, Any]) -> dict[str, Any] | None:
+    """The driver's runtime_env without the variables a Ray job's runtime env already sets.
+
+    Inside a job (`tdcompress submit`, `ray job submit --runtime-env-json ...`) Ray merges the job's
+    runtime env with the one ray.init is given and refuses any variable both set ("Failed to merge
+    the Job's runtime env"); the job's value wins here.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return env
+    import json
+
+    job_env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    mine = {k: v for k, v in env["env_vars"].items() if k not in job_env}
+    return {"env_vars": mine} if mine else None
+
+
 def ensure_ray(c: ClusterConfig) -> None:
     """Connect to ``c.address`` or start an embedded local Ray (once per process)."""
     import ray
@@ -83,7 +111,10 @@ def ensure_ray(c: ClusterConfig) -> None:
     gpu = wants_gpu(c)
     env = {"env_vars": worker_env(gpu)}
     if c.address:
-        ray.init(address=c.address, runtime_env=env, log_to_driver=True)
+        address = _cluster_address(c.address)
+        if address.split("://")[-1].startswith(("127.0.0.1:", "localhost:")):
+            _loopback_only()  # else Ray replaces 127.0.0.1 by the host's address, where a loopback head is not
+        ray.init(address=address, runtime_env=_beside_job_env(env), log_to_driver=True)
         return
     _loopback_only()
     need = c.num_workers * c.cpus_per_worker

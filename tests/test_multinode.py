@@ -29,8 +29,10 @@ def two_nodes():
     cluster.shutdown()
 
 
-def test_workers_on_two_nodes_agree(tiny, two_nodes):
+def test_workers_on_two_nodes_agree(tiny, two_nodes, tmp_path):
+    # Two nodes: storage and the SQLite store must be declared shared (one machine: they are).
     info = pipeline.run(tiny("cluster.backend=ray", "cluster.num_workers=2", f"cluster.address={two_nodes.address}",
+                             "cluster.shared_storage=true", f"tracking.uri=sqlite:///{tmp_path}/runs/mlflow.db",
                              "compression.format=tucker2", "compression.exclude=[]", "compression.min_channels=3",
                              "phases=[{kind: admm, epochs: 1, steps_per_epoch: 3}, {kind: evaluate}]"))
     path = ckpt.latest_checkpoint(info.dir / "checkpoints")
