@@ -7,6 +7,15 @@
                                                      (N: per-layer latency table picks each layer's realization)
     tdcompress evaluate EXPORT_DIR [--compile]       top-1/top-5 and latency, torch alone
     tdcompress compare [RUN ...]                     runs side by side (MLflow) + accuracy-vs-compression plot
+    tdcompress pack SRC DST [--max-side PX ...]      ImageFolder tree -> tar shards (data.dataset=shards)
+    tdcompress submit CONFIG [key=value ...]         run it as a Ray Job (--address http://HEAD:8265)
+    tdcompress jobs list|status|logs|stop [JOB]      watch and stop Ray Jobs
+    tdcompress cluster up|down [--nodes N]           a multi-node Ray cluster + MLflow server on 127.0.0.1
+    tdcompress configs list | copy NAME DEST         the experiment configs shipped with the package
+    python -m tdcompress ...                         the same commands
+
+Exit codes: 0 done; 2 bad input (config, paths, data, a damaged checkpoint or export), said in one line;
+1 the run failed (one line; the traceback is in the run's driver.log); 130 interrupted (Ctrl-C, SIGTERM).
 """
 from __future__ import annotations
 
@@ -20,8 +29,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from launcher import pipeline
 
     cfg = load_config(args.config, args.overrides)
-    pipeline.run(cfg)
+    _sigterm_interrupts()
+    try:
+        pipeline.run(cfg)
+    except (KeyboardInterrupt, ConfigError):
+        raise
+    except Exception as e:
+        from launcher.run_failure import report_run_failure
+
+        if not report_run_failure(cfg, e):  # bad input found late (data, checkpoint): main says it plainly
+            raise
+        return 1
     return 0
+
+
+def _sigterm_interrupts() -> None:
+    """SIGTERM (``kill``, a scheduler, ``ray job stop``) ends a run like Ctrl-C: its MLflow runs close KILLED."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -74,30 +105,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from launcher.compare import parent_runs, plot, table
-    from trainer.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(args.tracking_uri)
-    runs = parent_runs(uri, args.experiment, args.runs, args.limit)
-    if not runs:
-        print(f"no runs in experiment {args.experiment!r} at {uri}")
-        return 1
-    print(table(runs))
-    path = plot(runs, Path(args.plot))
-    if path:
-        print(f"plot: {path}")
-    return 0
-
-
 def _cmd_plan(args: argparse.Namespace) -> int:
     """Print the rank plan a run of CONFIG would use, without data, Ray or any training."""
     from launcher.pipeline import make_plan
     from trainer.data import DATASET_SHAPES
 
     cfg = load_config(args.config, args.overrides)
+    if args.weights or args.run:  # both allocations on trained weights: launcher/plan.py
+        from launcher.plan import plan_command
+
+        return plan_command(cfg, args.config, args.weights, args.run)
     classes, size = DATASET_SHAPES[cfg.data.dataset]
     plan = make_plan(cfg, classes, size)
     if plan is None:
@@ -149,6 +166,10 @@ def _memory_format_args(p: argparse.ArgumentParser) -> None:
                         "(trainer/malloc.py; only the `tdcompress` console command re-runs)")
 
 
+CONFIG_HELP = "YAML experiment file, e.g. configs/quickstart.yaml (`tdcompress configs list`: the bundled ones)"
+OVERRIDES_HELP = "key.sub=value overrides (YAML values; list items by index: phases.0.epochs=3)"
+
+
 def _version() -> str:
     from importlib import metadata
 
@@ -170,8 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     plan = sub.add_parser("plan", help="print the rank plan of a config (no data, no Ray, no training)")
-    plan.add_argument("config")
-    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("config", help=CONFIG_HELP)
+    plan.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    source = plan.add_mutually_exclusive_group()
+    source.add_argument("--weights", metavar="FILE", help="trained weights (a state_dict file or a checkpoint's "
+                        "shared.pt): show the uniform and the error allocation with each layer's error")
+    source.add_argument("--run", metavar="RUN_DIR", help="like --weights, from the run's newest checkpoint that "
+                        "holds the dense model")
     plan.set_defaults(func=_cmd_plan)
 
     export = sub.add_parser("export", help="write a run's model as safetensors + JSON manifest")
@@ -188,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", help="dataset name (default: the one the model was trained on)")
     ev.add_argument("--data-root", help="dataset directory (default: $TDC_DATA_ROOT)")
     ev.add_argument("--limit", type=int, default=0, help="evaluate on this many images (0 = all)")
-    ev.add_argument("--batch", type=int, default=256)
+    ev.add_argument("--batch", type=int, default=256, help="images per evaluation batch (default 256)")
     ev.add_argument("--no-data", action="store_true", help="latency only")
     ev.add_argument("--latency-batches", type=_int_list(1), default=[1, 32],
                     help="comma-separated batch sizes to time (default 1,32)")
@@ -197,19 +223,27 @@ def build_parser() -> argparse.ArgumentParser:
     _memory_format_args(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
-    cmp_ = sub.add_parser("compare", help="runs side by side from MLflow (top-1, compression, params, FLOPs)")
-    cmp_.add_argument("runs", nargs="*", help="run names or ids (default: the newest runs)")
-    cmp_.add_argument("--experiment", default="tdcompress")
-    cmp_.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
-    cmp_.add_argument("--limit", type=int, default=20)
-    cmp_.add_argument("--plot", default="compare.png", help="accuracy-vs-compression plot (PNG)")
-    cmp_.set_defaults(func=_cmd_compare)
+    from launcher import compare_cli  # `tdcompress compare`: filters, grouping, Pareto fronts, output formats
+
+    compare_cli.add_parser(sub)
+
+    from launcher import pack as pack_cmd  # `tdcompress pack SRC DST`: ImageFolder -> tar shards
+
+    pack_cmd.add_parser(sub)
+
+    from launcher import submit as submit_cmd  # `tdcompress submit|jobs|cluster`: Ray Jobs and a local cluster
+
+    submit_cmd.add_parsers(sub)
+
+    from launcher import configs_cli  # `tdcompress configs list|copy`: the configs shipped with the package
+
+    configs_cli.add_parser(sub)
 
     config = sub.add_parser("config", help="inspect configs")
     csub = config.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print the resolved config after overrides and validation")
-    show.add_argument("config")
-    show.add_argument("overrides", nargs="*")
+    show.add_argument("config", help=CONFIG_HELP)
+    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     show.set_defaults(func=_cmd_config_show)
     return p
 
@@ -234,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("tdcompress: interrupted", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"tdcompress: config error: {e}", file=sys.stderr)
         return 2

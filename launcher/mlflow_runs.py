@@ -1,23 +1,30 @@
-"""The MLflow runs of one `tdcompress run`: a parent and one child per phase, opened, reopened and closed.
+"""The MLflow runs of one `tdcompress run`: the parent (opened, reopened and closed here) and its phase runs.
 
-Run states follow what happened, also after faults: a run the driver saw end is closed as
-FINISHED, FAILED or KILLED (Ctrl-C); phases complete by the checkpoints are FINISHED, the one
-that was running gets the run's status, the ones that never started KILLED; a resume sets the
-phases it runs RUNNING again; a parent found RUNNING without a note from its driver was left by a
-killed driver and is marked KILLED first. Tracking problems never replace the run's outcome.
+The parent carries a descriptive name, the tags users filter on and the flattened config
+(:mod:`launcher.run_record`), MLflow's system metrics while the run lasts, the dense baseline and the
+delta against it, and on success the exported model. Phase runs are created by rank 0 when each phase
+starts and closed when it ends (:mod:`trainer.phase_runs`), so their times are their own and a phase
+that never started has none. Run states follow what happened, also after faults: a run the driver saw
+end is closed as FINISHED, FAILED or KILLED (Ctrl-C, SIGTERM); a phase run a killed worker left RUNNING
+gets the run's status (FINISHED when the checkpoints say it completed); a parent found RUNNING without a
+note from its driver was left by a killed driver and is marked KILLED first. Tracking problems never
+replace the run's outcome.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher import run_record
 from launcher.config import ConfigError, dump_yaml, flatten, to_dict
 from launcher.schema import Config
 from trainer import checkpoint as ckpt
-from trainer import tracking
+from trainer import phase_runs, tracking
 
 DRIVER_BUFFER = "tracking-buffer-driver.jsonl"  # what the driver's Trackers could not send (workers: rank0)
 
@@ -42,11 +49,11 @@ def _phases_done(run_dir: Path) -> int:
 
 
 def _phase_status(index: int, done: int, status: str) -> str:
-    """The honest end status of phase ``index`` of a run that ended as ``status`` with phases <= ``done`` complete.
+    """The honest end status of phase ``index``'s run, left RUNNING, of a run that ended as ``status`` with
+    phases <= ``done`` complete: FINISHED when complete, else ``status`` (it was running when the run stopped).
 
-    Complete phases FINISHED; the first incomplete one, running when the run stopped, ``status``;
-    the ones after it never started: KILLED (stopped before they began), not FAILED (nothing of
-    theirs failed) and not left RUNNING (nothing runs them). A resume sets them RUNNING again.
+    Phases after it never started and have no run (the index > done + 1 case only arises for runs that an
+    older version created up front: KILLED, stopped before they began). A resume reopens a phase's run.
     """
     return "FINISHED" if index <= done else status if index == done + 1 else "KILLED"
 
@@ -71,7 +78,7 @@ def open_runs(cfg: Config, run_name: str, run_dir: Path, state: dict[str, Any]) 
     try:
         client = tracking.client(uri)
         if state.get("parent_id"):
-            parent, children = state["parent_id"], state["phase_ids"]
+            parent = state["parent_id"]
             # Every exit Python sees closes the runs (close_runs; when the server was away then, it
             # noted the status in run.json), so a parent still RUNNING without that note was left by a
             # driver that died without closing it (SIGKILL, OOM killer, lost machine); one run directory
@@ -79,39 +86,122 @@ def open_runs(cfg: Config, run_name: str, run_dir: Path, state: dict[str, Any]) 
             # before continuing: the parent and the phase it was in KILLED, complete phases FINISHED.
             if client.get_run(parent).info.status == "RUNNING":
                 ended = state.get("mlflow_unclosed") or "KILLED"
-                for i, rid in enumerate(children):
-                    if rid and client.get_run(rid).info.status == "RUNNING":
-                        client.set_terminated(rid, _phase_status(i, done, ended))
+                for i, run in sorted(phase_runs.phase_children(uri, parent).items()):
+                    if run.info.status == "RUNNING":
+                        client.set_terminated(run.info.run_id, _phase_status(i, done, ended))
                 client.set_terminated(parent, ended)
                 if ended == "KILLED":
                     killed = int(client.get_run(parent).data.tags.get("tdcompress.killed_attempts", "0")) + 1
                     client.set_tag(parent, "tdcompress.killed_attempts", str(killed))
                     print(f"mlflow: run {run_name} was left RUNNING by a driver that was killed; marked it "
                           "KILLED before resuming", flush=True)
-            # The phases this command runs (from the first incomplete one) are RUNNING again, so a
-            # resume that finishes ends FINISHED; completed phases keep their status.
-            for i, rid in enumerate(children):
-                if rid and i > done:
-                    client.update_run(rid, status="RUNNING")
+            # The phases this command runs reopen their own child runs when they start (trainer.phase_runs).
             client.update_run(parent, status="RUNNING")
-            return uri, parent, children
+            _start_system_metrics(cfg, uri, parent)
+            kids = phase_runs.phase_children(uri, parent)
+            return uri, parent, [kids[i].info.run_id if i in kids else None for i in range(len(cfg.phases))]
         exp = tracking.get_or_create_experiment(uri, cfg.tracking.experiment)
-        parent = client.create_run(exp, run_name=run_name, tags={"tdcompress.run_dir": str(run_dir),
-                                                                 "tdcompress.config": cfg.name}).info.run_id
-        children = []
-        for i, phase in enumerate(cfg.phases):
-            run = client.create_run(exp, run_name=f"{run_name}/{i}-{phase.kind}",
-                                    tags={"mlflow.parentRunId": parent, "tdcompress.phase": phase.kind})
-            children.append(run.info.run_id)
+        # Phase runs are created by rank 0 when each phase starts: their times are the phases' own.
+        parent = client.create_run(exp, run_name=run_record.mlflow_run_name(cfg, run_name),
+                                   tags=run_record.run_tags(cfg, run_dir)).info.run_id
+        children: list[str | None] = [None] * len(cfg.phases)
     except (MlflowException, OSError) as e:
         raise ConfigError(f"tracking.uri: MLflow at {uri} failed: {tracking.short_error(e)}; {hint}") from None
     t = tracking.Tracker(uri, parent, buffer=run_dir / DRIVER_BUFFER)  # never raises: keeps what it cannot send
-    t.params(flatten(to_dict(cfg)))
+    params = flatten(to_dict(cfg))
+    params["data.root"] = run_record.resolved_data_root(cfg)  # from TDC_DATA_ROOT when the config leaves it empty
+    t.params(params)
     t.text(dump_yaml(cfg), "config.yaml")
+    _start_system_metrics(cfg, uri, parent)
     return uri, parent, children
 
 
-def close_runs(info: RunInfo, status: str) -> None:
+_MONITORS: dict[str, Any] = {}  # parent run id -> MLflow's SystemMetricsMonitor logging into it
+
+
+def _start_system_metrics(cfg: Config, uri: str, parent: str) -> None:
+    """MLflow's own system metrics (CPU, memory, disk, network; GPU with pynvml) on the parent run, sampled on
+    the driver's machine every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) while the run lasts (``tracking.system_metrics``; needs psutil)."""
+    if not getattr(cfg.tracking, "system_metrics", False):
+        return
+    try:
+        import logging
+
+        import psutil  # noqa: F401  (MLflow's monitor needs it)
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines are noise
+
+        # MLflow's own knob sets the interval where given (the tests sample every second); else every 10 s.
+        interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10)
+        monitor = SystemMetricsMonitor(parent, sampling_interval=interval, samples_before_logging=1, tracking_uri=uri,
+                                       resume_logging=True)
+        monitor.start()
+        _MONITORS[parent] = monitor
+    except Exception as e:  # optional: the run goes on without it
+        print(f"WARNING mlflow: no system metrics ({tracking.short_error(e)})", file=sys.stderr, flush=True)
+
+
+def _stop_system_metrics(parent: str | None) -> None:
+    monitor = _MONITORS.pop(parent, None) if parent else None
+    if monitor is not None:
+        try:
+            monitor.finish()
+        except Exception as e:
+            print(f"WARNING mlflow: system metrics did not stop cleanly ({tracking.short_error(e)})",
+                  file=sys.stderr, flush=True)
+
+
+def _dense_baseline(client: Any, parent: str) -> None:
+    """On a finished run: ``dense_top1`` (the pretrain phase's final top-1, else the model.init model's) and
+    ``top1_delta`` = final top-1 minus it (negative: the compressed model lost accuracy)."""
+    m = client.get_run(parent).data.metrics
+    dense = m.get("dense_top1", m.get("init_top1"))
+    if dense is None or "top1" not in m:
+        return
+    extra = {"top1_delta": m["top1"] - dense}
+    if "dense_top1" not in m:
+        extra["dense_top1"] = dense
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in extra.items()])
+
+
+def _note_phase_ids(info: RunInfo) -> None:
+    """Write the phase runs' ids (None: the phase never started) into run.json, for tools and tests."""
+    state_file = info.dir / "run.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        ckpt.atomic_write_text(state_file, json.dumps({**state, "phase_ids": info.phase_ids}, indent=1))
+
+
+def log_model(info: RunInfo, client: Any, register_as: str | None) -> None:
+    """Export the finished run's model (trainer.export: safetensors + JSON manifest, loads with torch alone)
+    and log it as the parent's ``model/`` artifact; with ``register_as`` also as a new version of that
+    registered model. Never raises: a run that trained is not failed by its model's logging."""
+    try:
+        from trainer.export import export_run
+
+        out = export_run(info.dir)
+        client.log_artifacts(info.parent_id, str(out), "model")
+        if register_as:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                client.create_registered_model(register_as)
+            except MlflowException as e:
+                if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+                    raise
+            source = client.get_run(info.parent_id).info.artifact_uri.rstrip("/") + "/model"
+            version = client.create_model_version(register_as, source, run_id=info.parent_id)
+            print(f"mlflow: registered the model as {register_as} version {version.version}", flush=True)
+    except Exception as e:
+        print(f"WARNING mlflow: the run's model was not logged ({type(e).__name__}: {tracking.short_error(e)})",
+              file=sys.stderr, flush=True)
+
+
+def close_runs(info: RunInfo, status: str, tracking_cfg: Any = None) -> None:
     """Send kept tracking records and close the MLflow runs; never raises an Exception.
 
     A tracking problem here must not replace the outcome of the run: it becomes one warning, and
@@ -127,11 +217,19 @@ def close_runs(info: RunInfo, status: str) -> None:
         if not all(tracking.Tracker(info.tracking_uri, info.parent_id, buffer=f).flush() for f in kept
                    if f.is_file()):
             raise ConnectionError("the kept tracking records could not be sent")
+        _stop_system_metrics(info.parent_id)
         client = tracking.client(info.tracking_uri)
         done = _phases_done(info.dir)
-        for i, rid in enumerate(info.phase_ids):
-            if rid and client.get_run(rid).info.status == "RUNNING":
-                client.set_terminated(rid, _phase_status(i, done, status))
+        children = phase_runs.phase_children(info.tracking_uri, info.parent_id)
+        for i, run in sorted(children.items()):  # left RUNNING by a worker that did not close it (killed)
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, _phase_status(i, done, status))
+        info.phase_ids = [children[i].info.run_id if i in children else None for i in range(len(info.phase_ids))]
+        _note_phase_ids(info)
+        if status == "FINISHED":
+            _dense_baseline(client, info.parent_id)
+            if tracking_cfg is not None and tracking_cfg.log_model:
+                log_model(info, client, tracking_cfg.register_as)
         client.set_terminated(info.parent_id, status)
     except Exception as e:
         print(f"WARNING mlflow: could not close the MLflow runs of {info.name} as {status} at {info.tracking_uri} "

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from launcher.config import ConfigError, dump_yaml, flatten, from_dict, to_dict
+from launcher.init_source import record_init, resolve_init
 from launcher.mlflow_runs import DRIVER_BUFFER, RunInfo, close_runs, open_runs
 from launcher.schema import Config
 from trainer import checkpoint as ckpt
@@ -82,21 +83,52 @@ def check_data(cfg: Config) -> tuple[int, int]:
     if n_train < d.batch_size:
         raise ConfigError(f"data.batch_size: {d.batch_size} is more than the {n_train} training images, so no "
                           "step would run; lower data.batch_size or enlarge data.train_subset")
+    calib = cfg.decompose.calibration_batches * d.batch_size
+    if cfg.decompose.fit == "features" and any(p.kind == "decompose" for p in cfg.phases) and calib > n_train:
+        raise ConfigError(f"decompose.calibration_batches: {cfg.decompose.calibration_batches} batches of "
+                          f"data.batch_size={d.batch_size} are {calib} images, more than the {n_train} training "
+                          f"images; allowed: 1..{n_train // d.batch_size}")
     return sets.num_classes, sets.image_size
+
+
+def check_cluster_storage(cfg: Config) -> None:
+    """A run joining a multi-node cluster: refuse node-local storage or tracking before anything of it exists."""
+    if cfg.cluster.backend != "ray" or not cfg.cluster.address:
+        return
+    from cluster.storage import check_cluster_run
+
+    try:
+        check_cluster_run(cfg.cluster, tracking.resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled
+                          else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def make_plan(cfg: Config, classes: int, size: int):
     """The rank plan (params/FLOPs before and after), or None when no phase compresses; errors are ConfigErrors."""
+    if any(p.kind == "rank_prune" for p in cfg.phases):  # a budget min_rank cannot reach fails here
+        from trainer.models import build_model
+        from trainer.rank_prune import check_budget
+
+        try:
+            check_budget(build_model(cfg.model.name, classes), cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if not any(p.kind in COMPRESSING_PHASES for p in cfg.phases):
         return None
     from admm.component import plan_for_model
     from trainer.models import build_model
 
     try:
+        # No trained weights exist yet: with allocation=error the driver records the uniform plan as an estimate.
         plan = plan_for_model(build_model(cfg.model.name, classes), cfg.compression, cfg.cluster.num_workers,
-                              input_shape=(1, 3, size, size))
+                              input_shape=(1, 3, size, size), allocation="uniform")
     except ValueError as e:
         raise ConfigError(str(e) if str(e).startswith("compression") else f"compression: {e}") from None
+    if cfg.compression.allocation == "error":
+        plan.notes.append("compression.allocation=error: these are the UNIFORM ranks, an estimate made before "
+                          "training; the admm phase allocates ranks from the weights it starts from and records "
+                          "them in phase<i>/rank_plan.txt (and the decompose phase in its MLflow run)")
     return plan
 
 
@@ -194,15 +226,20 @@ def run(cfg: Config) -> RunInfo:
 
     classes, size = check_data(cfg)
     plan = make_plan(cfg, classes, size)  # before anything is created: a bad plan costs nothing
+    check_cluster_storage(cfg)
+    # model.init loaded and shape-checked here, before any worker (not on a resume that has a checkpoint)
+    init = resolve_init(cfg, classes, resolve_run_dir(cfg)[1] if cfg.resume else None)
     info = prepare(cfg)
     print(f"run {info.name}: {info.dir}", flush=True)
     record_plan(cfg, plan, info)
+    if info.tracking_uri:
+        record_init(init, tracking.Tracker(info.tracking_uri, info.parent_id, buffer=info.dir / DRIVER_BUFFER))
     if info.tracking_uri:
         print(f"mlflow: {info.tracking_uri} parent run {info.parent_id}", flush=True)
     # The data root is resolved here: workers on other nodes do not see this shell's variables.
     job = WorkerJob(config=cfg.worker(data_root=data_root(cfg.data.root)), run_dir=str(info.dir),
                     tracking_uri=info.tracking_uri, parent_run_id=info.parent_id, phase_run_ids=info.phase_ids,
-                    use_gpu=cfg.cluster.use_gpu)
+                    use_gpu=cfg.cluster.use_gpu, init=init)
     t0 = time.time()
     try:
         run_workers(job, cfg.cluster, info.name)
@@ -213,6 +250,6 @@ def run(cfg: Config) -> RunInfo:
             print(f"run {info.name} failed; continue it from its last checkpoint with: "
                   f"tdcompress run CONFIG run_name={info.name} resume=true", flush=True)
         raise
-    close_runs(info, "FINISHED")
+    close_runs(info, "FINISHED", cfg.tracking)
     print(f"run {info.name} finished in {time.time() - t0:.0f}s", flush=True)
     return info

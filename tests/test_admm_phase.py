@@ -36,7 +36,7 @@ def test_primal_residual_falls_on_real_cifar(tiny):
     assert decomp[-1] < decomp[0], decomp  # decomposing now would lose less than at the start
     assert rho == sorted(rho) and rho[-1] > rho[0]
     run = client.get_run(admm_run)
-    assert "primal/layer1.0.conv1" in run.data.metrics and "dual/layer3.2.conv2" in run.data.metrics
+    assert "layers/primal/layer1.0.conv1" in run.data.metrics and "layers/dual/layer3.2.conv2" in run.data.metrics
     assert "admm_primal_residuals.png" in [a.path for a in client.list_artifacts(admm_run)]
     # The plan was printed and stored before training, one row per planned layer.
     plan = json.loads((info.dir / "rank_plan.json").read_text())

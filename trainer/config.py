@@ -12,24 +12,36 @@ the registries in :mod:`trainer.models`, :mod:`trainer.data` and
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from admm.config import AdmmConfig, CompressionConfig, check
 
 ModelName = Literal["resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "tinycnn"]
-DatasetName = Literal["packed", "cifar10", "cifar100", "imagenet", "synthetic"]
-PhaseKind = Literal["pretrain", "admm", "decompose", "finetune", "evaluate"]
+DatasetName = Literal["packed", "cifar10", "cifar100", "imagenet", "synthetic", "shards"]
+DecodeWhere = Literal["cpu", "gpu"]
+DECODE_WHERE: tuple[str, ...] = get_args(DecodeWhere)
+PhaseKind = Literal["pretrain", "admm", "decompose", "finetune", "evaluate", "rank_prune"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 PHASE_KINDS: tuple[str, ...] = get_args(PhaseKind)
-TRAINING_PHASES: tuple[str, ...] = ("pretrain", "admm", "finetune")  # phases that run epochs of SGD
+TRAINING_PHASES: tuple[str, ...] = ("pretrain", "admm", "finetune", "rank_prune")  # phases that run epochs of SGD
 COMPRESSING_PHASES: tuple[str, ...] = ("admm", "decompose")  # phases that need a rank plan
+DEVICE_CACHE_DATASETS: tuple[str, ...] = ("packed", "cifar10", "cifar100")  # data.device_cache: CIFAR-style only
 
 
 @dataclass
 class ModelConfig:
     name: ModelName = "resnet20"
+    # Initial weights (trainer/init_weights.py): a run directory (its newest intact checkpoint, dense),
+    # a checkpoint directory, an MLflow run id, or a state_dict file (.pth/.pt/.safetensors). Applied
+    # once at the start of the first phase, never on resume (the run's own checkpoint wins).
+    init: str | None = None
+
+    def __post_init__(self) -> None:
+        check(self.init is None or bool(self.init.strip()), "init",
+              "must be null or a run directory, checkpoint directory, MLflow run id or weights file, got ''")
 
 
 @dataclass
@@ -48,14 +60,26 @@ class DataConfig:
     skip_bad_images: bool = False
     synthetic_train: int = 1024
     synthetic_eval: int = 256
+    # dataset "shards" (tar shards from `tdcompress pack`): where JPEGs are decoded (gpu: nvJPEG on the
+    # training device, batched; cpu: the loader processes) and the per-worker shuffle buffer in samples.
+    decode: DecodeWhere = "cpu"
+    shuffle_buffer: int = 2048
+    # Small CIFAR-style datasets: decode each split once, keep it as uint8 on the training device and
+    # crop/flip/normalise there in batch (trainer/device_data.py); for GPUs, also works on the CPU.
+    device_cache: bool = False
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         for key in ("train_subset", "eval_subset", "loader_workers"):
             check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
-        for key in ("synthetic_train", "synthetic_eval"):
+        for key in ("synthetic_train", "synthetic_eval", "shuffle_buffer"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        check(self.decode in DECODE_WHERE, "decode", f"must be one of {', '.join(DECODE_WHERE)}, got {self.decode!r}")
+        check(self.decode == "cpu" or self.dataset == "shards", "decode",
+              f"'gpu' decodes the tar shards of dataset 'shards' only; got dataset {self.dataset!r}")
+        check(not self.device_cache or self.dataset in DEVICE_CACHE_DATASETS, "device_cache",
+              f"holds CIFAR-style datasets only ({', '.join(DEVICE_CACHE_DATASETS)}); got dataset {self.dataset!r}")
 
 
 @dataclass
@@ -107,6 +131,17 @@ class TrackingConfig:
     # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns.db
     uri: str | None = None
     experiment: str = "tdcompress"
+    # MLflow's own system metrics (CPU, memory; GPU with pynvml) on the parent run, sampled every 10 s.
+    system_metrics: bool = True
+    # A finished run exports its model (safetensors + manifest) and logs it as the parent's `model/` artifact.
+    log_model: bool = True
+    # Also register that model in the MLflow model registry under this name (a new version per run).
+    register_as: str | None = None
+
+    def __post_init__(self) -> None:
+        check(bool(self.experiment.strip()), "experiment", "must be a non-empty MLflow experiment name")
+        check(self.register_as is None or bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}", self.register_as)),
+              "register_as", f"must be null or a model name (letters, digits, '_', '.', '-'), got {self.register_as!r}")
 
 
 @dataclass
@@ -124,6 +159,43 @@ class PhaseConfig:
     @property
     def trains(self) -> bool:
         return self.kind in TRAINING_PHASES
+
+
+@dataclass
+class DecomposeConfig:
+    """How the decompose phase fits the factors (``decompose`` section; admm/feature_fit.py)."""
+
+    # weights: factor each weight alone; features: fit each layer's outputs on real training images,
+    # layer by layer through the partly decomposed model (svd, tucker2, lowrank_sparse; Yu et al. 2017).
+    fit: Literal["weights", "features"] = "weights"
+    calibration_batches: int = 4  # features: global batches of data.batch_size training images
+
+    def __post_init__(self) -> None:
+        check(self.calibration_batches >= 1, "calibration_batches", f"must be >= 1, got {self.calibration_batches}")
+
+
+@dataclass
+class RankPruneConfig:
+    """The rank_prune phase (Sharma et al. 2025; trainer/rank_prune.py): layers as U diag(s) V^T, ranks pruned."""
+
+    init: Literal["trained", "random"] = "trained"  # factors from the trained weights, or random orthonormal
+    l1: float = 1e-4  # weight of the L1 penalty sum |s| (per layer, on s relative to its largest value)
+    orth: float = 1e-3  # weight of ||U^T U - I||^2 + ||V V^T - I||^2
+    threshold: float = 0.05  # prune s_i with |s_i| < threshold * max|s| of its layer
+    interval: int = 1  # epochs between prunes
+    min_rank: int = 1  # no layer goes below this rank
+    # Fraction of the planned layers' dense parameters the factored layers may keep at the end of the
+    # phase (0 = no budget): each prune is held to a linear path toward it and prunes harder when behind.
+    keep_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(0 <= self.l1 < 1, "l1", f"must be in [0, 1), got {self.l1}")
+        check(0 <= self.orth < 1, "orth", f"must be in [0, 1), got {self.orth}")
+        check(0 <= self.threshold < 1, "threshold",
+              f"must be in [0, 1) (a fraction of each layer's largest singular value), got {self.threshold}")
+        check(self.interval >= 1, "interval", f"must be >= 1 (epochs), got {self.interval}")
+        check(self.min_rank >= 1, "min_rank", f"must be >= 1, got {self.min_rank}")
+        check(0 <= self.keep_ratio <= 1, "keep_ratio", f"must be in [0, 1] (0 = no budget), got {self.keep_ratio}")
 
 
 @dataclass
@@ -159,12 +231,15 @@ class WorkerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     admm: AdmmConfig = field(default_factory=AdmmConfig)
+    decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
+    rank_prune: RankPruneConfig = field(default_factory=RankPruneConfig)
     phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig("pretrain"), PhaseConfig("evaluate")])
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         check_phases(self.phases)
+        check_methods(self)
         fail = self.debug.fail_at
         if fail is not None:
             check(fail.phase < len(self.phases) and self.phases[fail.phase].trains, "debug.fail_at.phase",
@@ -184,5 +259,28 @@ def check_phases(phases: list[PhaseConfig]) -> None:
             check("decompose" not in kinds[:i], f"phases.{i}.kind",
                   "admm trains the dense model toward low rank; put it before the decompose phase")
         if kind == "finetune":
-            check("decompose" in kinds[:i], f"phases.{i}.kind",
-                  "finetune trains the factored model; put a decompose phase before it")
+            check("decompose" in kinds[:i] or "rank_prune" in kinds[:i], f"phases.{i}.kind",
+                  "finetune trains the factored model; put a decompose or rank_prune phase before it")
+        if kind == "rank_prune":
+            check(kind not in kinds[:i] and "decompose" not in kinds[:i], f"phases.{i}.kind",
+                  "rank_prune factors the dense model itself: once, and not after decompose")
+        if kind in ("decompose", "admm"):
+            check("rank_prune" not in kinds[:i], f"phases.{i}.kind",
+                  f"{kind} needs the dense model; rank_prune before it has factored it already")
+
+
+def check_methods(cfg: WorkerConfig) -> None:
+    """What the decompose and rank_prune sections need from the rest of the config."""
+    kinds = [p.kind for p in cfg.phases]
+    if "decompose" in kinds and cfg.decompose.fit == "features":
+        check(cfg.data.dataset != "synthetic", "decompose.fit",
+              "features fits layer outputs on real training images; data.dataset=synthetic has none "
+              "(use fit: weights, or a real dataset)")
+        fitted = ("svd", "tucker2", "lowrank_sparse")
+        check(cfg.compression.format in fitted, "decompose.fit",
+              f"features exists for compression.format {', '.join(fitted)}; got {cfg.compression.format!r}")
+    if "rank_prune" in kinds:
+        phase = cfg.phases[kinds.index("rank_prune")]
+        check(cfg.rank_prune.interval <= phase.epochs, "rank_prune.interval",
+              f"must be <= the rank_prune phase's epochs ({phase.epochs}), or no prune ever happens; "
+              f"got {cfg.rank_prune.interval}")

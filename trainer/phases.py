@@ -18,7 +18,7 @@ from trainer import checkpoint as ckpt
 from trainer.component import Component, LoopState
 from trainer.context import WorkerContext
 from trainer.data import set_loader_epoch
-from trainer.decompose import decompose_model_phase
+from trainer.decompose import decompose_model_phase, measured_flops
 from trainer.engine import build_engine, resolve_precision
 from trainer.faults import FailureInjector
 from trainer.loop import average_batchnorm_stats, evaluate, train_epoch
@@ -67,7 +67,7 @@ def components_for(ctx: WorkerContext, index: int, model: nn.Module) -> list[Com
     if kind == "admm":
         tracker = ctx.phase_trackers[index]
         out.append(AdmmComponent.create(model, cfg.compression, cfg.admm, rank=ctx.rank, world=ctx.world,
-                                        grad_accum=cfg.optim.grad_accum, log=tracker.metrics,
+                                        grad_accum=cfg.optim.grad_accum, log=_layer_prefixed(tracker.metrics),
                                         artifact=tracker.artifact, out_dir=ctx.run_dir / f"phase{index}"))
     fail = cfg.debug.fail_at
     if fail is not None and fail.phase == index:
@@ -75,13 +75,32 @@ def components_for(ctx: WorkerContext, index: int, model: nn.Module) -> list[Com
     return out
 
 
+def steps_per_epoch(ctx: WorkerContext, index: int) -> int:
+    """Optimizer steps per epoch of training phase ``index`` (its steps_per_epoch cap applied)."""
+    per_epoch = len(ctx.train_loader) // ctx.cfg.optim.grad_accum
+    cap = ctx.cfg.phases[index].steps_per_epoch
+    return min(per_epoch, cap) if cap else per_epoch
+
+
+def step_offset(ctx: WorkerContext, index: int) -> int:
+    """The run's global step where phase ``index`` starts: the optimizer steps of the training phases before it.
+
+    Logged steps are offset by it, so every phase's curves continue on one axis instead of restarting at 0.
+    """
+    return sum(steps_per_epoch(ctx, j) * p.epochs for j, p in enumerate(ctx.cfg.phases[:index]) if p.trains)
+
+
+def _layer_prefixed(log: Callable[[dict[str, float], int], None]) -> Callable[[dict[str, float], int], None]:
+    """``log`` with per-layer series (keys with a '/', e.g. primal/layer1.0.conv1) moved under ``layers/``,
+    so MLflow's default charts show the few global metrics and the per-layer ones sit in their own section."""
+    return lambda metrics, step: log({f"layers/{k}" if "/" in k else k: v for k, v in metrics.items()}, step)
+
+
 def _train_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) -> PhaseResult:
     cfg, phase = ctx.cfg, ctx.cfg.phases[index]
     tracker = ctx.phase_trackers[index]
     precision = resolve_precision(cfg.engine, ctx.device)
-    per_epoch = len(ctx.train_loader) // cfg.optim.grad_accum
-    if phase.steps_per_epoch:
-        per_epoch = min(per_epoch, phase.steps_per_epoch)
+    per_epoch = steps_per_epoch(ctx, index)
     if per_epoch < 1:
         raise ValueError(f"phases.{index}: the training set gives no full batch of data.batch_size="
                          f"{cfg.data.batch_size}; lower the batch size or enlarge data.train_subset")
@@ -132,6 +151,8 @@ def _evaluate_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) ->
     precision = resolve_precision(ctx.cfg.engine, ctx.device)
     out = evaluate(model, ctx.eval_loader, device=ctx.device, precision=precision)
     out["params"] = float(sum(p.numel() for p in model.parameters()))
+    # Per image, counted by torch (the decompose phase counts the same way): compare's cost axis for every run.
+    out["flops"] = float(measured_flops(model, (1, 3, ctx.image_size, ctx.image_size)))
     for t in (ctx.phase_trackers[index], ctx.parent):
         t.metrics(out, 0)
     if ctx.rank == 0:
@@ -140,6 +161,12 @@ def _evaluate_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) ->
     state = LoopState(phase="evaluate")
     save(ctx, index, registry_for(ctx, model, state), state, True, model)
     return model, out
+
+
+def _rank_prune_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) -> PhaseResult:
+    from trainer.rank_prune import run_rank_prune  # it uses this module's helpers (registry_for, save)
+
+    return run_rank_prune(ctx, index, model, resume)
 
 
 def _decompose_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) -> PhaseResult:
@@ -156,6 +183,7 @@ PHASES: dict[str, Callable[[WorkerContext, int, nn.Module, Any], PhaseResult]] =
     "decompose": _decompose_phase,
     "finetune": _train_phase,
     "evaluate": _evaluate_phase,
+    "rank_prune": _rank_prune_phase,
 }
 
 

@@ -131,11 +131,15 @@ class Tracker:
         self._box = outbox_for(uri, buffer) if self._client else None
         self.retry_every = RETRY_EVERY_S if retry_every is None else retry_every
         self.best: dict[str, float] = {}
+        # Added to every step: a phase's Tracker counts from the steps of the phases before it, so the
+        # curves of all phases share one x axis (the run's global optimizer step).
+        self.step_offset = 0
 
     # -- public API -------------------------------------------------------------------
     def metrics(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self._submit({"kind": "metrics", "metrics": [[k, float(v), now, int(step)] for k, v in values.items()]})
+        step = int(step) + self.step_offset
+        self._submit({"kind": "metrics", "metrics": [[k, float(v), now, step] for k, v in values.items()]})
 
     def best_of(self, key: str, value: float, step: int) -> None:
         """Log ``best_<key>`` whenever ``value`` beats the best so far (higher is better)."""
@@ -154,6 +158,14 @@ class Tracker:
 
     def text(self, text: str, name: str) -> None:
         self._submit({"kind": "text", "text": text, "name": name})
+
+    def dataset(self, name: str, source: str, digest: str, profile: dict[str, Any], context: str = "training") -> None:
+        """Record the run's input dataset (MLflow's dataset tracking: the run's "Datasets" column).
+
+        ``source``: where the data was read (a directory); ``profile``: e.g. the split sizes.
+        """
+        self._submit({"kind": "dataset", "name": name, "source": source, "digest": digest,
+                      "profile": profile, "context": context})
 
     @property
     def pending(self) -> int:
@@ -271,5 +283,13 @@ class Tracker:
             c.log_artifact(run, entry["path"], entry["subdir"])
         elif kind == "text":
             c.log_text(run, entry["text"], entry["name"])
+        elif kind == "dataset":
+            import json
+
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            ds = Dataset(entry["name"], entry["digest"], "local", json.dumps({"uri": entry["source"]}),
+                         profile=json.dumps(entry["profile"]))
+            c.log_inputs(run, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", entry["context"])])])
         else:
             raise Unsendable(f"unknown record kind {kind!r}")

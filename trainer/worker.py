@@ -5,6 +5,7 @@ report function) or in-process (backend ``local``); it knows nothing of Ray.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -15,12 +16,15 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
+from trainer import phase_runs
+from trainer.config import COMPRESSING_PHASES, DataConfig
 from trainer.context import WorkerContext, WorkerJob
 from trainer.data import load_datasets, make_loader
 from trainer.engine import prepare_deepspeed_env
+from trainer.init_weights import apply_init, report_init_accuracy
 from trainer.loop import rank_and_world
 from trainer.models import build_model
-from trainer.phases import run_phase
+from trainer.phases import run_phase, step_offset
 from trainer.stateful import restore_model
 from trainer.tracking import Tracker
 
@@ -49,21 +53,83 @@ def build_context(job: WorkerJob) -> WorkerContext:
     d = cfg.data
     sets = load_datasets(d.dataset, d.root, augment=d.augment, seed=cfg.seed, train_subset=d.train_subset,
                          eval_subset=d.eval_subset, download=d.download, synthetic_train=d.synthetic_train,
-                         synthetic_eval=d.synthetic_eval, skip_bad_images=d.skip_bad_images)
+                         synthetic_eval=d.synthetic_eval, skip_bad_images=d.skip_bad_images,
+                         decode=d.decode, shuffle_buffer=d.shuffle_buffer)
     micro = d.batch_size // (world * cfg.optim.grad_accum)
     train_loader = make_loader(sets.train, micro, rank=rank, world_size=world, shuffle=True, seed=cfg.seed,
-                               drop_last=True, num_workers=d.loader_workers)
+                               drop_last=True, num_workers=d.loader_workers, device=device)
     eval_loader = make_loader(sets.eval, max(1, d.eval_batch_size // world), rank=rank, world_size=world,
-                              shuffle=False, seed=cfg.seed, drop_last=False, num_workers=d.loader_workers)
+                              shuffle=False, seed=cfg.seed, drop_last=False, num_workers=d.loader_workers,
+                              device=device)
+    if d.device_cache:  # decode each split once, keep it on the device, augment there (trainer/device_data.py)
+        from trainer.device_data import device_loaders
+
+        train_loader, eval_loader = device_loaders(sets.train, sets.eval, micro, max(1, d.eval_batch_size // world),
+                                                   rank=rank, world_size=world, seed=cfg.seed, device=device)
     lead = rank == 0 and bool(job.tracking_uri)  # only rank 0 logs
     # What the tracking server does not take waits in this file (shared by these Trackers) until it answers.
     buffer = Path(job.run_dir) / "tracking-buffer-rank0.jsonl"
     parent = Tracker(job.tracking_uri, job.parent_run_id if lead else None, buffer=buffer)
-    ids = job.phase_run_ids or [None] * len(cfg.phases)
-    phases = [Tracker(job.tracking_uri, rid if lead else None, buffer=buffer) for rid in ids]
+    # No-ops until their phase starts: _tracked_phase opens each phase's MLflow run then (trainer.phase_runs).
+    phases = [Tracker(None, None) for _ in cfg.phases]
+    if lead:
+        parent.tags({"device": describe_device(device, world)})
+        parent.dataset(**dataset_record(d, len(sets.train), len(sets.eval), cfg.seed))
     return WorkerContext(cfg=cfg, rank=rank, world=world, device=device, run_dir=Path(job.run_dir),
                          train_loader=train_loader, eval_loader=eval_loader, num_classes=sets.num_classes,
                          image_size=sets.image_size, parent=parent, phase_trackers=phases)
+
+
+def describe_device(device: torch.device, world: int) -> str:
+    """E.g. ``cpu x2`` or ``NVIDIA H200 x8``: what the run trained on (the ``device`` tag of the parent run)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{name} x{world}"
+
+
+def dataset_record(d: DataConfig, n_train: int, n_eval: int, seed: int) -> dict[str, Any]:
+    """The run's dataset for MLflow's dataset tracking: source directory, split sizes and a digest.
+
+    The digest names the data actually read: the files at the top of the root (name, size, mtime),
+    the split sizes and the subset seed; the same data root and subsets give the same digest.
+    """
+    source = str(Path(d.root).expanduser().resolve()) if d.root else f"synthetic:{d.dataset}"
+    h = hashlib.sha256(f"{d.dataset}|{n_train}|{n_eval}|{seed}".encode())
+    if d.root and Path(d.root).is_dir():
+        for f in sorted(Path(d.root).iterdir()):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return {"name": d.dataset, "source": source, "digest": h.hexdigest()[:12],
+            "profile": {"train_images": n_train, "eval_images": n_eval, "train_subset": d.train_subset,
+                        "eval_subset": d.eval_subset}}
+
+
+def _tracked_phase(job: WorkerJob, ctx: WorkerContext, index: int, model: torch.nn.Module, resume):
+    """Run phase ``index`` inside its own MLflow child run (rank 0 opens it now and closes it at the end).
+
+    A crash closes it FAILED with the error as a tag, an interrupt KILLED; the global step offset makes
+    its curves continue those of the phases before.
+    """
+    kind = ctx.cfg.phases[index].kind
+    lead = ctx.rank == 0 and bool(job.tracking_uri and job.parent_run_id)
+    run_id = (phase_runs.start_phase_run(job.tracking_uri, job.parent_run_id, index, kind, Path(job.run_dir).name)
+              if lead else None)
+    tracker = Tracker(job.tracking_uri, run_id, buffer=Path(job.run_dir) / "tracking-buffer-rank0.jsonl")
+    tracker.step_offset = step_offset(ctx, index)
+    ctx.phase_trackers[index] = tracker
+    try:
+        model, out = run_phase(ctx, index, model, resume)
+    except BaseException as e:
+        tracker.flush()
+        interrupted = isinstance(e, KeyboardInterrupt)
+        phase_runs.end_phase_run(job.tracking_uri, run_id, "KILLED" if interrupted else "FAILED",
+                                 error=None if interrupted else e)
+        raise
+    if kind == "pretrain" and "top1" in out:  # the dense baseline the compressed model is compared against
+        ctx.parent.metrics({"dense_top1": out["top1"], "dense_top5": out["top5"]}, 0)
+    tracker.flush()
+    phase_runs.end_phase_run(job.tracking_uri, run_id, "FINISHED")
+    return model, out
 
 
 def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None = None,
@@ -101,10 +167,18 @@ def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None
             print(f"[resume] from {last} (phase {meta['phase_index']} '{meta['phase']}', epoch {meta['epoch']}, "
                   f"done={meta['phase_done']}, world size {meta['world_size']} -> {ctx.world})", flush=True)
 
+    # model.init: only a fresh start takes the initial weights; a resumed run's checkpoint already has its own.
+    init = job.init if last is None else None
+    if init is not None:
+        model = apply_init(model, init)
+        if ctx.rank == 0:
+            print(f"[init] model weights from {init.describe()}", flush=True)
     model = model.to(ctx.device)
+    if init is not None and cfg.phases[0].kind in COMPRESSING_PHASES:
+        report_init_accuracy(ctx, model)  # the dense baseline this compressed run starts from
     results: dict[str, Any] = {}
     for index in range(start_phase, len(cfg.phases)):
-        model, out = run_phase(ctx, index, model, resume if index == start_phase else None)
+        model, out = _tracked_phase(job, ctx, index, model, resume if index == start_phase else None)
         results[f"{index}:{cfg.phases[index].kind}"] = out
     ctx.parent.flush()  # send what an unreachable tracking server did not take (the buffer all Trackers share)
     if dist.is_available() and dist.is_initialized():

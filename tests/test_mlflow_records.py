@@ -1,0 +1,163 @@
+"""MLflow records a researcher can compare (issue 16): phase runs with their own times and honest states,
+one step axis, names and tags, the dataset input, the dense baseline on the parent, the logged model.
+
+Tiny local-backend runs (tinycnn, real CIFAR-10 subset) into a real SQLite store, read through the public
+MLflow client.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from launcher import pipeline
+from trainer import phase_runs, phases, tracking
+from trainer.component import ComponentBase
+from trainer.faults import InjectedFailure
+
+TWO = "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, {kind: evaluate}]"
+
+
+def _children(uri: str, parent: str) -> dict[int, object]:
+    return phase_runs.phase_children(uri, parent)
+
+
+def _state(tiny, name: str) -> dict:
+    from pathlib import Path
+
+    return json.loads((Path(tiny().cluster.storage) / "tiny" / name / "run.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, cifar_root):
+    """One finished two-phase run (pretrain 2 x 4 steps, evaluate), its data root from $TDC_DATA_ROOT, seed 3;
+    shared by the tests that only read its records."""
+    from conftest import tiny_config
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TDC_DATA_ROOT", str(cifar_root))  # the data root from the environment must be recorded
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # MLflow's own knob: samples within seconds
+        tmp = tmp_path_factory.mktemp("finished")
+        overrides = ["data.root=null", "seed=3", "tracking.register_as=tiny-model", TWO]
+        return pipeline.run(tiny_config(tmp, cifar_root, overrides=overrides)), tmp
+
+
+def test_phase_runs_span_their_own_time_on_one_step_axis(finished):
+    info, _ = finished
+    client = tracking.client(info.tracking_uri)
+    parent = client.get_run(info.parent_id)
+    kids = _children(info.tracking_uri, info.parent_id)
+    pre, ev = kids[0].info, kids[1].info
+    assert (pre.status, ev.status, parent.info.status) == ("FINISHED", "FINISHED", "FINISHED")
+    # Each child starts when its phase starts and ends when it ends: in order, inside the parent.
+    assert parent.info.start_time <= pre.start_time < pre.end_time <= ev.start_time <= ev.end_time
+    assert ev.end_time <= parent.info.end_time
+    assert pre.end_time - pre.start_time < parent.info.end_time - parent.info.start_time
+    assert info.phase_ids == [pre.run_id, ev.run_id]
+    # One global step: the evaluate phase's point sits after pretrain's 2 x 4 steps, not back at 0.
+    assert [m.step for m in client.get_metric_history(ev.run_id, "top1")] == [8]
+    assert max(m.step for m in client.get_metric_history(pre.run_id, "train_loss")) == 8
+    assert client.get_run(pre.run_id).data.tags["tdcompress.phase_index"] == "0"
+
+
+def test_tags_dataset_input_and_dense_baseline_on_the_parent(finished, cifar_root):
+    info, _ = finished
+    client = tracking.client(info.tracking_uri)
+    parent = client.get_run(info.parent_id)
+    tags, params, m = parent.data.tags, parent.data.params, parent.data.metrics
+    assert parent.info.run_name.startswith("tinycnn-dense-")
+    assert {k: tags[k] for k in ("model", "dataset", "method", "format", "seed")} == {
+        "model": "tinycnn", "dataset": "packed", "method": "dense", "format": "dense", "seed": "3"}
+    assert tags["mlflow.user"] and tags["tdcompress.command"]
+    assert params["data.root"] == str(cifar_root.resolve()) == tags["data_root"]
+    assert tags["device"] == "cpu x1"
+    inputs = parent.inputs.dataset_inputs
+    assert len(inputs) == 1
+    ds = inputs[0].dataset
+    assert ds.name == "packed" and json.loads(ds.source)["uri"] == str(cifar_root.resolve()) and ds.digest
+    assert json.loads(ds.profile)["train_images"] == 512
+    # The dense baseline is the pretrain phase's final top-1, and the delta is measured against it.
+    pre = _children(info.tracking_uri, info.parent_id)[0]
+    assert m["dense_top1"] == pytest.approx(pre.data.metrics["top1"])
+    assert m["top1_delta"] == pytest.approx(m["top1"] - m["dense_top1"])
+
+
+def test_compressed_run_name_and_method_tags(tiny):
+    from launcher.run_record import describe, method_of
+
+    cfg = tiny("phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 1}, {kind: decompose}, {kind: evaluate}]",
+               "compression.format=svd", "compression.keep_ratio=0.4")
+    assert (method_of(cfg), describe(cfg)) == ("direct", "tinycnn-svd-k0.4")
+    assert method_of(tiny("phases=[{kind: admm, epochs: 1}, {kind: decompose}]")) == "admm"
+    assert method_of(tiny("phases=[{kind: decompose}, {kind: evaluate}]", "decompose.fit=features")) == \
+        "direct_features"
+    info = pipeline.run(cfg)
+    parent = tracking.client(info.tracking_uri).get_run(info.parent_id)
+    assert parent.info.run_name.startswith("tinycnn-svd-k0.4-")
+    assert (parent.data.tags["method"], parent.data.tags["format"], parent.data.tags["keep_ratio"]) == \
+        ("direct", "svd", "0.4")
+    # After decomposition the parent keeps the dense baseline apart from the accuracy right before decomposing.
+    m = parent.data.metrics
+    assert {"dense_top1", "before_decompose_top1", "decomposed_top1", "top1_delta"} <= set(m)
+
+
+def test_a_run_stopped_in_its_first_phase_is_killed_and_later_phases_never_start(tiny, monkeypatch):
+    class Stop(ComponentBase):
+        name = "stop"
+
+        def on_epoch_end(self, loop_state) -> None:
+            raise KeyboardInterrupt  # what Ctrl-C (or SIGTERM turned into it) does in the middle of phase 0
+
+    real = phases.components_for
+    monkeypatch.setattr(phases, "components_for", lambda ctx, index, model: [*real(ctx, index, model), Stop()])
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(tiny("run_name=stopped", TWO))
+    state = _state(tiny, "stopped")
+    client = tracking.client(state["tracking_uri"])
+    assert client.get_run(state["parent_id"]).info.status == "KILLED"
+    kids = _children(state["tracking_uri"], state["parent_id"])
+    assert list(kids) == [0] and kids[0].info.status == "KILLED"  # the evaluate phase has no run at all
+    assert state["phase_ids"] == [kids[0].info.run_id, None]
+
+
+def test_a_crash_leaves_the_phase_failed_with_its_error(tiny):
+    with pytest.raises(InjectedFailure):
+        pipeline.run(tiny("run_name=crash", TWO, "debug.fail_at={phase: 0, epoch: 1}"))
+    state = _state(tiny, "crash")
+    client = tracking.client(state["tracking_uri"])
+    assert client.get_run(state["parent_id"]).info.status == "FAILED"
+    kids = _children(state["tracking_uri"], state["parent_id"])
+    assert list(kids) == [0] and kids[0].info.status == "FAILED"
+    assert kids[0].data.tags[phase_runs.ERROR_TAG].startswith("InjectedFailure: injected failure after phase 0")
+    # The resume reopens the same phase run (its error is gone) and creates the next one when it starts.
+    info = pipeline.run(tiny("run_name=crash", TWO, "resume=true"))
+    kids = _children(info.tracking_uri, info.parent_id)
+    assert [k.info.status for _, k in sorted(kids.items())] == ["FINISHED", "FINISHED"]
+    assert kids[0].info.run_id == state["phase_ids"][0]
+    assert phase_runs.ERROR_TAG not in kids[0].data.tags
+
+
+def test_logged_model_loads_with_torch_alone_and_gives_the_exports_outputs(finished):
+    from trainer.export import load_exported
+
+    info, tmp_path = finished
+    client = tracking.client(info.tracking_uri)
+    files = {a.path for a in client.list_artifacts(info.parent_id, "model")}
+    assert {"model/model.safetensors", "model/manifest.json"} <= files
+    local = client.download_artifacts(info.parent_id, "model", str(tmp_path / "dl"))
+    logged, _ = load_exported(local)  # safetensors + JSON manifest: no mlflow.pyfunc, no pickle
+    exported, _ = load_exported(info.dir / "export")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(logged(x), exported(x), rtol=0, atol=0)
+    # tracking.register_as: a registry version pointing at that artifact
+    (version,) = client.search_model_versions("name = 'tiny-model'")
+    assert version.run_id == info.parent_id and version.source.endswith("/model")
+
+
+def test_system_metrics_from_mlflow_on_the_parent(finished):
+    info, _ = finished
+    metrics = tracking.client(info.tracking_uri).get_run(info.parent_id).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
+    assert any(k.startswith("system/system_memory_usage") for k in metrics)
