@@ -20,11 +20,11 @@ TINY = ("compression.exclude=[fc]", "compression.min_channels=3", "rank_prune.l1
         "rank_prune.keep_ratio=0.6", "optim.lr=0.05")
 TINY_PHASES = ("phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 4}, "
                "{kind: rank_prune, epochs: 3, steps_per_epoch: 4}, {kind: evaluate}]")
-# Top-1 after a ResNet-20 rank_prune run of 2 x 8 steps down to keep_ratio 0.5, with no fine-tune after the last
-# prune. Measured once (2026-12-02, /tmp script with this phase config, from a dense ResNet-20 at 35.6% on 512
-# test images): 14.3% after the first prune (0.81 of the dense parameters), 12.1% after the last (0.50). So short a
-# run only shows that pruning does not break the model: the floor is chance (10%) plus a margin of 1 point.
-TOP1_FLOOR = 11.0
+# Top-1 of a ResNet-20 after rank_prune (2 x 8 steps, down to keep_ratio 0.5) and a 16-step fine-tune, from a
+# dense model trained 2 x 16 steps on 1,024 images. Measured (2026-12-02, this test, 512 test images): dense 22.85%
+# -> 16.60%. So short a run only shows that pruning keeps what the model learned: the floor is chance (10%) plus
+# 4 points.
+TOP1_FLOOR = 14.0
 
 
 def _final_state(info) -> dict:
@@ -167,7 +167,8 @@ def test_resnet20_ranks_fall_and_top1_holds(tiny):
     pre = pipeline.run(tiny(*r20, "run_name=pre", "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 16}]"))
     info = pipeline.run(tiny(*r20, "run_name=prune", f"model.init={pre.dir}", "rank_prune.l1=0.05",
                              "rank_prune.threshold=0.1", "rank_prune.keep_ratio=0.5", "rank_prune.min_rank=2",
-                             "phases=[{kind: rank_prune, epochs: 2, steps_per_epoch: 8}, {kind: evaluate}]"))
+                             "phases=[{kind: rank_prune, epochs: 2, steps_per_epoch: 8}, "
+                             "{kind: finetune, epochs: 1, steps_per_epoch: 16}, {kind: evaluate}]"))
     client = tracking.client(info.tracking_uri)
     run = client.get_run(info.phase_ids[0])
     rank_keys = [k for k in run.data.metrics if k.startswith("layers/rank/")]
@@ -176,5 +177,7 @@ def test_resnet20_ranks_fall_and_top1_holds(tiny):
         ranks = [m.value for m in client.get_metric_history(run.info.run_id, key)]
         assert ranks[-1] < ranks[0], (key, ranks)
     assert run.data.metrics["factored_keep_ratio"] <= 0.5 + 1e-9
-    top1 = client.get_run(info.phase_ids[1]).data.metrics["top1"]
-    assert top1 > TOP1_FLOOR, top1
+    dense = client.get_run(pre.phase_ids[0]).data.metrics["top1"]
+    top1 = client.get_run(info.phase_ids[2]).data.metrics["top1"]
+    print(f"rank_prune floor check: dense {dense:.2f}% -> pruned + fine-tuned {top1:.2f}%")
+    assert top1 > TOP1_FLOOR, (dense, top1)

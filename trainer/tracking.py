@@ -62,12 +62,12 @@ def artifact_root_for(uri: str) -> str | None:
 
 
 def client(uri: str):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     bound_http()  # every process that tracks (driver, rank 0) makes its client here
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    # Not mlflow.set_tracking_uri: it also sets $MLFLOW_TRACKING_URI for the whole process, which then
+    # leaked into later runs and job submissions made from the same process (a test caught one).
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
