@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from admm.layers import FactoredLayer, Geometry, LowRankSparseLayer, SVDLayer, Tucker2Layer, assign
-from admm.projections import RankSpec, lowrank_sparse_parts, validate_rank
+from admm.projections import RankSpec, lowrank_sparse_parts, top_k, validate_rank
 from admm.reshape import kernel_shape, to_3way
 
 __all__ = ["DAMPING", "FEATURE_FIT_FORMATS", "conv_columns", "fit_layer", "fit_lowrank_sparse", "fit_svd",
@@ -130,14 +130,6 @@ def fit_svd(weight: Tensor, sigma: Tensor, rank: int) -> Tensor:
     return ((u * s) @ b).reshape(weight.shape).to(weight.dtype)
 
 
-def _top_k(x: Tensor, k: int) -> Tensor:
-    out = torch.zeros_like(x)
-    if k > 0:
-        idx = torch.topk(x.abs().flatten(), k, sorted=False).indices
-        out.view(-1)[idx] = x.flatten()[idx]
-    return out
-
-
 def fit_lowrank_sparse(weight: Tensor, sigma: Tensor, rank: Sequence[int], n_iter: int = 10,
                        iht_steps: int = 5) -> tuple[Tensor, Tensor]:
     """``(L, S)`` with rank(L) <= r, nnz(S) <= k minimising the output error ``||(W - L - S) X||``.
@@ -168,7 +160,7 @@ def fit_lowrank_sparse(weight: Tensor, sigma: Tensor, rank: Sequence[int], n_ite
             low, best = candidate, e
         if k > 0:
             for _ in range(iht_steps):
-                step = _top_k(sparse + eta * ((w - low - sparse) @ sig), k)
+                step = top_k(sparse + eta * ((w - low - sparse) @ sig), k)
                 if (e := err(low, step)) > best:
                     break
                 sparse, best = step, e

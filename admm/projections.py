@@ -354,7 +354,7 @@ def project_cp(weight: Tensor, rank: int, n_iter: int = CP_N_ITER, tol: float = 
     return z.to(weight.dtype)
 
 
-def _top_k(x: Tensor, k: int) -> Tensor:
+def top_k(x: Tensor, k: int) -> Tensor:
     """``x`` with all but its ``k`` largest-magnitude entries set to zero."""
     out = torch.zeros_like(x)
     if k > 0:
@@ -371,7 +371,7 @@ def _godec(matrix: Tensor, r: int, k: int, n_iter: int) -> tuple[Tensor, Tensor]
     # With k == 0 the first low-rank step is already optimal.
     for _ in range(n_iter if k > 0 else 1):
         low = _svd_truncate(matrix - sparse, r)
-        sparse = _top_k(matrix - low, k)
+        sparse = top_k(matrix - low, k)
         error = torch.linalg.vector_norm(matrix - low - sparse)
         # The error never increases; stop once an alternation no longer pays.
         # (One host sync per alternation, negligible beside the SVD.)

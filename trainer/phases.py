@@ -82,6 +82,15 @@ def steps_per_epoch(ctx: WorkerContext, index: int) -> int:
     return min(per_epoch, cap) if cap else per_epoch
 
 
+def training_steps_per_epoch(ctx: WorkerContext, index: int) -> int:
+    """:func:`steps_per_epoch` of a phase about to train; an error when the data gives no full batch."""
+    per_epoch = steps_per_epoch(ctx, index)
+    if per_epoch < 1:
+        raise ValueError(f"phases.{index}: the training set gives no full batch of data.batch_size="
+                         f"{ctx.cfg.data.batch_size}; lower the batch size or enlarge data.train_subset")
+    return per_epoch
+
+
 def step_offset(ctx: WorkerContext, index: int) -> int:
     """The run's global step where phase ``index`` starts: the optimizer steps of the training phases before it.
 
@@ -100,10 +109,7 @@ def _train_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) -> Ph
     cfg, phase = ctx.cfg, ctx.cfg.phases[index]
     tracker = ctx.phase_trackers[index]
     precision = resolve_precision(cfg.engine, ctx.device)
-    per_epoch = steps_per_epoch(ctx, index)
-    if per_epoch < 1:
-        raise ValueError(f"phases.{index}: the training set gives no full batch of data.batch_size="
-                         f"{cfg.data.batch_size}; lower the batch size or enlarge data.train_subset")
+    per_epoch = training_steps_per_epoch(ctx, index)
     state = LoopState(phase=phase.kind, epochs=phase.epochs, steps_per_epoch=per_epoch)
     components = components_for(ctx, index, model)
     # prepare() registers gradient hooks: before the engine, so they run before ZeRO's.

@@ -199,15 +199,12 @@ class RankPruner(ComponentBase):
 
 def run_rank_prune(ctx: WorkerContext, index: int, model: nn.Module, resume) -> tuple[nn.Module, dict[str, float]]:
     """Run phase ``index`` (kind rank_prune); ``resume`` is a checkpoint inside it or None."""
-    from trainer.phases import _check_zero_stage, components_for, registry_for, save, steps_per_epoch
+    from trainer.phases import _check_zero_stage, components_for, registry_for, save, training_steps_per_epoch
 
     cfg, phase, rp = ctx.cfg, ctx.cfg.phases[index], ctx.cfg.rank_prune
     tracker = ctx.phase_trackers[index]
     precision = resolve_precision(cfg.engine, ctx.device)
-    per_epoch = steps_per_epoch(ctx, index)
-    if per_epoch < 1:
-        raise ValueError(f"phases.{index}: the training set gives no full batch of data.batch_size="
-                         f"{cfg.data.batch_size}; lower the batch size or enlarge data.train_subset")
+    per_epoch = training_steps_per_epoch(ctx, index)
     if not prunable_layers(model):  # a fresh start (a resume rebuilt them from the checkpoint's manifest)
         shapes = planned_shapes(model, cfg)
         model = to_prunable(model, shapes, rp.init, cfg.seed)
