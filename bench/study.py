@@ -5,6 +5,10 @@ Runs the rows in order, each as one ``tdcompress run`` (printed first, verbatim,
     dense-r20-s{0,1}              configs/study/dense_resnet20.yaml: 15 epochs of dense training
     r20-<fmt>-<k>x-admm-s<seed>   configs/study/admm_r20.yaml: ADMM 3 epochs + decompose + fine-tune 2
     r20-<fmt>-<k>x-direct-s<seed> configs/study/direct_r20.yaml: decompose + fine-tune 5 (same ranks)
+    r20-rankprune-3x-s0           configs/study/rankprune_r20.yaml: rank_prune 3 epochs + fine-tune 2
+    r20-lrs-3x-features-s0        direct_r20.yaml, low-rank + sparse fitted to feature maps, fine-tune 5
+    r20-tucker2-3x-{admm,direct}10-s0  the tucker2 3x pair at a 10-epoch budget (ADMM 8 + 2 vs fine-tune 10)
+    r20-tucker2-3x-features-s0    direct_r20.yaml with the data-aware (feature) fit
 
 Every compressed row starts from its seed's dense model (``model.init`` = that run's directory), so
 each pair shares its dense baseline (logged as ``init_top1`` on the compressed run). Every run goes
@@ -71,6 +75,18 @@ ROWS: list[Row] = [
     *_pair("svd", 0.33, "3x", 0),
     *_pair("tucker2", 0.5, "2x", 0),
     *_pair("tt", 0.33, "3x", 0),
+    # Issue 13's two methods, same protocol (5 epochs from the dense model, ~3x fewer conv parameters).
+    Row("r20-rankprune-3x-s0", "configs/study/rankprune_r20.yaml", 0, (), "dense-r20-s0"),
+    Row("r20-lrs-3x-features-s0", "configs/study/direct_r20.yaml", 0,
+        ("compression.format=lowrank_sparse", "compression.keep_ratio=0.33", "decompose.fit=features"), "dense-r20-s0"),
+    # Does the ADMM/direct gap close with a longer budget? The tucker2 3x pair at 10 epochs (ADMM 8 + fine-tune 2).
+    Row("r20-tucker2-3x-admm10-s0", "configs/study/admm_r20.yaml", 0,
+        ("compression.format=tucker2", "compression.keep_ratio=0.33", "phases.0.epochs=8"), "dense-r20-s0"),
+    Row("r20-tucker2-3x-direct10-s0", "configs/study/direct_r20.yaml", 0,
+        ("compression.format=tucker2", "compression.keep_ratio=0.33", "phases.1.epochs=10"), "dense-r20-s0"),
+    # The data-aware fit for the direct ablation: does a better start change the direct row?
+    Row("r20-tucker2-3x-features-s0", "configs/study/direct_r20.yaml", 0,
+        ("compression.format=tucker2", "compression.keep_ratio=0.33", "decompose.fit=features"), "dense-r20-s0"),
 ]
 
 

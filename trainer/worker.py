@@ -174,7 +174,7 @@ def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None
         if ctx.rank == 0:
             print(f"[init] model weights from {init.describe()}", flush=True)
     model = model.to(ctx.device)
-    if init is not None and cfg.phases[0].kind in COMPRESSING_PHASES:
+    if init is not None and cfg.phases[0].kind in (*COMPRESSING_PHASES, "rank_prune"):
         report_init_accuracy(ctx, model)  # the dense baseline this compressed run starts from
     results: dict[str, Any] = {}
     for index in range(start_phase, len(cfg.phases)):
