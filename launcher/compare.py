@@ -116,7 +116,8 @@ def mark_pareto(rows: list[dict[str, Any]]) -> None:
 
 
 def group(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
-    """Rows of the same ``keys`` values as one: numbers as mean ± std (sample std, n > 1), ``n`` runs."""
+    """Rows of the same ``keys`` values as one: numbers as mean ± std (sample std, n > 1), ``n`` runs; a group
+    of one run keeps its name. Groups come sorted by their key values."""
     bad = [k for k in keys if k not in GROUP_KEYS]
     if bad:
         raise ConfigError(f"--group-by: unknown key(s) {', '.join(bad)}; allowed: {', '.join(GROUP_KEYS)}")
@@ -125,7 +126,8 @@ def group(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
         groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
     out = []
     for vals, members in groups.items():
-        g: dict[str, Any] = {"run": f"{len(members)} runs", "n": len(members), **dict(zip(keys, vals))}
+        name = members[0]["run"] if len(members) == 1 else f"{len(members)} runs"
+        g: dict[str, Any] = {"run": name, "n": len(members), **dict(zip(keys, vals))}
         for key, _, kind in COLUMNS:
             if kind == "text" and key not in g:
                 same = {m.get(key) for m in members}
@@ -138,7 +140,8 @@ def group(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
                     var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
                     g[key + "_std"] = math.sqrt(var)
         out.append(g)
-    return out
+    # Groups in the order of their key values (method, format, keep...), so tables read the same every time.
+    return sorted(out, key=lambda g: tuple(str(g.get(k)) for k in keys))
 
 
 def _cell(row: dict[str, Any], key: str, kind: str) -> str:

@@ -84,6 +84,10 @@ def test_group_by_gives_mean_and_std_over_seeds(store, capsys):
     assert code == 0 and tucker["n"] == 2
     assert tucker["top1"] == pytest.approx(71.0) and tucker["top1_std"] == pytest.approx(2 ** 0.5)
     assert tucker["seed"] == "*"  # the seeds differ within the group
+    by_keys = [(r["method"], r["format"]) for r in json.loads(out)]
+    assert by_keys == sorted(by_keys)  # groups sorted by their key values
+    single = [r for r in json.loads(out) if r["n"] == 1]
+    assert single and all(not r["run"].endswith(" runs") for r in single)  # a group of one keeps its run's name
     code, out, _ = _out(capsys, "--tracking-uri", uri, "--plot", "", "--group-by", "method,format")
     assert "71.00 ± 1.41" in out
     code, _, err = _out(capsys, "--tracking-uri", uri, "--group-by", "colour")
