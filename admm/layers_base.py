@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
-from admm.projections import RankSpec, _computing, validate_rank
+from admm.projections_base import RankSpec, _computing, validate_rank
 
 __all__ = ["FactoredLayer", "Geometry", "Padding", "assign"]
 

@@ -30,13 +30,16 @@ by a few iterations of a local method, deterministic but, started cold, not
 idempotent (cp: see :func:`project_cp`). tucker2 and cp can start from the
 factors of the previous call (:mod:`admm.warm`, what the ADMM Z-update does);
 warm-started, cp returns its own output to round-off as well.
+
+Rank specs (``RankSpec``, ``max_rank``, ``validate_rank``) live in
+:mod:`admm.projections_base`, low-rank + sparse in :mod:`admm.lowrank_sparse`;
+both are re-exported here, so ``from admm.projections import ...`` stays the one
+import for every projection and rank helper.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from numbers import Integral
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Sequence
 
 import tensorly as tl
 import torch
@@ -46,11 +49,18 @@ from torch import Tensor
 from admm.config import FORMATS
 from admm.cp_als import cp_als, cp_reconstruct
 from admm.hooi import hooi_factors, tucker2_reconstruct
+from admm.lowrank_sparse import (
+    LOWRANK_SPARSE_N_ITER,
+    LOWRANK_SPARSE_TOL,
+    lowrank_sparse_parts,
+    project_lowrank_sparse,
+    top_k,
+)
+from admm.projections_base import RankSpec, _check_format, _computing, _svd_truncate, max_rank, validate_rank
 from admm.reshape import (
     from_3way,
     from_matrix,
     from_tt,
-    kernel_shape,
     to_3way,
     to_matrix,
     to_tt,
@@ -64,6 +74,7 @@ __all__ = [
     "HOOI_SWEEPS",
     "HOOI_TOL",
     "LOWRANK_SPARSE_N_ITER",
+    "LOWRANK_SPARSE_TOL",
     "PROJECTIONS",
     "RankSpec",
     "lowrank_sparse_parts",
@@ -76,13 +87,10 @@ __all__ = [
     "project_tucker2",
     "cp_factors",
     "tt_cores",
+    "top_k",
     "tucker2_factors",
     "validate_rank",
 ]
-
-# An int for svd/tt/cp, a pair for tucker2 (r_out, r_in) and lowrank_sparse (r, k); tt also takes
-# one rank per bond (a tuple of TTLayout.n_bonds ints).
-RankSpec = Union[int, tuple[int, ...]]
 
 # HOOI sweeps per tucker2 projection (admm.hooi), after HOSVD on a cold call and
 # from the previous Z-update's factors in ADMM (admm.warm). Chosen from
@@ -104,117 +112,6 @@ HOOI_TOL = 0.0
 # sweep that lowers the relative error by less than it (0: always run all).
 CP_N_ITER = 20
 CP_TOL = 0.0
-
-# Alternations of (L = SVD_r(W - S), S = top_k(W - L)) for low-rank + sparse.
-# Each half-step is an exact block minimisation, so the error never increases;
-# the convergence is linear, and 10 alternations recover a planted rank-r +
-# k-sparse matrix to ~1e-5 in the tests. Stop earlier once an alternation
-# lowers ||W - L - S|| by less than LOWRANK_SPARSE_TOL * ||W||.
-LOWRANK_SPARSE_N_ITER = 10
-LOWRANK_SPARSE_TOL = 1e-6
-
-_FIELDS: dict[str, tuple[str, ...]] = {
-    "svd": ("r",),
-    "tucker2": ("r_out", "r_in"),
-    "tt": ("r",),
-    "cp": ("R",),
-    "lowrank_sparse": ("r", "k"),
-}
-
-
-def _check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-
-
-def _ranges(shape: Sequence[int], fmt: str) -> tuple[tuple[int, int], ...]:
-    """Inclusive ``(low, high)`` range of each field of the rank spec of ``fmt``."""
-    c_out, c_in, kh, kw = kernel_shape(shape)
-    s = kh * kw
-    matrix_rank = min(c_out, c_in * s)
-    if fmt == "svd":
-        return ((1, matrix_rank),)
-    if fmt == "tucker2":
-        return ((1, matrix_rank), (1, min(c_in, c_out * s)))
-    if fmt == "tt":
-        return ((1, max(tt_layout(shape).bond_caps, default=1)),)
-    if fmt == "cp":
-        # Every I x J x K tensor has CP rank <= min(IJ, IK, JK) (sum of its slices).
-        return ((1, min(c_out * c_in, c_out * s, c_in * s)),)
-    _check_format(fmt)
-    return ((1, matrix_rank), (0, c_out * c_in * s))
-
-
-def max_rank(shape: Sequence[int], fmt: str) -> RankSpec:
-    """Full rank spec of ``fmt`` for a weight of ``shape``: projecting at it returns W.
-
-    For lowrank_sparse it is ``(min(C_out, C_in*k*k), 0)``: a full-rank L needs no S.
-    """
-    _check_format(fmt)
-    highs = tuple(hi for _, hi in _ranges(shape, fmt))
-    if fmt == "lowrank_sparse":
-        return (highs[0], 0)
-    return highs[0] if len(highs) == 1 else highs  # type: ignore[return-value]
-
-
-def validate_rank(shape: Sequence[int], fmt: str, rank: object) -> RankSpec:
-    """Check a rank spec against ``fmt`` and a weight ``shape``; return it normalised.
-
-    Ints for svd/tt/cp, pairs ``(a, b)`` (tuple or list) for tucker2/lowrank_sparse.
-    Raises ValueError naming the format, the field, the shape and the allowed range.
-    """
-    _check_format(fmt)
-    if fmt == "tt" and isinstance(rank, (tuple, list)):
-        return _validate_tt_bonds(shape, rank)
-    fields, ranges = _FIELDS[fmt], _ranges(shape, fmt)
-    values = rank if isinstance(rank, (tuple, list)) else (rank,)
-    if (len(fields) == 1 and isinstance(rank, (tuple, list))) or len(values) != len(fields):
-        want = "an int" if len(fields) == 1 else f"a pair ({', '.join(fields)})"
-        raise ValueError(f"{fmt} rank for weight shape {tuple(shape)} must be {want}, got {rank!r}")
-    out = []
-    for field, (lo, hi), value in zip(fields, ranges, values):
-        if isinstance(value, bool) or not isinstance(value, Integral) or not lo <= value <= hi:
-            raise ValueError(
-                f"{fmt} rank field {field}={value!r} is invalid for weight shape "
-                f"{tuple(shape)}: allowed integers {lo}..{hi}"
-            )
-        out.append(int(value))
-    return out[0] if len(out) == 1 else (out[0], out[1])
-
-
-def _validate_tt_bonds(shape: Sequence[int], rank: Sequence[object]) -> tuple[int, ...]:
-    """A per-bond tt rank: ``n_bonds`` ints, bond ``j`` in ``1..cap_j``; returned as the ranks TT-SVD carries."""
-    layout = tt_layout(shape)
-    caps = layout.bond_caps
-    allowed = f"{len(caps)} ints for modes {layout.modes}, bond j in 1..cap_j with caps {caps}"
-    if len(rank) != len(caps):
-        raise ValueError(f"tt rank for weight shape {tuple(shape)} must be an int or {allowed}, got {rank!r}")
-    for j, (value, cap) in enumerate(zip(rank, caps)):
-        if isinstance(value, bool) or not isinstance(value, Integral) or not 1 <= value <= cap:
-            raise ValueError(f"tt rank field r[{j}]={value!r} is invalid for weight shape {tuple(shape)}: "
-                             f"allowed {allowed}")
-    return layout.ranks([int(v) for v in rank])[1:-1]
-
-
-@contextmanager
-def _computing(weight: Tensor) -> Iterator[Tensor]:
-    """Yield ``weight`` detached in the compute dtype, inside no_grad and tensorly's pytorch backend.
-
-    float32/float64 inputs are not copied (callers never write into them);
-    bf16/fp16 are upcast to float32. The tensorly backend is switched for this
-    thread only and restored after, so other tensorly users are unaffected.
-    """
-    if not weight.is_floating_point():
-        raise TypeError(f"projections need a floating-point weight, got {weight.dtype}")
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    with torch.no_grad(), tl.backend_context("pytorch", local_threadsafe=True):
-        yield weight.detach().to(dtype)
-
-
-def _svd_truncate(matrix: Tensor, r: int) -> Tensor:
-    """Best rank-``r`` approximation of ``matrix`` in Frobenius norm (Eckart-Young)."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return (u[:, :r] * s[:r]) @ vh[:r]
 
 
 def project_svd(weight: Tensor, rank: int) -> Tensor:
@@ -352,66 +249,6 @@ def project_cp(weight: Tensor, rank: int, n_iter: int = CP_N_ITER, tol: float = 
         a, b, c = cp_factors(weight, rank, n_iter, tol)
         z = from_3way(cp_reconstruct(a, b, c), weight.shape)
     return z.to(weight.dtype)
-
-
-def top_k(x: Tensor, k: int) -> Tensor:
-    """``x`` with all but its ``k`` largest-magnitude entries set to zero."""
-    out = torch.zeros_like(x)
-    if k > 0:
-        idx = torch.topk(x.abs().flatten(), k, sorted=False).indices
-        out.view(-1)[idx] = x.flatten()[idx]
-    return out
-
-
-def _godec(matrix: Tensor, r: int, k: int, n_iter: int) -> tuple[Tensor, Tensor]:
-    """``n_iter`` alternations of L = SVD_r(M - S), S = top_k(M - L) from S = 0."""
-    sparse = torch.zeros_like(matrix)
-    tol = LOWRANK_SPARSE_TOL * torch.linalg.vector_norm(matrix)
-    previous = None
-    # With k == 0 the first low-rank step is already optimal.
-    for _ in range(n_iter if k > 0 else 1):
-        low = _svd_truncate(matrix - sparse, r)
-        sparse = top_k(matrix - low, k)
-        error = torch.linalg.vector_norm(matrix - low - sparse)
-        # The error never increases; stop once an alternation no longer pays.
-        # (One host sync per alternation, negligible beside the SVD.)
-        if previous is not None and bool(previous - error <= tol):
-            break
-        previous = error
-    return low, sparse
-
-
-def lowrank_sparse_parts(
-    weight: Tensor, rank: Sequence[int], n_iter: int = LOWRANK_SPARSE_N_ITER
-) -> tuple[Tensor, Tensor]:
-    """The two parts ``(L, S)`` of :func:`project_lowrank_sparse`, each of the weight's shape.
-
-    ``L`` has matrix rank <= r on the ``(C_out, C_in*k*k)`` view and ``S`` at most
-    k non-zeros; both are returned in the compute dtype (float32/float64) so that
-    a factored layer can be initialised from them without a rounding step.
-    """
-    r, k = validate_rank(weight.shape, "lowrank_sparse", rank)  # type: ignore[misc]
-    if n_iter < 1:
-        raise ValueError(f"lowrank_sparse n_iter must be >= 1, got {n_iter}")
-    with _computing(weight) as w:
-        low, sparse = _godec(to_matrix(w), r, k, n_iter)
-        return from_matrix(low, w.shape), from_matrix(sparse, w.shape)
-
-
-def project_lowrank_sparse(
-    weight: Tensor, rank: Sequence[int], n_iter: int = LOWRANK_SPARSE_N_ITER
-) -> Tensor:
-    """Low-rank plus sparse (Yu et al., CVPR 2017): Z = L + S, rank(L) <= r, nnz(S) <= k.
-
-    On the ``(C_out, C_in*k*k)`` matrix, ``n_iter`` alternations (GoDec, Zhou &
-    Tao 2011) of L = SVD_r(W - S) and S = top_k(W - L), starting at S = 0. Each
-    half-step minimises ||W - L - S|| exactly over one block, so the error is
-    at most the plain rank-r SVD error. tensorly's ``robust_pca`` solves the
-    convex relaxation with penalties instead of hard (r, k) limits, which is
-    not the projection ADMM needs.
-    """
-    low, sparse = lowrank_sparse_parts(weight, rank, n_iter)
-    return (low + sparse).to(weight.dtype)
 
 
 def project(weight: Tensor, fmt: str, rank: RankSpec) -> Tensor:
