@@ -65,8 +65,12 @@ def plan_for_model(model: nn.Module, compression: CompressionConfig, world: int 
     "uniform"); "error" plans from the model's current weights. ``fixed``: take every layer's format
     and ranks from this earlier plan (recounting params and FLOPs at ``input_shape``). When a process
     group of ``world`` > 1 ranks is up, every rank gets rank 0's plan (broadcast), so float differences
-    between hosts can never split the ranks' plans.
+    between hosts can never split the ranks' plans. ``compression.budget=flops`` needs ``input_shape``
+    (N, C, H, W): the FLOPs of a conv depend on its output size, which one forward pass records.
     """
+    if compression.budget == "flops" and input_shape is None and fixed is None:
+        raise ValueError("compression.budget=flops: planning a FLOPs budget needs the model's input shape "
+                         "(plan_for_model(..., input_shape=(1, C, H, W))); budget=params needs none")
     layers = describe_layers(model, input_shape)
     planned = select(layers, compression.include, compression.exclude, compression.min_channels)
     if not planned:
@@ -81,7 +85,7 @@ def plan_for_model(model: nn.Module, compression: CompressionConfig, world: int 
         plan = plan_ranks(layers, planned, compression.format, 1.0, {p.name: p.rank for p in fixed.layers},
                           sparse_fraction=compression.sparse_fraction)
         errors = {p.name: p.error for p in fixed.layers}
-        plan = dataclasses.replace(plan, allocation=fixed.allocation, notes=list(fixed.notes),
+        plan = dataclasses.replace(plan, allocation=fixed.allocation, notes=list(fixed.notes), budget=fixed.budget,
                                    layers=[dataclasses.replace(p, error=errors[p.name]) for p in plan.layers])
     else:
         modules = dict(model.named_modules())
@@ -89,7 +93,7 @@ def plan_for_model(model: nn.Module, compression: CompressionConfig, world: int 
         plan = plan_ranks(layers, planned, compression.format, compression.keep_ratio, compression.ranks,
                           sparse_fraction=compression.sparse_fraction, rank_multiple=compression.rank_multiple,
                           allocation=allocation, weights=weights, min_rank_ratio=compression.min_rank_ratio,
-                          max_keep=compression.max_keep)
+                          max_keep=compression.max_keep, budget=compression.budget)
     if world > 1 and dist.is_available() and dist.is_initialized():  # every rank calls this: a collective
         box = [plan]
         dist.broadcast_object_list(box, src=0)
@@ -158,15 +162,18 @@ class AdmmComponent:
     @classmethod
     def create(cls, model: nn.Module, compression: CompressionConfig, admm_cfg: AdmmConfig, *, rank: int,
                world: int, grad_accum: int, log: Callable[[dict[str, float], int], None],
-               artifact: Callable[[Path], None] | None = None, out_dir: Path | None = None) -> "AdmmComponent":
+               artifact: Callable[[Path], None] | None = None, out_dir: Path | None = None,
+               input_shape: tuple[int, ...] | None = None) -> "AdmmComponent":
         """Plan ``model``'s ranks and owners for ``world`` ranks and build the component of ``rank``.
+
+        ``input_shape`` (1, C, H, W): the model's input, for the plan's FLOPs (needed by ``budget=flops``).
 
         With ``out_dir`` the plan is fixed once: the first start plans from the weights it has (with
         ``compression.allocation=error``, the trained ones) and rank 0 writes it to ``out_dir/PLAN_FILE``
         (+ ``.txt``, logged as an artifact); a resume reads it back, and so does the decompose phase.
         """
         stored = load_plan(out_dir / PLAN_FILE, compression) if out_dir is not None else None
-        plan = plan_for_model(model, compression, world, fixed=stored)
+        plan = plan_for_model(model, compression, world, input_shape=input_shape, fixed=stored)
         if stored is None and out_dir is not None and rank == 0:
             save_plan(out_dir / PLAN_FILE, plan, compression)
             print(f"[admm] rank plan ({plan.allocation} allocation) from the weights this phase starts from:\n"

@@ -20,6 +20,11 @@ FORMATS: tuple[str, ...] = get_args(FormatName)
 AllocationName = Literal["uniform", "error"]
 ALLOCATIONS: tuple[str, ...] = get_args(AllocationName)
 
+# What compression.keep_ratio is a fraction of (admm.planner.BUDGET_COSTS counts each): the conv/linear weights, or
+# their FLOPs per image at the dataset's input size (TT-ADMM reports ImageNet results as FLOPs reductions).
+BudgetName = Literal["params", "flops"]
+BUDGETS: tuple[str, ...] = get_args(BudgetName)
+
 
 def check(ok: bool, key: str, message: str) -> None:
     """Raise ``ValueError("key: message")`` unless ``ok``."""
@@ -30,8 +35,10 @@ def check(ok: bool, key: str, message: str) -> None:
 @dataclass
 class CompressionConfig:
     format: FormatName = "tucker2"
-    # Fraction of each planned layer's parameters to keep (ignored for layers in ``ranks``).
+    # Fraction of the model's conv/linear parameters (budget=params) or FLOPs per image (budget=flops) to keep;
+    # layers in ``ranks`` are fixed, the others share what is left.
     keep_ratio: float = 0.5
+    budget: BudgetName = "params"
     # Explicit per-layer ranks by module name: int, or a list for tucker2 / lowrank_sparse.
     ranks: dict[str, int | list[int]] = field(default_factory=dict)
     include: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on module names
@@ -42,17 +49,20 @@ class CompressionConfig:
     # faster on channel counts the vector units and tensor cores tile evenly: 16 fp32 lanes of
     # AVX-512, 8/16-wide bf16 MMA tiles. Explicit `ranks` are never rounded.
     rank_multiple: int = 1
-    # uniform: every free layer keeps the same fraction of its parameters (planned from shapes alone).
+    # uniform: every free layer keeps the same fraction of its parameters (planned from shapes alone; under
+    # budget=flops that shared fraction is the largest whose total FLOPs fit).
     # error: ranks from the one budget, minimising sum_l ||W_l - Proj(W_l)||^2 / ||W_l||^2 of the weights the
     # phase starts from (admm.allocate); the driver can only print the uniform plan as an estimate.
     allocation: AllocationName = "uniform"
     # error allocation only: each layer keeps at least this fraction of its full rank (per rank field, >= 1)...
     min_rank_ratio: float = 0.0
-    # ...and at most this fraction of its dense parameters.
+    # ...and at most this fraction of its dense parameters (of its dense FLOPs under budget=flops).
     max_keep: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.rank_multiple >= 1, "rank_multiple", f"must be >= 1 (1 = no rounding), got {self.rank_multiple}")
+        check(self.budget in BUDGETS, "budget",
+              f"must be one of {BUDGETS} (what keep_ratio is a fraction of), got {self.budget!r}")
         check(self.allocation in ALLOCATIONS, "allocation", f"must be one of {ALLOCATIONS}, got {self.allocation!r}")
         check(0 <= self.min_rank_ratio <= 1, "min_rank_ratio", f"must be in [0, 1], got {self.min_rank_ratio}")
         check(0 < self.max_keep <= 1, "max_keep", f"must be in (0, 1], got {self.max_keep}")

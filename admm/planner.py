@@ -1,7 +1,8 @@
 """Rank planning and owner assignment (pure: shapes, and for the error allocation weights, in; plans out).
 
 ``plan_ranks`` turns a target into per-layer ranks so that the whole model
-(excluded layers stay dense) keeps ``keep_ratio`` of its parameters: explicit
+(excluded layers stay dense) keeps ``keep_ratio`` of its parameters, or of its
+FLOPs per image (``budget="flops"``, :data:`BUDGET_COSTS`): explicit
 ranks by layer name where given; the other layers either share one per-layer
 keep fraction, found by bisection (``allocation="uniform"``), or get ranks
 allocated from the budget to minimise the summed relative projection error of
@@ -19,13 +20,13 @@ import fnmatch
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from torch import Tensor
 
 from admm.accounting import dense_flops, dense_params, factored_flops, factored_params, rank_for_keep_ratio
 from admm.allocate import Ladder, allocate, rank_ladder, relative_errors
-from admm.config import ALLOCATIONS
+from admm.config import ALLOCATIONS, BUDGETS
 from admm.projections import RankSpec, max_rank, validate_rank
 from admm.reshape import kernel_shape
 
@@ -65,6 +66,7 @@ class RankPlan:
     extra: dict[str, float] = field(default_factory=dict)
     allocation: str = "uniform"  # how the free layers' ranks were chosen (see plan_ranks)
     notes: list[str] = field(default_factory=list)  # printed under the table
+    budget: str = "params"  # what keep_ratio was a fraction of (admm.config.BUDGETS)
 
     @property
     def params_after_total(self) -> int:
@@ -73,6 +75,13 @@ class RankPlan:
     @property
     def flops_after_total(self) -> int:
         return self.dense_flops_total - sum(p.flops_before - p.flops_after for p in self.layers)
+
+    @property
+    def kept(self) -> float:
+        """The fraction of the dense model's budget unit (params or FLOPs per image) the plan keeps."""
+        if self.budget == "flops":
+            return self.flops_after_total / max(1, self.dense_flops_total)
+        return self.params_after_total / max(1, self.dense_params_total)
 
     @property
     def compression(self) -> float:
@@ -104,7 +113,8 @@ class RankPlan:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         lines.append(f"model (conv+linear weights): params {self.dense_params_total:,} -> {self.params_after_total:,}"
                      f" ({self.compression:.2f}x), FLOPs/image {_si(self.dense_flops_total)} -> "
-                     f"{_si(self.flops_after_total)} ({self.dense_flops_total / max(1, self.flops_after_total):.2f}x)")
+                     f"{_si(self.flops_after_total)} ({self.dense_flops_total / max(1, self.flops_after_total):.2f}x); "
+                     f"budget {self.budget}: keeps {self.kept:.4f} of the dense {self.budget}")
         if errors:
             lines.append(f"allocation {self.allocation}: sum of per-layer ||W-Z||^2/||W||^2 {self.error_sum:.4f} "
                          f"over {len(self.layers)} layers (mean {self.error_sum / len(self.layers):.4f})")
@@ -117,6 +127,7 @@ class RankPlan:
                 "dense_params": self.dense_params_total, "params_after": self.params_after_total,
                 "dense_flops": self.dense_flops_total, "flops_after": self.flops_after_total,
                 "compression": self.compression, "allocation": self.allocation, "notes": list(self.notes),
+                "budget": self.budget,
                 **({"error_sum": self.error_sum} if self.has_errors else {})}
 
     @classmethod
@@ -127,7 +138,7 @@ class RankPlan:
                   for d in data["layers"]]
         return cls(layers=layers, dense_params_total=int(data["dense_params"]),
                    dense_flops_total=int(data["dense_flops"]), allocation=str(data.get("allocation", "uniform")),
-                   notes=list(data.get("notes", [])))
+                   notes=list(data.get("notes", [])), budget=str(data.get("budget", "params")))
 
 
 def _si(n: float) -> str:
@@ -150,6 +161,22 @@ def select(layers: Sequence[LayerInfo], include: Sequence[str], exclude: Sequenc
         if min(c_out, c_in) >= min_channels:
             out.append(layer)
     return out
+
+
+def _params_cost(layer: LayerInfo, fmt: str, rank: RankSpec | None) -> int:
+    return dense_params(layer.shape) if rank is None else factored_params(layer.shape, fmt, rank)
+
+
+def _flops_cost(layer: LayerInfo, fmt: str, rank: RankSpec | None) -> int:
+    if rank is None:
+        return dense_flops(layer.shape, layer.out_hw)
+    return factored_flops(layer.shape, fmt, rank, layer.out_hw, in_hw=layer.in_hw)
+
+
+# What one layer spends of each budget (admm.config.BUDGETS): cost(layer, fmt, rank), rank None = the dense layer.
+# FLOPs need the layers' spatial sizes (LayerInfo.out_hw / in_hw from describe_layers with an input shape).
+BUDGET_COSTS: dict[str, Callable[[LayerInfo, str, RankSpec | None], int]] = {
+    "params": _params_cost, "flops": _flops_cost}
 
 
 def _plan_layer(layer: LayerInfo, fmt: str, rank: RankSpec) -> LayerPlan:
@@ -199,35 +226,39 @@ def layer_format(shape: Sequence[int], fmt: str) -> str:
     return "svd" if fmt == "tucker2" and kh * kw == 1 else fmt
 
 
-def _within_limits(shape: Sequence[int], fmt: str, rank: RankSpec, min_rank_ratio: float, max_keep: float) -> bool:
-    """Every rank field >= ``min_rank_ratio`` x its full rank (at least 1) and params <= ``max_keep`` x dense."""
+def _within_limits(layer: LayerInfo, fmt: str, rank: RankSpec, min_rank_ratio: float, max_keep: float,
+                   budget: str = "params") -> bool:
+    """Every rank field >= ``min_rank_ratio`` x its full rank (at least 1) and cost <= ``max_keep`` x dense cost."""
+    shape = layer.shape
     full = max_rank(shape, fmt)
     values = rank if isinstance(rank, tuple) else (rank,)
     caps = full if isinstance(full, tuple) else (full,)
     n = 1 if fmt == "lowrank_sparse" else len(values)  # lowrank_sparse: k counts kernel entries, not a rank
     if any(v < max(1, math.ceil(min_rank_ratio * c - 1e-9)) for v, c in zip(values[:n], caps[:n])):
         return False
-    return factored_params(shape, fmt, rank) <= max_keep * dense_params(shape)
+    cost = BUDGET_COSTS[budget]
+    return cost(layer, fmt, rank) <= max_keep * cost(layer, fmt, None)
 
 
 def error_ladder(layer: LayerInfo, fmt: str, weight: Tensor, *, rank_multiple: int = 1, sparse_fraction: float = 0.1,
-                 min_rank_ratio: float = 0.0, max_keep: float = 1.0) -> Ladder:
+                 min_rank_ratio: float = 0.0, max_keep: float = 1.0, budget: str = "params") -> Ladder:
     """The rank options of one layer for :func:`admm.allocate.allocate`: rounded to ``rank_multiple``,
-    within the per-layer limits, cheapest first, with their parameter costs and relative squared errors.
+    within the per-layer limits, cheapest first, with their costs in ``budget``'s unit (parameters, or
+    FLOPs per image) and relative squared errors.
 
     Raises ValueError (naming the keys) when the limits leave no rank for this layer.
     """
     specs = [round_rank(layer.shape, fmt, r, rank_multiple)
              for r in rank_ladder(layer.shape, fmt, sparse_share=sparse_fraction)]
-    specs = [r for r in dict.fromkeys(specs) if _within_limits(layer.shape, fmt, r, min_rank_ratio, max_keep)]
+    specs = [r for r in dict.fromkeys(specs) if _within_limits(layer, fmt, r, min_rank_ratio, max_keep, budget)]
     if not specs:
         raise ValueError(f"compression.min_rank_ratio={min_rank_ratio} and compression.max_keep={max_keep} leave "
                          f"no {fmt} rank for layer {layer.name} {tuple(layer.shape)}; lower min_rank_ratio or "
                          "raise max_keep")
-    specs.sort(key=lambda r: (factored_params(layer.shape, fmt, r), r if isinstance(r, tuple) else (r,)))
+    cost = BUDGET_COSTS[budget]
+    specs.sort(key=lambda r: (cost(layer, fmt, r), r if isinstance(r, tuple) else (r,)))
     errors = relative_errors(weight, fmt, specs)
-    return Ladder(ranks=tuple(specs), costs=tuple(factored_params(layer.shape, fmt, r) for r in specs),
-                  errors=tuple(errors))
+    return Ladder(ranks=tuple(specs), costs=tuple(cost(layer, fmt, r) for r in specs), errors=tuple(errors))
 
 
 def with_errors(plan: RankPlan, weights: Mapping[str, Tensor]) -> RankPlan:
@@ -236,14 +267,14 @@ def with_errors(plan: RankPlan, weights: Mapping[str, Tensor]) -> RankPlan:
               for p in plan.layers]
     return RankPlan(layers=layers, dense_params_total=plan.dense_params_total,
                     dense_flops_total=plan.dense_flops_total, extra=dict(plan.extra), allocation=plan.allocation,
-                    notes=list(plan.notes))
+                    notes=list(plan.notes), budget=plan.budget)
 
 
 def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fmt: str, keep_ratio: float,
                ranks: Mapping[str, int | Sequence[int]] | None = None, sparse_fraction: float = 0.1,
                rank_multiple: int = 1, allocation: str = "uniform", weights: Mapping[str, Tensor] | None = None,
-               min_rank_ratio: float = 0.0, max_keep: float = 1.0) -> RankPlan:
-    """Per-layer ranks so the model keeps ``keep_ratio`` of its conv/linear parameters.
+               min_rank_ratio: float = 0.0, max_keep: float = 1.0, budget: str = "params") -> RankPlan:
+    """Per-layer ranks so the model keeps ``keep_ratio`` of its conv/linear parameters (or FLOPs).
 
     Every layer is planned in :func:`layer_format` of ``fmt``. With ``rank_multiple > 1``
     the budgeted ranks pass through :func:`round_rank` before the budget is checked, so
@@ -259,6 +290,10 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
             its full ranks and ``max_keep`` of its dense parameters. The plan then ends within
             one rank step of the budget, and its layers carry their ``error``.
         weights: the current weight of every planned layer by name (needed for ``"error"``).
+        budget: what ``keep_ratio`` (and ``max_keep``) is a fraction of: ``"params"``, or ``"flops"``
+            per image at the layers' ``out_hw``/``in_hw`` (describe them with an input shape).
+            ``"uniform"`` then still keeps one fraction of every free layer's parameters, the
+            largest whose total FLOPs fit.
     Raises:
         ValueError: an explicit rank is invalid, names an unplanned layer, or the target cannot be met
             even at rank 1 everywhere (or at the ranks ``min_rank_ratio`` demands).
@@ -272,8 +307,12 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
         raise ValueError(f"compression.allocation: must be one of {ALLOCATIONS}, got {allocation!r}")
     if allocation == "error" and (weights is None or not names <= set(weights)):
         raise ValueError("the error allocation needs the weights of every planned layer")
+    if budget not in BUDGET_COSTS:
+        raise ValueError(f"compression.budget: must be one of {BUDGETS}, got {budget!r}")
+    cost = BUDGET_COSTS[budget]
     dense_total = sum(dense_params(layer.shape) for layer in all_layers)
     flops_total = sum(dense_flops(layer.shape, layer.out_hw) for layer in all_layers)
+    cost_total = flops_total if budget == "flops" else dense_total
     fmts = {layer.name: layer_format(layer.shape, fmt) for layer in planned}
     notes = [ONE_BY_ONE_NOTE] if any(f != fmt for f in fmts.values()) else []
     fixed = {}
@@ -285,28 +324,32 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
             hint = " (a 1x1 layer under tucker2 is planned as svd: give one int)" if fmts[n] != fmt else ""
             raise ValueError(f"compression.ranks.{n}: {e}{hint}") from None
     free = [layer for layer in planned if layer.name not in fixed]
-    budget = keep_ratio * dense_total
+    target = keep_ratio * cost_total
+    unit = "FLOPs per image" if budget == "flops" else "parameters"
 
     if allocation == "error":
         # The free layers' budget: what is left after dense layers and the fixed layers.
-        rest = dense_total - sum(dense_params(layer.shape) for layer in free)
-        rest -= sum(dense_params(layer.shape) - factored_params(layer.shape, fmts[n], fixed[n])
+        rest = cost_total - sum(cost(layer, fmts[layer.name], None) for layer in free)
+        rest -= sum(cost(layer, fmts[n], None) - cost(layer, fmts[n], fixed[n])
                     for layer in planned for n in [layer.name] if n in fixed)
         ladders = [error_ladder(layer, fmts[layer.name], weights[layer.name], rank_multiple=rank_multiple,
-                                sparse_fraction=sparse_fraction, min_rank_ratio=min_rank_ratio, max_keep=max_keep)
+                                sparse_fraction=sparse_fraction, min_rank_ratio=min_rank_ratio, max_keep=max_keep,
+                                budget=budget)
                    for layer in free]
         try:
-            choice = allocate(ladders, budget - rest)
+            choice = allocate(ladders, target - rest)
         except ValueError as e:
-            raise ValueError(f"compression.keep_ratio={keep_ratio} is impossible: {e} (min_rank_ratio "
-                             f"{min_rank_ratio}); raise keep_ratio, lower min_rank_ratio or the fixed ranks") from None
+            msg = str(e).replace("parameters", unit)
+            raise ValueError(f"compression.keep_ratio={keep_ratio} is impossible (compression.budget={budget}): {msg} "
+                             f"(min_rank_ratio {min_rank_ratio}); raise keep_ratio, lower min_rank_ratio or the fixed "
+                             "ranks") from None
         chosen = {layer.name: (lad.ranks[c], math.sqrt(lad.errors[c])) for layer, lad, c in zip(free, ladders, choice)}
         for n, r in fixed.items():
             chosen[n] = (r, math.sqrt(relative_errors(weights[n], fmts[n], [r])[0]))  # type: ignore[index]
         return RankPlan(layers=[dataclasses.replace(_plan_layer(layer, fmts[layer.name], chosen[layer.name][0]),
                                                     error=chosen[layer.name][1]) for layer in planned],
                         dense_params_total=dense_total, dense_flops_total=flops_total, allocation="error",
-                        notes=notes)
+                        notes=notes, budget=budget)
 
     def rank_of(layer: LayerInfo, keep: float) -> RankSpec:
         if layer.name in fixed:
@@ -316,12 +359,14 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
 
     def total(keep: float) -> tuple[int, list[LayerPlan]]:
         plans = [_plan_layer(layer, fmts[layer.name], rank_of(layer, keep)) for layer in planned]
+        if budget == "flops":
+            return flops_total - sum(p.flops_before - p.flops_after for p in plans), plans
         return dense_total - sum(p.params_before - p.params_after for p in plans), plans
 
     lo_total, lo_plans = total(1e-9)  # rank 1 (or the fixed ranks) everywhere
-    if lo_total > budget:
-        raise ValueError(f"compression.keep_ratio={keep_ratio} is impossible: even rank 1 in every planned layer "
-                         f"keeps {lo_total:,} of {dense_total:,} parameters ({lo_total / dense_total:.3f}); "
+    if lo_total > target:
+        raise ValueError(f"compression.keep_ratio={keep_ratio} is impossible (compression.budget={budget}): even rank 1 in every "
+                         f"planned layer keeps {lo_total:,} of {cost_total:,} {unit} ({lo_total / cost_total:.3f}); "
                          "raise keep_ratio, plan more layers (include/exclude) or lower the fixed ranks")
     best = lo_plans
     lo, hi = 0.0, 1.0
@@ -329,14 +374,15 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
         for _ in range(40):  # bisection on the shared per-layer keep fraction
             mid = (lo + hi) / 2
             t, plans = total(mid)
-            if t <= budget:
+            if t <= target:
                 lo, best = mid, plans
             else:
                 hi = mid
         t, plans = total(1.0)
-        if t <= budget:
+        if t <= target:
             best = plans
-    plan = RankPlan(layers=best, dense_params_total=dense_total, dense_flops_total=flops_total, notes=notes)
+    plan = RankPlan(layers=best, dense_params_total=dense_total, dense_flops_total=flops_total, notes=notes,
+                    budget=budget)
     return with_errors(plan, weights) if weights is not None else plan
 
 
@@ -373,4 +419,4 @@ def with_owners(plan: RankPlan, world: int) -> RankPlan:
     layers = [LayerPlan(**{**p.__dict__, "owner": o}) for p, o in zip(plan.layers, owners)]
     return RankPlan(layers=layers, dense_params_total=plan.dense_params_total,
                     dense_flops_total=plan.dense_flops_total, extra=dict(plan.extra), allocation=plan.allocation,
-                    notes=list(plan.notes))
+                    notes=list(plan.notes), budget=plan.budget)

@@ -87,7 +87,9 @@ def compare_table(uniform: RankPlan, error: RankPlan, model: nn.Module) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     for name, p in (("uniform", uniform), ("error", error)):
         lines.append(f"{name:>7}: params {p.dense_params_total:,} -> {p.params_after_total:,} ({p.compression:.2f}x), "
-                     f"FLOPs/image {p.dense_flops_total / 1e6:.2f}M -> {p.flops_after_total / 1e6:.2f}M; "
+                     f"FLOPs/image {p.dense_flops_total / 1e6:.2f}M -> {p.flops_after_total / 1e6:.2f}M "
+                     f"({p.dense_flops_total / max(1, p.flops_after_total):.2f}x); budget {p.budget}: kept "
+                     f"{p.kept:.4f}; "
                      f"sum of per-layer ||W-Z||^2/||W||^2 {p.error_sum:.4f}, model-wide ||W-Z||/||W|| "
                      f"{_global_error(p, model):.4f}")
     lines += [f"note: {n}" for n in dict.fromkeys(uniform.notes + error.notes)]
@@ -106,7 +108,7 @@ def plan_command(cfg: Config, config_name: str, weights: str | None, run: str | 
         print(f"{config_name}: no admm or decompose phase, nothing to plan")
         return 0
     c = cfg.compression
-    head = (f"{c.format}, keep_ratio {c.keep_ratio}, rank_multiple {c.rank_multiple}, owners for "
+    head = (f"{c.format}, keep_ratio {c.keep_ratio} of the {c.budget}, rank_multiple {c.rank_multiple}, owners for "
             f"{cfg.cluster.num_workers} workers; {cfg.model.name} at {size} px")
     if not (weights or run):
         print(f"rank plan ({head}):\n{plan.table()}")

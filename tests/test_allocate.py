@@ -247,3 +247,117 @@ def test_admm_fixes_the_error_plan_and_decompose_uses_it(tiny):
     assert {n: list(s["rank"]) if isinstance(s["rank"], (list, tuple)) else s["rank"] for n, s in surgery.items()} \
         == ranks
     assert stored["params_after"] <= 0.4 * stored["dense_params"]
+
+
+# -- compression.budget=flops -----------------------------------------------------------------------------------
+class StridedNet(Net):
+    """Net with a stride-2 conv in the middle: the later layers cost 4x fewer FLOPs per parameter, so a FLOPs
+    budget weighs layers differently from a parameter budget."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(32, 32, 3, stride=2, padding=1)
+
+
+@pytest.fixture(scope="module")
+def strided(net) -> StridedNet:
+    model = StridedNet()
+    model.load_state_dict(net.state_dict())
+    return model
+
+
+SHAPE = (1, 3, 16, 16)
+
+
+def test_budget_registry_is_the_literal():
+    from admm.config import BUDGETS
+    from admm.planner import BUDGET_COSTS
+
+    assert tuple(BUDGET_COSTS) == BUDGETS == ("params", "flops")
+
+
+@pytest.mark.parametrize("fmt,multiple", [("svd", 1), ("tucker2", 1), ("tucker2", 4), ("cp", 1)])
+def test_flops_budget_met_within_one_rank_step(strided, fmt, multiple):
+    cfg = _cfg(format=fmt, allocation="error", budget="flops", rank_multiple=multiple)
+    plan = plan_for_model(strided, cfg, input_shape=SHAPE)
+    assert plan.budget == "flops"
+    left = 0.4 * plan.dense_flops_total - plan.flops_after_total
+    assert left >= 0 and plan.kept == pytest.approx(plan.flops_after_total / plan.dense_flops_total)
+    layers = {layer.name: layer for layer in describe_layers(strided, SHAPE)}
+    from admm.planner import layer_format
+
+    mods = dict(strided.named_modules())
+    steps = []
+    for p in plan.layers:
+        lad = error_ladder(layers[p.name], layer_format(p.shape, fmt), mods[p.name].weight, rank_multiple=multiple,
+                           budget="flops")
+        i = lad.ranks.index(p.rank)
+        assert lad.costs[i] == p.flops_after  # the ladder's costs are the plan's FLOPs
+        if i + 1 < len(lad.ranks):
+            steps.append(lad.costs[i + 1] - lad.costs[i])
+    assert steps and all(left < s for s in steps), (left, steps)
+    uniform = plan_for_model(strided, _cfg(format=fmt, budget="flops", rank_multiple=multiple), input_shape=SHAPE)
+    assert 0.3 < uniform.kept <= 0.4 and uniform.budget == "flops"
+    # uniform bisects one shared keep fraction: a step up (5% more per layer) would break the FLOPs budget
+    looser = plan_for_model(strided, _cfg(format=fmt, budget="flops", keep_ratio=0.44, rank_multiple=multiple),
+                            input_shape=SHAPE)
+    assert looser.flops_after_total > uniform.flops_after_total
+
+
+@pytest.mark.parametrize("fmt", ["svd", "tucker2"])
+def test_flops_error_allocation_beats_uniform_and_is_deterministic(strided, fmt):
+    cfg = _cfg(format=fmt, allocation="error", budget="flops")
+    error = plan_for_model(strided, cfg, input_shape=SHAPE)
+    again = plan_for_model(strided, cfg, input_shape=SHAPE)
+    assert [(p.name, p.rank) for p in error.layers] == [(p.name, p.rank) for p in again.layers]
+    uniform = plan_for_model(strided, _cfg(format=fmt, budget="flops"), input_shape=SHAPE)
+    weights = {p.name: dict(strided.named_modules())[p.name].weight for p in uniform.layers}
+    u_err = sum(relative_errors(weights[p.name], p.fmt, [p.rank])[0] for p in uniform.layers)
+    assert error.error_sum < 0.8 * u_err, (error.error_sum, u_err)
+    assert error.flops_after_total <= 0.4 * error.dense_flops_total
+    # The same weights under a parameter budget give another plan: the strided layer's FLOPs are cheap.
+    by_params = plan_for_model(strided, _cfg(format=fmt, allocation="error"), input_shape=SHAPE)
+    assert [p.rank for p in by_params.layers] != [p.rank for p in error.layers]
+    assert "budget flops" in error.table()
+    assert RankPlan.from_json(error.to_json()).budget == "flops"
+
+
+def test_flops_budget_errors_are_named(strided):
+    with pytest.raises(ValueError, match="input shape"):
+        plan_for_model(strided, _cfg(budget="flops"))
+    with pytest.raises(ValueError, match=r"is impossible \(compression.budget=flops\).*FLOPs"):
+        plan_for_model(strided, _cfg(format="svd", budget="flops", keep_ratio=0.001), input_shape=SHAPE)
+    from launcher.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"compression\.budget.*'params', 'flops'"):
+        load_config("configs/quickstart.yaml", ["compression.budget=macs"])
+
+
+def test_plan_command_shows_the_flops_reached(tmp_path, capsys):
+    from launcher.cli import main
+    from trainer.models import build_model
+
+    path = tmp_path / "w.pt"
+    torch.save(build_model("resnet20", 10).state_dict(), path)
+    assert main(["plan", "configs/quickstart.yaml", "compression.budget=flops", "--weights", str(path)]) == 0
+    out = capsys.readouterr().out
+    kept = [float(line.split("budget flops: kept ")[1].split(";")[0]) for line in out.splitlines()
+            if "budget flops: kept" in line]
+    assert len(kept) == 2 and all(0.4 < k <= 0.5 for k in kept), out
+
+
+def test_admm_component_plans_the_flops_budget_and_stores_it(strided, tmp_path):
+    from admm.component import AdmmComponent
+    from admm.config import AdmmConfig
+
+    cfg = _cfg(format="svd", allocation="error", budget="flops")
+    comp = AdmmComponent.create(strided, cfg, AdmmConfig(), rank=0, world=1, grad_accum=1, log=lambda m, s: None,
+                                out_dir=tmp_path, input_shape=SHAPE)
+    assert comp.plan.budget == "flops" and comp.plan.flops_after_total <= 0.4 * comp.plan.dense_flops_total
+    stored = load_plan(tmp_path / PLAN_FILE, cfg)
+    assert stored is not None and stored.budget == "flops" and stored.flops_after_total == comp.plan.flops_after_total
+    # a resume reads the stored plan back (and recounts its FLOPs at the same input shape)
+    again = AdmmComponent.create(strided, cfg, AdmmConfig(), rank=0, world=1, grad_accum=1, log=lambda m, s: None,
+                                 out_dir=tmp_path, input_shape=SHAPE)
+    assert [p.rank for p in again.plan.layers] == [p.rank for p in comp.plan.layers]
+    assert again.plan.flops_after_total == comp.plan.flops_after_total

@@ -68,7 +68,8 @@ def components_for(ctx: WorkerContext, index: int, model: nn.Module) -> list[Com
         tracker = ctx.phase_trackers[index]
         out.append(AdmmComponent.create(model, cfg.compression, cfg.admm, rank=ctx.rank, world=ctx.world,
                                         grad_accum=cfg.optim.grad_accum, log=_layer_prefixed(tracker.metrics),
-                                        artifact=tracker.artifact, out_dir=ctx.run_dir / f"phase{index}"))
+                                        artifact=tracker.artifact, out_dir=ctx.run_dir / f"phase{index}",
+                                        input_shape=(1, 3, ctx.image_size, ctx.image_size)))
     fail = cfg.debug.fail_at
     if fail is not None and fail.phase == index:
         out.append(FailureInjector(fail, index, ctx.run_dir, ctx.rank))
