@@ -27,6 +27,12 @@ for a kernel ``(C_out, C_in, kh, kw)``, ``s = kh*kw``:
   out-channel cores ``o_p .. o_1`` at output resolution, core ``o_j`` mapping
   ``(o_{j+1}..o_p, a_j) -> (o_j..o_p, a_{j-1})``. For 1x1 kernels and Linear there is
   no spatial core and everything runs at output resolution (the input is subsampled first).
+  Either chain runs instead as its one contracted matrix (``C_in -> b_0`` or ``a_p -> C_out``)
+  when that costs fewer MACs per pixel (:func:`tt_chain_costs`): with one int rank the inner
+  bonds sit at their caps and the chain of skinny matmuls costs more than the one matrix. The
+  matrices are contracted from the cores once and cached while the cores do not change and no
+  gradient is needed (inference); a training forward contracts them again (``build`` MACs per
+  forward, not per image, and not counted here).
 * cp (R), Lebedev et al. 2015: 1x1 ``C_in -> R``, depthwise kxk on ``R`` channels,
   1x1 ``R -> C_out``; params ``R*(C_out + C_in + s)``.
 * lowrank_sparse (r, k), Yu et al. 2017: the svd pair plus a sparse kernel with
@@ -50,6 +56,7 @@ __all__ = [
     "factored_param_count",
     "factored_params",
     "rank_for_keep_ratio",
+    "tt_chain_costs",
 ]
 
 T = TypeVar("T")
@@ -103,19 +110,50 @@ def dense_flops(shape: Sequence[int], out_hw: Sequence[int]) -> int:
     return 2 * dense_params(shape) * _hw(out_hw, "out_hw")
 
 
-def _tt_macs(shape: Sequence[int], rank: RankSpec, n_out: int, n_in: int) -> int:
-    """MACs per image of the TT module (in-channel chain, spatial conv, out-channel chain)."""
+class ChainCost(NamedTuple):
+    """MACs of one TT channel chain: per pixel as ``chain`` (a matmul per core) or ``merged`` (one matrix,
+    contracted from the cores for ``build`` MACs per contraction)."""
+
+    chain: int
+    merged: int
+    build: int
+
+    @property
+    def merge(self) -> bool:
+        """Whether the one matrix costs fewer MACs per pixel (how TTLayer runs this chain)."""
+        return self.merged < self.chain
+
+    def macs(self, pixels: int) -> int:
+        """MACs for ``pixels`` pixels, the way TTLayer runs the chain (the build not counted)."""
+        return (self.merged if self.merge else self.chain) * pixels
+
+
+def tt_chain_costs(shape: Sequence[int], rank: RankSpec) -> tuple[ChainCost, ChainCost]:
+    """(in-channel chain, out-channel chain) costs of the TT module of ``shape`` at ``rank``."""
     layout = tt_layout(shape)
-    r = layout.ranks(rank)
+    r = layout.ranks(rank)  # type: ignore[arg-type]
     p, q = len(layout.out_factors), len(layout.in_factors)
     outs, ins = layout.out_factors, layout.in_factors
     a = r[: p + 1]  # (1, a_1..a_p): bonds left of the middle
     b = r[len(r) - q - 1:]  # (b_0..b_{q-1}, 1): bonds right of the middle
+    # TTLayer.in_matrix / out_matrix contract the cores from the chain's outer end inwards.
+    cin = ChainCost(chain=sum(math.prod(ins[: j + 1]) * b[j + 1] * b[j] for j in range(q)),
+                    merged=layout.c_in * b[0],
+                    build=sum(b[k] * ins[k] * b[k + 1] * math.prod(ins[k + 1:]) for k in range(q - 1)))
+    cout = ChainCost(chain=sum(math.prod(outs[j:]) * a[j + 1] * a[j] for j in range(p)),
+                     merged=layout.c_out * a[p],
+                     build=sum(math.prod(outs[:j]) * a[j] * outs[j] * a[j + 1] for j in range(1, p)))
+    return cin, cout
+
+
+def _tt_macs(shape: Sequence[int], rank: RankSpec, n_out: int, n_in: int) -> int:
+    """MACs per image (batch 1) of the TT module (in-channel chain, spatial conv, out-channel chain)."""
+    layout = tt_layout(shape)
+    r = layout.ranks(rank)  # type: ignore[arg-type]
     spatial = layout.has_spatial
-    chain_in = sum(math.prod(ins[: j + 1]) * b[j + 1] * b[j] for j in range(q))  # per pixel
-    chain_out = sum(math.prod(outs[j:]) * a[j + 1] * a[j] for j in range(p))
-    middle = a[p] * b[0] * layout.spatial if spatial else 0
-    return chain_in * (n_in if spatial else n_out) + (middle + chain_out) * n_out
+    cin, cout = tt_chain_costs(shape, rank)
+    middle = r[len(layout.out_factors)] * r[len(layout.out_factors) + 1] * layout.spatial if spatial else 0
+    return cin.macs(n_in if spatial else n_out) + middle * n_out + cout.macs(n_out)
 
 
 def factored_flops(

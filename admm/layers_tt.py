@@ -19,7 +19,14 @@ bonds ``(1, a_1..a_p, b_0..b_{q-1}, 1)``: ``a_p`` sits left of the spatial mode,
 
 Every step is a plain 2-D matmul on a channels-last activation (a
 ``channels_last`` input needs no copy), which is also how the TT-ADMM code runs
-its TT conv. :func:`admm.realize.merged_module` gives the same map as a Tucker-2
+its TT conv. A chain runs instead as its one contracted matrix (:meth:`TTLayer.in_matrix`,
+:meth:`TTLayer.out_matrix`) when that costs fewer MACs per pixel
+(:func:`admm.accounting.tt_chain_costs`). With gradients the matrices are contracted at every
+forward (so gradients reach the cores); without, they are cached until a core changes (its
+version counter, storage or dtype), so inference pays the contraction once. With one int rank the inner bonds sit at their caps,
+the per-core matmuls are skinny (4-64 columns) and cost more MACs than the matrix: merged, a
+3x3 layer is one 1x1 matmul, the kxk conv, one 1x1 matmul, and the out-chain's digit permute
+goes away. (Measured, bench/README.md: 1.1-2.9x faster per layer on CPU.) :func:`admm.realize.merged_module` gives the same map as a Tucker-2
 or svd layer (the two chains contracted into matrices) for the latency table.
 """
 
@@ -31,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from admm.accounting import tt_chain_costs
 from admm.layers_base import FactoredLayer, assign
 from admm.projections import tt_cores
 from admm.reshape import TTLayout, from_tt, tt_layout
@@ -47,16 +55,34 @@ class TTLayer(FactoredLayer):
     """
 
     format = "tt"
+    # False: always run the per-core chains (the TT-ADMM code's way; for comparison, bench/inference_speed.py).
+    merge_chains: bool = True
 
     def _build(self, factory: dict[str, Any]) -> None:
         self.layout: TTLayout = tt_layout(self.geometry.weight_shape)
         self.cores = nn.ParameterList(
             nn.Parameter(torch.zeros(shape, **factory)) for shape in self.layout.core_shapes(self.rank)
         )
+        self._in_cost, self._out_cost = tt_chain_costs(self.geometry.weight_shape, self.rank)
+        self._cache: tuple[tuple, Tensor | None, Tensor | None] | None = None  # (cores' key, in, out matrix)
 
     def _init_factors(self, weight: Tensor) -> None:
         for param, core in zip(self.cores, tt_cores(weight, self.rank)):
             assign(param, core)
+        with torch.no_grad():
+            self._matrices()  # contract now, so the first inference forward does not
+
+    def _matrices(self) -> tuple[Tensor | None, Tensor | None]:
+        """The merged in- and out-chain matrices this forward uses (None: that chain runs core by core)."""
+        merge_in = self.merge_chains and self._in_cost.merge
+        merge_out = self.merge_chains and self._out_cost.merge
+        if torch.is_grad_enabled() and any(c.requires_grad for c in self.cores):
+            return (self.in_matrix() if merge_in else None), (self.out_matrix() if merge_out else None)
+        key = (merge_in, merge_out) + tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in self.cores)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.in_matrix() if merge_in else None, self.out_matrix() if merge_out else None)
+        return self._cache[1], self._cache[2]
 
     # -- the three groups of cores ------------------------------------------------------
     @property
@@ -95,16 +121,20 @@ class TTLayer(FactoredLayer):
         return core.transpose(1, 2).reshape(core.shape[0], core.shape[2], *self.geometry.kernel_size)
 
     # -- forward ------------------------------------------------------------------------
-    def _in_chain(self, state: Tensor) -> Tensor:
+    def _in_chain(self, state: Tensor, matrix: Tensor | None = None) -> Tensor:
         """Step 1: ``(P, C_in)`` -> ``(P, b_0)``, contracting ``i_q`` first (its outer bond is 1)."""
         rows = state.shape[0]
+        if matrix is not None:
+            return state @ matrix.t()
         for core in reversed(self.in_cores):  # (b_{j-1}, i_j, b_j)
             state = state.reshape(-1, core.shape[1] * core.shape[2]) @ core.reshape(core.shape[0], -1).t()
         return state.reshape(rows, -1)
 
-    def _out_chain(self, state: Tensor) -> Tensor:
+    def _out_chain(self, state: Tensor, matrix: Tensor | None = None) -> Tensor:
         """Step 3: ``(P, a_p)`` -> ``(P, C_out)`` in row-major channel order."""
         rows = state.shape[0]
+        if matrix is not None:
+            return state @ matrix.t()  # the matrix's rows are the channels in row-major order
         outs = self.layout.out_factors
         for core in reversed(self.out_cores):  # (a_{j-1}, o_j, a_j): trailing a_j -> (o_j, a_{j-1})
             state = state.reshape(-1, core.shape[2]) @ core.permute(2, 1, 0).reshape(core.shape[2], -1)
@@ -115,9 +145,10 @@ class TTLayer(FactoredLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         layout, g = self.layout, self.geometry
+        m_in, m_out = self._matrices()
         if g.kind == "linear":
             lead = x.shape[:-1]
-            y = self._out_chain(self._in_chain(x.reshape(-1, layout.c_in)))
+            y = self._out_chain(self._in_chain(x.reshape(-1, layout.c_in), m_in), m_out)
             return self._add_bias(y.reshape(*lead, layout.c_out))
         if not layout.has_spatial:
             # 1x1 kernel: zero padding then stride subsampling is exactly the conv's sampling.
@@ -126,13 +157,13 @@ class TTLayer(FactoredLayer):
                 x = F.pad(x, (pw, pw, ph, ph))
             x = x[:, :, :: g.stride[0], :: g.stride[1]]
         n, _, h, w = x.shape
-        state = self._in_chain(x.permute(0, 2, 3, 1).reshape(-1, layout.c_in))  # (N*H*W, b_0)
+        state = self._in_chain(x.permute(0, 2, 3, 1).reshape(-1, layout.c_in), m_in)  # (N*H*W, b_0)
         if layout.has_spatial:
             u = state.reshape(n, h, w, -1).permute(0, 3, 1, 2)  # channels-last (N, b_0, H, W)
             u = F.conv2d(u, self.spatial_kernel(), None, **g.conv_kwargs)
             h, w = u.shape[-2:]
             state = u.permute(0, 2, 3, 1).reshape(-1, u.shape[1])  # (N*H_out*W_out, a_p)
-        y = self._out_chain(state).reshape(n, h, w, layout.c_out).permute(0, 3, 1, 2)
+        y = self._out_chain(state, m_out).reshape(n, h, w, layout.c_out).permute(0, 3, 1, 2)
         return self._add_bias(y)
 
     def to_dense_weight(self) -> Tensor:

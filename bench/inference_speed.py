@@ -12,6 +12,9 @@ process re-runs itself with trainer.malloc's tunables (``--no-malloc-tuning`` to
 measure without). ``--tune`` adds a third column: the factored model after the
 per-layer latency table (trainer.latency) picked each layer's fastest exact
 realization at that batch, as ``tdcompress export --tune-batch`` does.
+``--tt-per-core`` adds, for tt, the same factored model with its chains forced to run
+core by core (``TTLayer.merge_chains = False``, the forward before the merged chains),
+timed in the same dense-factored-...-dense window.
 
     PYTHONPATH=. python bench/inference_speed.py --formats tucker2,svd --tune
 """
@@ -29,6 +32,7 @@ import torch  # noqa: E402
 from admm.component import plan_for_model  # noqa: E402
 from admm.config import CompressionConfig  # noqa: E402
 from admm.fold import fold_batchnorm  # noqa: E402
+from admm.layers_tt import TTLayer  # noqa: E402
 from admm.realize import realize  # noqa: E402
 from admm.surgery import decompose_model  # noqa: E402
 from bench.common import add_malloc_option, apply_malloc_option, banner, banner_line, classes_for  # noqa: E402
@@ -59,6 +63,8 @@ def main() -> None:
     add_malloc_option(p)
     p.add_argument("--tune", action="store_true", help="also time the latency-table realization per batch")
     p.add_argument("--table", action="store_true", help="print the per-layer latency tables of --tune")
+    p.add_argument("--tt-per-core", action="store_true",
+                   help="tt: also time the factored model with per-core chains (TTLayer.merge_chains=False)")
     p.add_argument("--json")
     args = p.parse_args()
     apply_malloc_option(args, device)
@@ -106,6 +112,12 @@ def main() -> None:
                 return model
 
             model = factored()
+            per_core = None
+            if fmt == "tt" and args.tt_per_core:
+                per_core = factored()
+                for mod in per_core.modules():
+                    if isinstance(mod, TTLayer):
+                        mod.merge_chains = False
             for b in batches:
                 tuned, choices = None, {}
                 if args.tune:
@@ -122,6 +134,7 @@ def main() -> None:
                     d1 = run(dense, b, m)
                     t = run(model, b, m)
                     tt = run(tuned, b, m) if tuned is not None else None
+                    pc = run(per_core, b, m) if per_core is not None else None
                     d2 = run(dense, b, m)
                     base = (d1 + d2) / 2
                     row = {"format": fmt, "keep": keep, "rank_multiple": multiple, "batch": b, "mode": m,
@@ -138,6 +151,9 @@ def main() -> None:
                         row.update(tuned_ms=1e3 * tt, tuned_speedup=base / tt, choices=choices)
                         line += (f"  tuned {row['tuned_ms']:7.1f} ms ({row['tuned_speedup']:.2f}x; "
                                  f"{len(choices)} layers changed{': ' + ', '.join(kinds) if kinds else ''})")
+                    if pc is not None:
+                        row.update(per_core_ms=1e3 * pc, per_core_speedup=base / pc)
+                        line += f"  per-core chains {row['per_core_ms']:7.1f} ms ({row['per_core_speedup']:.2f}x)"
                     rows.append(row)
                     print(line, flush=True)
     if args.json:

@@ -107,29 +107,54 @@ def test_svd_and_tucker2_on_linear():
     assert factored_flops((10, 64), "tucker2", (5, 3), (1, 1)) == flops_per_image(tucker, torch.randn(3, 64))
 
 
-def tt_forward(x: torch.Tensor, cores: list[torch.Tensor], shape, stride=1, padding=0) -> torch.Tensor:
+def tt_matrices(cores: list[torch.Tensor], shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """The in-chain ``(b_0, C_in)`` and out-chain ``(C_out, a_p)`` matrices, contracted from the cores."""
+    layout = tt_layout(shape)
+    p, q = len(layout.out_factors), len(layout.in_factors)
+    m_in = cores[-1].reshape(cores[-1].shape[0], -1)  # (b_{q-1}, i_q)
+    for core in reversed(cores[len(cores) - q:-1]):  # (b_{j-1}, i_j, b_j) x (b_j, i_{j+1}..i_q)
+        m_in = torch.tensordot(core, m_in, dims=([2], [0])).reshape(core.shape[0], -1)
+    m_out = cores[0].reshape(-1, cores[0].shape[2])  # (o_1, a_1)
+    for core in cores[1:p]:  # (o_1..o_{j-1}, a_{j-1}) x (a_{j-1}, o_j, a_j)
+        m_out = torch.tensordot(m_out, core, dims=([1], [0])).reshape(-1, core.shape[2])
+    return m_in, m_out
+
+
+def tt_forward(x: torch.Tensor, cores: list[torch.Tensor], shape, stride=1, padding=0,
+               matrices: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Reference TT layer in the order admm.accounting documents, written with einsum in NCHW:
-    in-channel cores i_q..i_1, the spatial core as a kxk conv, out-channel cores o_p..o_1."""
+    in-channel cores i_q..i_1, the spatial core as a kxk conv, out-channel cores o_p..o_1; a chain
+    runs as its one contracted matrix (``matrices``, contracted beforehand as TTLayer caches them for
+    inference) where ``tt_chain_costs`` says that costs fewer MACs per pixel."""
+    from admm.accounting import tt_chain_costs
+
     layout = tt_layout(shape)
     p, q = len(layout.out_factors), len(layout.in_factors)
     ins = layout.in_factors
     b, c_in = x.shape[:2]
+    cost_in, cost_out = tt_chain_costs(shape, tuple(c.shape[2] for c in cores[:-1]))
+    m_in, m_out = matrices if matrices is not None else tt_matrices(cores, shape)
     if x.ndim == 2:  # Linear: one pixel
         x = x.reshape(b, c_in, 1, 1)
     if not layout.has_spatial:  # 1x1 conv (padding 0): subsample first
         x = x[:, :, ::stride, ::stride]
     h, w = x.shape[2:]
-    state = x.reshape(b, c_in, 1, h * w)  # (B, i_1..i_j, b_j, HW) with b_q = 1
-    for j in range(q - 1, -1, -1):
-        core = cores[len(cores) - q + j]  # (b_{j-1}, i_j, b_j)
-        state = state.reshape(b, math.prod(ins[:j]), ins[j], core.shape[2], h * w)
-        state = torch.einsum("bpiry,sir->bpsy", state, core)
-    state = state.reshape(b, -1, h, w)  # (B, b_0, H, W)
+    if cost_in.merge:
+        state = torch.einsum("bchw,rc->brhw", x, m_in)
+    else:
+        state = x.reshape(b, c_in, 1, h * w)  # (B, i_1..i_j, b_j, HW) with b_q = 1
+        for j in range(q - 1, -1, -1):
+            core = cores[len(cores) - q + j]  # (b_{j-1}, i_j, b_j)
+            state = state.reshape(b, math.prod(ins[:j]), ins[j], core.shape[2], h * w)
+            state = torch.einsum("bpiry,sir->bpsy", state, core)
+        state = state.reshape(b, -1, h, w)  # (B, b_0, H, W)
     if layout.has_spatial:
         mid = cores[p]  # (a_p, s, b_0)
         kernel = mid.permute(0, 2, 1).reshape(mid.shape[0], mid.shape[2], layout.kh, layout.kw)
         state = F.conv2d(state, kernel, stride=stride, padding=padding)
     ho, wo = state.shape[2:]
+    if cost_out.merge:
+        return torch.einsum("brhw,cr->bchw", state, m_out)
     state = state.reshape(b, -1, 1, ho * wo)  # (B, a_j, o_{j+1}..o_p, HW)
     for j in range(p - 1, -1, -1):
         core = cores[j]  # (a_{j-1}, o_j, a_j)
@@ -157,7 +182,8 @@ def test_tt_layer_contract(shape, stride, padding, h):
         cores = tt_cores(w, r)
         assert factored_params(shape, "tt", r) == sum(c.numel() for c in cores)
         ho = out_size(h, shape[2], stride, padding)
-        flops = flops_per_image(lambda t, cores=cores: tt_forward(t, cores, shape, stride, padding), x)
+        mats = tt_matrices(cores, shape)
+        flops = flops_per_image(lambda t, cores=cores, mats=mats: tt_forward(t, cores, shape, stride, padding, mats), x)
         assert factored_flops(shape, "tt", r, (ho, ho), in_hw=(h, h)) == flops
 
 
@@ -167,7 +193,9 @@ def test_tt_on_linear():
     cores = tt_cores(w, max_rank(w.shape, "tt"))
     torch.testing.assert_close(tt_forward(x, cores, w.shape).reshape(3, 10), x @ w.t(), atol=1e-4, rtol=1e-4)
     assert factored_params(w.shape, "tt", 3) == sum(c.numel() for c in tt_cores(w, 3))
-    flops = flops_per_image(lambda t: tt_forward(t, tt_cores(w, 3), w.shape), x)
+    cores = tt_cores(w, 3)
+    mats = tt_matrices(cores, w.shape)
+    flops = flops_per_image(lambda t: tt_forward(t, cores, w.shape, matrices=mats), x)
     assert factored_flops(w.shape, "tt", 3, (1, 1)) == flops
 
 

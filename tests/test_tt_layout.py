@@ -246,3 +246,29 @@ def test_to_tt_orders_out_spatial_in():
     assert layout.modes == (2, 3, 9, 5, 2)  # in-channel factors mirror the out side: small at the end
     t = to_tt(w, layout)
     assert t[1, 2, 5, 3, 1] == w[1 * 3 + 2, 3 * 2 + 1, 5 // 3, 5 % 3]
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 3, 3), (128, 64, 3, 3), (256, 64, 1, 1)])
+def test_merged_chains_compute_the_same_map_with_fewer_flops(shape):
+    """With one int rank the chains run as their contracted matrices; forcing the per-core chain gives
+    the same output and gradients, at more FLOPs."""
+    c_out, c_in, k, _ = shape
+    conv = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False)
+    layer = factorize_module(conv, "tt", rank_for_keep_ratio(shape, "tt", 0.5))
+    x = torch.randn(2, c_in, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert layer._in_cost.merge and layer._out_cost.merge  # bonds at their caps: one matrix costs less
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        layer.zero_grad()
+        with FlopCounterMode(display=False) as counter:
+            y = layer(x)
+        y.square().sum().backward()
+        return y.detach(), [c.grad.clone() for c in layer.cores], counter.get_total_flops()
+
+    merged_y, merged_g, merged_flops = run()
+    layer.merge_chains = False
+    chain_y, chain_g, chain_flops = run()
+    torch.testing.assert_close(merged_y, chain_y, atol=1e-4, rtol=1e-4)
+    for a, b in zip(merged_g, chain_g):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    assert merged_flops < chain_flops
