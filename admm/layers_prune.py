@@ -28,9 +28,10 @@ from admm.layers import SVDLayer
 from admm.layers_base import FactoredLayer, Geometry, assign
 from admm.reshape import to_matrix
 
-__all__ = ["PARAMETRIZATION", "PrunableSVDLayer", "penalty_grads", "plan_prune", "svd_params"]
+__all__ = ["FACTOR_DIM", "PARAMETRIZATION", "PrunableSVDLayer", "penalty_grads", "plan_prune", "svd_params"]
 
 PARAMETRIZATION = "usv"
+FACTOR_DIM = {"u": 1, "s": 0, "v": 0}  # the rank dimension of each factor: what keep() slices
 
 
 def svd_params(shape: Sequence[int], rank: int) -> int:
@@ -90,14 +91,15 @@ class PrunableSVDLayer(FactoredLayer):
     def keep(self, index: Tensor) -> None:
         """Keep only the directions ``index`` (1-D, int64, distinct): new, smaller parameters replace the old.
 
-        The optimizer that held the old parameters must be rebuilt.
+        The optimizer that held the old parameters must be rebuilt; state tied to a factor
+        (e.g. its momentum) follows with ``state.index_select(FACTOR_DIM[name], index)``.
         """
         index = index.to(self.s.device)
         if index.numel() < 1:
             raise ValueError("a layer must keep at least one direction")
-        for name in ("u", "s", "v"):
+        for name, dim in FACTOR_DIM.items():
             old = getattr(self, name)
-            new = old.index_select(1 if name == "u" else 0, index).clone()
+            new = old.index_select(dim, index).clone()
             setattr(self, name, nn.Parameter(new, requires_grad=old.requires_grad))
         self.rank = int(index.numel())
 

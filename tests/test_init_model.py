@@ -139,3 +139,15 @@ def test_check_compatible_and_resolve_path_units(tmp_path):
     file.write_bytes(file.read_bytes() + b"\0")  # changed after it was resolved: refused on load
     with pytest.raises(InitError, match="changed since it was resolved"):
         load_state(source)
+
+
+def test_rank_prune_from_init_records_the_initial_accuracy(tiny, source):
+    """A first phase rank_prune compresses the init model: its accuracy is the baseline, logged as init_top1."""
+    run = pipeline.run(tiny("run_name=prune-init", f"model.init={source.dir}", "compression.exclude=[fc]",
+                            "compression.min_channels=3", "rank_prune.interval=1",
+                            "phases=[{kind: rank_prune, epochs: 1, steps_per_epoch: 2}]"))
+    client = tracking.client(run.tracking_uri)
+    src_top1 = client.get_run(source.parent_id).data.metrics["top1"]
+    parent = client.get_run(run.parent_id).data.metrics
+    assert parent["init_top1"] == pytest.approx(src_top1)  # the source model, evaluated before it was factored
+    assert client.get_run(run.phase_ids[0]).data.tags["tdcompress.phase"] == "rank_prune"

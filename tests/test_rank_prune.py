@@ -77,6 +77,59 @@ def test_penalty_gradients_match_autograd():
         torch.testing.assert_close(got[key], getattr(layer, key).grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("stage", [0, 1])
+def test_prune_carries_momentum_into_the_new_engine(stage):
+    """After a prune the rebuilt optimizer holds every parameter's momentum: unchanged for the parameters the
+    prune did not touch, the kept slices for the pruned factors; and its next step uses them."""
+    import torch.nn.functional as F
+
+    from cluster.dist import init_local_group
+    from trainer.config import EngineConfig, OptimConfig
+    from trainer.engine import Precision, build_engine, prepare_deepspeed_env
+    from trainer.momentum import read_momentum, write_momentum
+    from trainer.rank_prune import carry_momentum, to_prunable
+
+    prepare_deepspeed_env()
+    init_local_group(gpu=False)
+    torch.manual_seed(0)
+    model = to_prunable(build_model("tinycnn", 10), {"conv2": (16, 8, 3, 3)}, "trained", 0)
+    # Constant lr (min_lr_ratio 1), no weight decay: a step with zero gradient moves p by -lr * 0.9 * buffer.
+    optim = OptimConfig(lr=0.05, momentum=0.9, nesterov=False, weight_decay=0.0, min_lr_ratio=1.0, fused=False)
+
+    def build():
+        return build_engine(model, optim, EngineConfig(zero_stage=stage), batch_size=8, lr=0.05, total_steps=10,
+                            steps_per_epoch=10, world_size=1, precision=Precision(False, False))
+
+    engine = build()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        engine.backward(F.cross_entropy(engine(x), y))
+        engine.step()
+    before = {k: v.clone() for k, v in read_momentum(engine).items()}
+    assert before.keys() == {n for n, _ in model.named_parameters()}
+    assert all(float(b.abs().max()) > 0 for b in before.values())
+    index = torch.tensor([0, 2, 5, 11])
+    model.conv2.keep(index)
+    engine = build()
+    assert write_momentum(engine, carry_momentum(before, {"conv2": index})) == len(before)
+    after = {k: v.clone() for k, v in read_momentum(engine).items()}  # stage 0: the optimizer's own tensors
+    for name, buf in before.items():
+        if not name.startswith("conv2."):
+            torch.testing.assert_close(after[name], buf, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(after["conv2.u"], before["conv2.u"][:, index], rtol=0, atol=0)
+    torch.testing.assert_close(after["conv2.s"], before["conv2.s"][index], rtol=0, atol=0)
+    torch.testing.assert_close(after["conv2.v"], before["conv2.v"][index], rtol=0, atol=0)
+    assert after["conv2.bias"].shape == (16,)  # the bias is not a factor: unchanged (compared above)
+
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine.backward(engine(x).sum() * 0)
+    engine.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), start[name] - 0.05 * 0.9 * after[name], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"momentum of conv2.u: shape \(16, 16\), the parameter has \(16, 4\)"):
+        write_momentum(build(), before)  # the old (unpruned) shapes do not fit
+
+
 def test_bad_rank_prune_config_fails_before_workers(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"rank_prune.threshold: must be in \[0, 1\)"):
         pipeline.run(tiny("rank_prune.threshold=1.5", TINY_PHASES))
@@ -117,6 +170,13 @@ def test_ranks_fall_resume_matches_and_export_loads(tiny, tmp_path):
     mid = ckpt.load_shared(ckpt.latest_checkpoint(cut / "checkpoints"))["model"]
     assert all(s.get("parametrization") == "usv" for s in mid["surgery"].values())
     assert sum(s["rank"] for s in mid["surgery"].values()) < 8 + 16  # the checkpoint holds pruned shapes
+    # ... and the rebuilt optimizer's momentum, carried over (not restarted): every parameter has a buffer of its
+    # (pruned) shape, and it is not zero (it would be empty or zero had the optimizer started afresh).
+    optim = ckpt.load_shared(ckpt.latest_checkpoint(cut / "checkpoints"))["optimizer"]
+    buffers = [optim["state"][i]["momentum_buffer"] for g in optim["param_groups"] for i in g["params"]]
+    shapes = sorted(tuple(w.shape) for w in mid["weights"].values())
+    assert sorted(tuple(b.shape) for b in buffers) == shapes
+    assert all(float(b.abs().max()) > 0 for b in buffers)
     resumed = pipeline.run(tiny(*TINY, "run_name=cut", TINY_PHASES, "resume=true"))
     a, b = final["weights"], _final_state(resumed)["weights"]
     assert a.keys() == b.keys()

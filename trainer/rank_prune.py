@@ -10,8 +10,9 @@ average, identically on every rank, so the average keeps them), an L1 term on
 (:func:`admm.layers_prune.plan_prune`; with ``rank_prune.keep_ratio`` on a
 linear path to that budget). Shapes change then, so the engine is rebuilt
 around the pruned model: the learning-rate schedule continues where it was,
-the SGD momentum of the pruned layers starts again from zero (the kept slices
-could be carried over; after a prune the directions rotate anyway). The
+and the SGD momentum carries over (:func:`carry_momentum`; any ZeRO stage,
+:mod:`trainer.momentum`): every parameter keeps its buffer, a pruned factor
+the slices of its kept directions. The
 epoch's checkpoint is written after the prune, so its manifest holds the new
 ranks and its optimizer state the new shapes: resume (also on another number
 of workers, ZeRO 0) continues from there. The last epoch turns every layer into
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from admm.inspect import describe_layers
-from admm.layers_prune import PrunableSVDLayer, penalty_grads, plan_prune, svd_params
+from admm.layers_prune import FACTOR_DIM, PrunableSVDLayer, penalty_grads, plan_prune, svd_params
 from admm.planner import select
 from admm.projections import max_rank
 from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
@@ -40,6 +41,7 @@ from trainer.context import WorkerContext
 from trainer.data import set_loader_epoch
 from trainer.engine import build_engine, resolve_precision
 from trainer.loop import average_batchnorm_stats, evaluate, train_epoch
+from trainer.momentum import read_momentum, write_momentum
 
 
 def planned_shapes(model: nn.Module, cfg: WorkerConfig) -> dict[str, tuple[int, ...]]:
@@ -87,6 +89,19 @@ def to_prunable(model: nn.Module, shapes: dict[str, tuple[int, ...]], init: str,
 
 def prunable_layers(model: nn.Module) -> dict[str, PrunableSVDLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PrunableSVDLayer)}
+
+
+def carry_momentum(old: dict[str, torch.Tensor], kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The momentum buffers after a prune: ``old`` (parameter name -> buffer) with the factors of every layer
+    in ``kept`` (layer name -> kept direction indices, int64) sliced like :meth:`PrunableSVDLayer.keep` slices
+    the factors themselves; every other buffer unchanged."""
+    out = dict(old)
+    for layer, index in kept.items():
+        for factor, dim in FACTOR_DIM.items():
+            name = f"{layer}.{factor}"
+            if name in out:
+                out[name] = out[name].index_select(dim, index.to(out[name].device))
+    return out
 
 
 def to_svd(model: nn.Module) -> nn.Module:
@@ -139,10 +154,16 @@ class RankPruner(ComponentBase):
     def factored_params(self, ranks: dict[str, int]) -> int:
         return sum(svd_params(self.shapes[n], r) for n, r in ranks.items())
 
-    def prune(self, model: nn.Module, epoch: int) -> bool:
-        """Prune after ``epoch`` (1-based) when it is a prune epoch; True when any rank changed."""
-        if epoch % self.cfg.interval != 0:
-            return False
+    def is_prune_epoch(self, epoch: int) -> bool:
+        return epoch % self.cfg.interval == 0
+
+    def prune(self, model: nn.Module, epoch: int) -> dict[str, torch.Tensor]:
+        """Prune after ``epoch`` (1-based) when it is a prune epoch.
+
+        Returns ``{layer: kept direction indices}`` of the layers whose rank changed (empty: nothing pruned).
+        """
+        if not self.is_prune_epoch(epoch):
+            return {}
         layers = prunable_layers(model)
         allowed = None
         if self.cfg.keep_ratio > 0:
@@ -152,11 +173,11 @@ class RankPruner(ComponentBase):
             allowed = budget + max(0.0, now - budget) * left / (left + 1)
         keep = plan_prune({n: m.s for n, m in layers.items()}, self.shapes, threshold=self.cfg.threshold,
                           min_rank=self.cfg.min_rank, allowed=allowed)
-        changed = False
+        changed = {}
         for name, index in keep.items():
             if index.numel() < layers[name].s.numel():
                 layers[name].keep(index)
-                changed = True
+                changed[name] = index
         if changed:
             set_manifest(model, {**manifest_of(model), **{n: m.spec() for n, m in layers.items()}})
         return changed
@@ -238,10 +259,14 @@ def run_rank_prune(ctx: WorkerContext, index: int, model: nn.Module, resume) -> 
                             label_smoothing=cfg.optim.label_smoothing, hooks=components, log_every=cfg.log_every,
                             log=tracker.metrics)
         done = state.epoch == phase.epochs
-        if pruner.prune(model, state.epoch) and not done:
-            # New shapes: a new engine and optimizer (momentum restarts), the schedule where it was.
+        # Read before the prune replaces the factors (ZeRO 1/2: a collective, so on every rank alike).
+        momentum = read_momentum(engine) if pruner.is_prune_epoch(state.epoch) and not done else {}
+        kept = pruner.prune(model, state.epoch)
+        if kept and not done:
+            # New shapes: a new engine and optimizer, the momentum and the schedule where they were.
             sched = engine.lr_scheduler.state_dict()
             engine, reg = build()
+            write_momentum(engine, carry_momentum(momentum, kept))
             engine.lr_scheduler.load_state_dict(sched)
             for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
                 group["lr"] = lr
