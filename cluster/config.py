@@ -31,6 +31,7 @@ class ClusterConfig:
         check(0 <= self.max_failures <= MAX_FAILURES, "max_failures",
               f"must be in 0..{MAX_FAILURES} (restarts of the worker group, each from the newest intact "
               f"checkpoint; -1 = retry forever is not allowed), got {self.max_failures}")
-        check(self.object_store_mb >= 64, "object_store_mb", f"must be >= 64, got {self.object_store_mb}")
+        # Ray's own minimum is 75 MiB ("Attempting to cap object store memory usage at ...": a traceback at start).
+        check(self.object_store_mb >= 75, "object_store_mb", f"must be >= 75 (MiB, Ray's minimum), got {self.object_store_mb}")
         check(self.backend == "ray" or self.num_workers == 1, "num_workers",
               f"backend 'local' runs exactly one worker, got {self.num_workers}")

@@ -1,8 +1,11 @@
 """`tdcompress cluster up|down`: a real multi-node Ray cluster on this machine, plus an MLflow server.
 
 Every node is its own `ray start --block` process tree (head + N-1 workers, each with its own CPU
-share and its own session), all on 127.0.0.1 with a Ray temp dir of their own, so they never join
-another Ray instance on the machine. The head runs with Ray's token authentication, the token in
+share), all on 127.0.0.1, each node with a Ray temp dir of its own (``<temp_dir>`` for the head,
+``<temp_dir>-wN`` for worker N), so they never join another Ray instance on the machine, and no two
+nodes share a log directory: every node's log monitor tails every worker log file in its node's
+directory and forwards it to the job's driver, so with one shared directory each worker line reached
+`tdcompress jobs logs` once per node. The head runs with Ray's token authentication, the token in
 a 0600 file in the state dir; the job client reads it from the state file. A state file records the
 pid (= process group) of every process started, the addresses and ports; `cluster down` stops
 exactly those process groups and nothing else.
@@ -52,7 +55,7 @@ class ClusterState:
     gcs_address: str  # host:port of the head's GCS (what `ray.init(address=...)` takes)
     dashboard_url: str  # http://127.0.0.1:PORT, the Ray Jobs API
     token_path: str  # Ray token auth: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<this>
-    temp_dir: str  # Ray's temp dir of this cluster's nodes
+    temp_dir: str  # the head's Ray temp dir; worker node N's is <temp_dir>-worker-N
     cpus_per_node: int
     nodes: list[dict] = field(default_factory=list)  # {"role": head|worker, "pid": int, "log": path}
     mlflow_uri: str | None = None
@@ -144,6 +147,12 @@ def _node_ports() -> list[str]:
             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
 
 
+def metrics_port_env() -> dict[str, str]:
+    """Free ports for the head's two Prometheus endpoints, which Ray's dashboard and autoscaler read from the
+    environment and otherwise take fixed (44227, 44217): with another Ray on the machine they failed to bind."""
+    return {"DASHBOARD_METRIC_PORT": str(free_port()), "AUTOSCALER_METRIC_PORT": str(free_port())}
+
+
 def _node_started(log: Path) -> bool:
     return log.is_file() and b"Ray runtime started" in log.read_bytes()
 
@@ -184,16 +193,17 @@ def up(nodes: int, cpus_per_node: int = 1, mlflow: bool = True, directory: str |
            "PATH": os.pathsep.join([venv_bin, os.environ.get("PATH", "")]), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     node = [sys.executable, "-m", "cluster.ray_node", "start", "--block", "--node-ip-address=127.0.0.1",
-            f"--num-cpus={cpus_per_node}", "--num-gpus=0", f"--temp-dir={state.temp_dir}",
+            f"--num-cpus={cpus_per_node}", "--num-gpus=0",
             f"--object-store-memory={object_store_mb * 2**20}", "--disable-usage-stats"]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
                                                     os.environ.get("PYTHONPATH", "")) if p)
     try:
         head_log = d / "logs" / "head.log"
         head_log.unlink(missing_ok=True)
-        pid = _spawn(node + ["--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash_port}", "--include-dashboard=true",
-                             f"--ray-client-server-port={free_port()}", *_node_ports()], head_log, env)
+        pid = _spawn(node + ["--head", f"--temp-dir={state.temp_dir}", f"--port={gcs_port}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
+                             f"--ray-client-server-port={free_port()}", *_node_ports()], head_log,
+                     {**env, **metrics_port_env()})
         state.nodes.append({"role": "head", "pid": pid, "log": str(head_log)})
         _write(state)  # recorded before waiting: a `cluster down` from another shell finds it
         if mlflow:
@@ -226,7 +236,8 @@ def _start_worker(state: ClusterState, node: list[str], env: dict[str, str], log
     """
     for attempt in range(attempts):
         log.unlink(missing_ok=True)
-        pid = _spawn(node + [f"--address={state.gcs_address}", *_node_ports()], log, env)
+        pid = _spawn(node + [f"--address={state.gcs_address}", f"--temp-dir={state.temp_dir}-{log.stem}",
+                             *_node_ports()], log, env)
         state.nodes.append({"role": "worker", "pid": pid, "log": str(log)})
         _write(state)
         try:

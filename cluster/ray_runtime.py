@@ -10,13 +10,16 @@ distributed tests, need.
 from __future__ import annotations
 
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from cluster.config import ClusterConfig
-from cluster.dist import init_local_group
+from cluster.dist import free_port, init_local_group
+from cluster.local_cluster import metrics_port_env
 from trainer.context import WorkerJob
 from trainer.malloc import has_glibc, with_tunables
 from trainer.worker import train_func
@@ -102,6 +105,41 @@ def _beside_job_env(env: dict[str, Any]) -> dict[str, Any] | None:
     return {"env_vars": mine} if mine else None
 
 
+DASHBOARD_PORT = 8265  # Ray's default, what `ray job submit` and the docs assume
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def embedded_dashboard_port() -> int:
+    """8265 when free, else a free port: another local run (or any other Ray) on this machine may hold it.
+
+    Ray itself would try 8266, 8267, ... one after another, which two runs starting together race for.
+    """
+    return DASHBOARD_PORT if _port_free(DASHBOARD_PORT) else free_port()
+
+
+@contextmanager
+def _environ(extra: dict[str, str]) -> Iterator[None]:
+    """``extra`` in os.environ while the block runs (Ray's processes started in it inherit it), then as before."""
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def ensure_ray(c: ClusterConfig) -> None:
     """Connect to ``c.address`` or start an embedded local Ray (once per process)."""
     import ray
@@ -110,19 +148,37 @@ def ensure_ray(c: ClusterConfig) -> None:
         return
     gpu = wants_gpu(c)
     env = {"env_vars": worker_env(gpu)}
+    # Ray Train's own actors (its placement-group cleaner) look the cluster up as "auto" unless RAY_ADDRESS says
+    # which; with another Ray on the machine that failed ("Found multiple active Ray instances"). Every process
+    # of this run gets its own cluster's GCS address.
     if c.address:
         address = _cluster_address(c.address)
         if address.split("://")[-1].startswith(("127.0.0.1:", "localhost:")):
             _loopback_only()  # else Ray replaces 127.0.0.1 by the host's address, where a loopback head is not
+        if "://" not in address and address != "auto":
+            env["env_vars"]["RAY_ADDRESS"] = address
         ray.init(address=address, runtime_env=_beside_job_env(env), log_to_driver=True)
         return
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray job's driver: the cluster is right there
+        raise ValueError("cluster.address: this run is a Ray job on a cluster but has no cluster.address, so it would "
+                         "start a Ray of its own on the head node; add cluster.address=auto (the job's own cluster)")
     _loopback_only()
     need = c.num_workers * c.cpus_per_worker
-    ray.init(num_cpus=max(need, local_cpus()), num_gpus=torch.cuda.device_count() if gpu else 0,
-             # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls;
-             # without it that cleaner logs a warning every few seconds. Loopback only.
-             object_store_memory=c.object_store_mb * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", runtime_env=env, log_to_driver=True)
+    port, gcs_port = embedded_dashboard_port(), free_port()
+    env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"  # only the workers': the driver's would mean "connect"
+    # Ray's dashboard and autoscaler take fixed Prometheus ports (44227, 44217) unless told otherwise in their
+    # environment; a second Ray on the machine then logged bind errors. (The dashboard agent's HTTP port, 52365,
+    # cannot be set through ray.init: taken, that agent serves no HTTP, which only Ray Jobs use.) The GCS port
+    # is read from the environment too, so the workers' RAY_ADDRESS can be known before Ray starts.
+    with _environ({**metrics_port_env(), "RAY_GCS_SERVER_PORT": str(gcs_port)}):
+        ray.init(num_cpus=max(need, local_cpus()), num_gpus=torch.cuda.device_count() if gpu else 0,
+                 # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls;
+                 # without it that cleaner logs a warning every few seconds. Loopback only.
+                 object_store_memory=c.object_store_mb * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, _node_ip_address="127.0.0.1", runtime_env=env, log_to_driver=True)
+    if port != DASHBOARD_PORT:
+        print(f"embedded Ray: dashboard at http://127.0.0.1:{port} ({DASHBOARD_PORT} is in use on this machine)",
+              flush=True)
 
 
 def _quiet_ray_train_reports() -> None:

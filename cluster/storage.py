@@ -62,6 +62,41 @@ def tracking_problem(uri: str, storage: str, shared: bool, nodes: int) -> str | 
             "one writer)")
 
 
+def job_working_dir() -> str | None:
+    """Inside a Ray job with a ``working_dir`` runtime env (`ray job submit --working-dir`, `tdcompress submit`):
+    the uploaded copy this process runs in (its cwd), a per-package folder of Ray's temp dir; else None."""
+    import json
+    import os
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        working_dir = (json.loads(raw).get("runtime_env") or {}).get("working_dir")
+    except (ValueError, AttributeError):
+        return None
+    return os.getcwd() if working_dir else None
+
+
+def relative_path_problem(storage: str, tracking_uri: str | None) -> str | None:
+    """Why a run inside a Ray job's uploaded working dir must not keep its storage or SQLite store there (None:
+    it may). Relative paths resolve inside Ray's working-dir cache, a new folder for every code version,
+    removed when Ray cleans it: the run and its MLflow records would be lost to the user."""
+    cwd = job_working_dir()
+    if cwd is None:
+        return None
+    db = sqlite_path(tracking_uri or "")  # the default store, sqlite:///mlruns.db, is made absolute against the cwd
+    for key, path in (("cluster.storage", None if is_uri(storage) else storage), ("tracking.uri", db)):
+        if path and Path(path).resolve().is_relative_to(Path(cwd).resolve()):
+            shown = tracking_uri if key == "tracking.uri" else path
+            return (f"{key}: {shown!r} resolves inside the copy of the project this Ray job runs in ({cwd}, Ray's "
+                    "working-dir cache, a new folder for each code version): nobody would find the run there. "
+                    "Pass an absolute path that every node mounts (cluster.storage=/shared/runs; "
+                    "tracking.uri=http://MLFLOW_HOST:5000 or sqlite:////shared/runs/mlflow.db); `tdcompress submit` "
+                    "makes them absolute for you")
+    return None
+
+
 def check_cluster_run(c: ClusterConfig, tracking_uri: str | None) -> None:
     """On the driver of a run that joins a cluster (``cluster.address``), before anything of the run exists:
     raise ValueError ("cluster.storage: ..." / "tracking.uri: ...") when the cluster has more than one
@@ -70,6 +105,9 @@ def check_cluster_run(c: ClusterConfig, tracking_uri: str | None) -> None:
 
     from cluster.ray_runtime import ensure_ray
 
+    problem = relative_path_problem(c.storage, tracking_uri)
+    if problem:
+        raise ValueError(problem)
     ensure_ray(c)
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     storage = str(Path(c.storage).resolve()) if not is_uri(c.storage) else c.storage

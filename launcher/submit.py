@@ -36,6 +36,18 @@ def _has(overrides: list[str], key: str) -> bool:
     return any(o.split("=", 1)[0].strip() == key for o in overrides)
 
 
+def _loopback_url(url: str) -> bool:
+    """True for http(s)://127.x.x.x, localhost or [::1]: a server only this machine can reach."""
+    import ipaddress
+    import urllib.parse
+
+    host = urllib.parse.urlparse(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
 def _absolute_sqlite(uri: str) -> str:
     """``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db`` (against this shell's directory)."""
     path = uri[len("sqlite:///"):]
@@ -92,9 +104,12 @@ def plan_submission(config: str, overrides: list[str], nodes: int | None, same_h
         from trainer import tracking
 
         why = tracking.probe(uri)
-        if why:
+        if why and _loopback_url(uri):  # on this machine: the cluster's nodes see what this shell sees
             raise ConfigError(f"tracking.uri: the MLflow tracking server {uri} cannot be reached from here ({why}); "
                               "start it or point tracking.uri at a running one (tracking.enabled=false: no tracking)")
+        if why:  # e.g. a server on the head's private address, reached from the cluster but not from a laptop
+            notes.append(f"tracking.uri: {uri} does not answer from here ({why}); the job's driver checks it on the "
+                         "cluster and stops before anything is created if it cannot reach it either")
     env_vars = {}
     if env.get(ROOT_ENV):
         env_vars[ROOT_ENV] = str(Path(env[ROOT_ENV]).resolve())
@@ -117,10 +132,16 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     from cluster import jobs
 
+    overrides = list(args.overrides)
+    if args.resume:  # --resume RUN: the run's own name and resume=true (continues from its newest checkpoint)
+        named = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "run_name"]
+        if any(n != args.resume for n in named):
+            raise ConfigError(f"--resume {args.resume} and run_name={named[0]} name different runs; give one")
+        overrides += [f"run_name={args.resume}", "resume=true"]
     target = _target(args)
     jobs.probe(target)
     st = target.state
-    sub = plan_submission(args.config, args.overrides, len(st.nodes) if st else None, bool(st and st.same_host),
+    sub = plan_submission(args.config, overrides, len(st.nodes) if st else None, bool(st and st.same_host),
                           st.mlflow_uri if st else None, dict(os.environ))
     for note in sub.notes:
         print(f"note: {note}")
@@ -211,6 +232,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("submit", help="run an experiment as a Ray Job on a cluster (checked here first)")
     s.add_argument("config", help="YAML experiment file inside the project, e.g. configs/quickstart.yaml")
     s.add_argument("overrides", nargs="*", help="key.sub=value overrides; resume=true continues the latest run")
+    s.add_argument("--resume", metavar="RUN", help="continue run RUN (its run_name) from its newest checkpoint, e.g. "
+                   "after its job's driver died (same as run_name=RUN resume=true)")
     _common(s)
     s.set_defaults(func=_guarded(_cmd_submit))
 

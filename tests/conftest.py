@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -67,3 +70,39 @@ def make_image_folder(root: Path, wnids: tuple[str, ...] = ("n01", "n02"), per_c
 def tiny(tmp_path, cifar_root):
     """Factory: ``tiny(*overrides)`` -> Config for a seconds-long run in tmp_path."""
     return lambda *overrides: tiny_config(tmp_path, cifar_root, overrides=list(overrides))
+
+
+def pids_naming(markers: tuple[str, ...]) -> list[int]:
+    """Pids of every process whose command line contains one of ``markers`` (e.g. a cluster's state dir)."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if any(m.encode() in cmdline.read_bytes() for m in markers):
+                out.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return out
+
+
+@contextmanager
+def local_cluster_up(directory: Path, nodes: int, cli: bool = False) -> Iterator:
+    """`tdcompress cluster up --nodes N` in ``directory`` (head + N-1 worker nodes, MLflow server), yielding its
+    state; on exit `cluster down`, then fail if any process naming the state dir or a node's temp dir lives on.
+    ``cli``: start it through the command line (`main([...])`) instead of ``local_cluster.up``."""
+    from cluster import local_cluster
+    from launcher.cli import main
+
+    markers = (str(directory), local_cluster._ray_temp_dir(directory))  # the workers' temp dirs start with the head's
+    try:
+        if cli:
+            assert main(["cluster", "up", "--nodes", str(nodes), "--state-dir", str(directory)]) == 0
+            yield local_cluster.read_state(directory)
+        else:
+            yield local_cluster.up(nodes, 1, mlflow=True, directory=directory)
+    finally:
+        if local_cluster.read_state(directory):
+            local_cluster.down(directory)
+        deadline = time.monotonic() + 30
+        while pids_naming(markers) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not pids_naming(markers), f"processes of the cluster left running: {pids_naming(markers)}"

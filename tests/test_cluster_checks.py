@@ -1,0 +1,205 @@
+"""Checks behind running on a cluster that need no cluster: relative paths inside a Ray job, no address inside a
+job, `submit --resume`, the command lines of configs/cluster/* for a multi-node run, and the embedded Ray's ports
+when another Ray (another local run, a study) holds 8265 (that one starts Ray: marked ray + slow).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster import local_cluster, ray_runtime
+from cluster.config import ClusterConfig
+from cluster.storage import check_cluster_run, relative_path_problem, storage_problem, tracking_problem
+from launcher.cli import main
+from launcher.config import ConfigError, load_config
+from launcher.pipeline import make_plan
+from trainer.data import DATASET_SHAPES
+
+PROJECT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/quickstart.yaml"
+
+
+# ---------------------------------------------------------------- no cluster needed
+
+def test_embedded_dashboard_port_is_8265_when_free_else_another():
+    held = socket.socket()
+    try:
+        if ray_runtime._port_free(ray_runtime.DASHBOARD_PORT):
+            held.bind(("127.0.0.1", ray_runtime.DASHBOARD_PORT))  # as a second local run would find it
+            held.listen()
+        port = ray_runtime.embedded_dashboard_port()
+        assert port != ray_runtime.DASHBOARD_PORT and ray_runtime._port_free(port)
+    finally:
+        held.close()
+    free = local_cluster.free_port()
+    original = ray_runtime.DASHBOARD_PORT
+    try:
+        ray_runtime.DASHBOARD_PORT = free  # a default port that is free is kept
+        assert ray_runtime.embedded_dashboard_port() == free
+    finally:
+        ray_runtime.DASHBOARD_PORT = original
+
+
+def test_ray_processes_environment_is_restored(monkeypatch):
+    monkeypatch.setenv("DASHBOARD_METRIC_PORT", "1")
+    monkeypatch.delenv("AUTOSCALER_METRIC_PORT", raising=False)
+    with ray_runtime._environ(local_cluster.metrics_port_env()):
+        inside = int(os.environ["DASHBOARD_METRIC_PORT"]), int(os.environ["AUTOSCALER_METRIC_PORT"])
+    assert inside[0] != 1 and inside[1] > 0
+    assert os.environ["DASHBOARD_METRIC_PORT"] == "1" and "AUTOSCALER_METRIC_PORT" not in os.environ
+
+
+def test_relative_paths_inside_a_ray_job_are_refused(tmp_path, monkeypatch):
+    """A run in a job's uploaded working dir (Ray's cache) must not keep its runs or SQLite store there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert relative_path_problem("runs", "sqlite:///mlruns.db") is None  # a plain shell: the user's directory
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"A": "1"}}}))
+    assert relative_path_problem("runs", None) is None  # a job without a working dir runs where it was started
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg.zip"}}))
+    why = relative_path_problem("runs", None)
+    assert why.startswith("cluster.storage: 'runs'") and str(tmp_path) in why and "absolute path" in why
+    elsewhere = tmp_path.parent / "shared"
+    assert relative_path_problem(str(elsewhere / "runs"), "http://mlflow:5000") is None
+    why = relative_path_problem(str(elsewhere / "runs"), f"sqlite:///{tmp_path}/mlruns.db")  # the default, resolved
+    assert why.startswith("tracking.uri:") and "sqlite:////shared" in why
+    # The driver's check refuses it before Ray is touched (no address is contacted).
+    with pytest.raises(ValueError, match="cluster.storage: 'runs' resolves inside"):
+        check_cluster_run(ClusterConfig(address="auto"), None)
+
+
+def test_no_address_inside_a_ray_job_is_refused(monkeypatch):
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("Ray already runs in this test process")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))
+    with pytest.raises(ValueError, match="add cluster.address=auto"):
+        ray_runtime.ensure_ray(ClusterConfig(num_workers=1))
+    assert not ray.is_initialized()
+
+
+def test_submit_resume_names_one_run(tmp_path, capsys):
+    assert main(["submit", CONFIG, "run_name=a", "--resume", "b", "--state-dir", str(tmp_path)]) == 2
+    assert "name different runs" in capsys.readouterr().err
+
+
+def _definition_commands() -> list[tuple[str, list[str]]]:
+    """(source, argv after `run`/`submit`) of the tdcompress command in each file of configs/cluster."""
+    out = []
+    rayjob = yaml.safe_load((PROJECT / "configs/cluster/kuberay-rayjob.yaml").read_text())
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    out.append(("kuberay-rayjob.yaml", argv[argv.index("run") + 1:]))
+    text = (PROJECT / "configs/cluster/ray-cluster-gpu.yaml").read_text()
+    lines = [line.lstrip("#").strip() for line in text.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("tdcompress submit"))
+    command = ""
+    for line in lines[start:]:
+        command += line.rstrip("\\") + " "
+        if not line.endswith("\\"):
+            break
+    argv = shlex.split(command)
+    out.append(("ray-cluster-gpu.yaml", argv[argv.index("submit") + 1:]))
+    return out
+
+
+def test_cluster_definitions_run_as_written_on_several_nodes():
+    """The command lines in configs/cluster/* load, plan and pass the multi-node storage and tracking checks."""
+    commands = _definition_commands()
+    assert len(commands) == 2
+    for source, argv in commands:
+        args = [a for i, a in enumerate(argv) if not a.startswith("--") and not argv[i - 1].startswith("--")]
+        config, overrides = args[0], args[1:]
+        assert config.startswith("configs/imagenet_") and (PROJECT / config).is_file(), source
+        cfg = load_config(PROJECT / config, [*overrides, "cluster.address=auto"])  # what submit adds
+        c = cfg.cluster
+        assert c.shared_storage and c.storage.startswith("/mnt/shared/"), source
+        assert storage_problem(c.storage, c.shared_storage, nodes=4) is None, source
+        assert cfg.tracking.uri and tracking_problem(cfg.tracking.uri, c.storage, c.shared_storage, 4) is None, source
+        assert cfg.data.root and cfg.data.root.startswith("/mnt/shared/"), source
+        assert make_plan(cfg, *DATASET_SHAPES[cfg.data.dataset]) is not None, source
+    for config in sorted(PROJECT.glob("configs/imagenet_*.yaml")):  # every ImageNet config is multi-node ready
+        c = load_config(config, ["tracking.uri=http://mlflow:5000"]).cluster
+        assert c.shared_storage and storage_problem(c.storage, c.shared_storage, nodes=4) is None, config.name
+
+
+def test_ray_cluster_definition_submit_plans_the_run(monkeypatch):
+    """`tdcompress submit` with the ray-cluster-gpu.yaml command: planned and checked on the client; an MLflow
+    server on the head's private address, unreachable from here, is a note (the driver checks it there)."""
+    from launcher.submit import plan_submission
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = dict(_definition_commands())["ray-cluster-gpu.yaml"]
+    args = [a for i, a in enumerate(argv) if not a.startswith("--") and not argv[i - 1].startswith("--")]
+    sub = plan_submission(str(PROJECT / args[0]), args[1:], None, False, None, {})  # HEAD_PRIVATE_IP: no such host
+    assert "cluster.address=auto" in sub.entrypoint and sub.run_dir.startswith("/mnt/shared/tdcompress/imagenet_")
+    assert sub.tracking_uri == "http://HEAD_PRIVATE_IP:5000"
+    assert any(n.startswith("tracking.uri: http://HEAD_PRIVATE_IP:5000 does not answer from here") for n in sub.notes)
+    with pytest.raises(ConfigError, match="cannot be reached from here"):  # on this machine: refused
+        plan_submission(str(PROJECT / args[0]), [*args[1:], f"tracking.uri=http://127.0.0.1:{local_cluster.free_port()}"],
+                        None, False, None, {})
+
+
+EMBEDDED = """
+import urllib.error, urllib.request
+import ray
+from cluster.config import ClusterConfig
+from cluster.ray_runtime import ensure_ray
+ensure_ray(ClusterConfig(num_workers=1, use_gpu="no", object_store_mb=80))
+url = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+try:  # the dashboard answers there (401 when Ray's token authentication is on, as Ray 2.60 defaults to)
+    urllib.request.urlopen(url + "/api/version", timeout=30).close()
+except urllib.error.HTTPError as e:
+    assert e.code == 401, e
+print("URL", url, flush=True)
+
+
+@ray.remote(num_cpus=0)
+def address():
+    import os
+    return os.environ.get("RAY_ADDRESS")
+
+
+# Ray Train's actors resolve the cluster from RAY_ADDRESS: this Ray's GCS, not whichever "auto" finds first.
+print("GCS", ray.get_runtime_context().gcs_address, ray.get(address.remote(), timeout=120), flush=True)
+print("LOGS", ray._private.worker.global_worker.node.get_logs_dir_path(), flush=True)
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_embedded_ray_beside_another_on_8265():
+    """A local run while 8265 is taken (another run, the study, any Ray): its embedded Ray serves its dashboard
+    on a free port, says where, and starts; its Prometheus endpoints do not collide either, and its workers have
+    its own GCS address as RAY_ADDRESS."""
+    held = socket.socket()
+    try:
+        if ray_runtime._port_free(ray_runtime.DASHBOARD_PORT):
+            held.bind(("127.0.0.1", ray_runtime.DASHBOARD_PORT))
+            held.listen()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        r = subprocess.run([sys.executable, "-c", EMBEDDED], cwd=PROJECT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    finally:
+        held.close()
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    url = re.search(r"^URL (\S+)$", r.stdout, re.M).group(1)
+    assert not url.endswith(f":{ray_runtime.DASHBOARD_PORT}")
+    assert f"embedded Ray: dashboard at {url} ({ray_runtime.DASHBOARD_PORT} is in use" in r.stdout
+    gcs, seen = re.search(r"^GCS (\S+) (\S+)$", r.stdout, re.M).groups()
+    assert seen == gcs, (seen, gcs)
+    logs = Path(re.search(r"^LOGS (\S+)$", r.stdout, re.M).group(1))
+    for name in ("dashboard.log", "monitor.log"):  # their metrics servers bound (44227 / 44217 may be taken)
+        text = (logs / name).read_text()
+        assert "metrics server" in text and "Address already in use" not in text, (name, text[-2000:])

@@ -1,0 +1,205 @@
+"""Ray's own CLI against `tdcompress cluster up --nodes 2`, and a job whose driver dies and is resumed (tests that
+need no cluster: tests/test_cluster_checks.py).
+
+Marked ray + slow: `ray job submit` exactly as README.md documents it, through each pitfall
+a user met (token auth, the job's PATH, TDC_* in the job's runtime env, "auto" with other Ray instances on
+the machine, relative paths in Ray's working-dir cache), worker lines once in a job's log, and a job whose
+driver is killed mid-ADMM continued by `tdcompress submit --resume RUN`. Every process the cluster starts is
+stopped by the fixture, by the pids its state file records.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import local_cluster_up, pids_naming
+
+from cluster import jobs
+from launcher.cli import main
+from trainer import checkpoint as ckpt
+
+PROJECT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/quickstart.yaml"
+# tinycnn on a real CIFAR-10 subset, 2 workers (one per node of a 2 x 1-CPU cluster), a few steps per phase.
+TINY = ["model.name=tinycnn", "data.train_subset=512", "data.eval_subset=256", "data.batch_size=64",
+        "data.eval_batch_size=128", "log_every=1", "compression.format=svd", "compression.exclude=[]",
+        "compression.min_channels=3", "cluster.num_workers=2", "admm.unit=step", "admm.interval=2",
+        "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 3}, {kind: admm, epochs: 1, steps_per_epoch: 4},"
+        " {kind: evaluate}]"]
+PROGRESS = "[pretrain] epoch 1/1 step 1/3 "  # a line rank 0 prints once
+
+
+# ---------------------------------------------------------------- a real 2-node cluster
+
+def _tree(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        return {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
+    except psutil.Error:
+        return set()
+
+
+def _loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback  # ::ffff:127.0.0.1 on a dual-stack socket
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with local_cluster_up(tmp_path_factory.mktemp("raycli"), 2, cli=True) as state:
+        yield state
+
+
+def _ray_job_submit(cluster, env: dict[str, str], cifar_root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """README's command: `ray job submit --address URL --working-dir . --runtime-env-json ... -- tdcompress run ...`,
+    run from the project directory by Ray's own CLI (it follows the job and exits with its outcome)."""
+    ray = str(Path(sys.executable).parent / "ray")
+    cmd = [ray, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", ".",
+           "--runtime-env-json", json.dumps({"env_vars": {"TDC_DATA_ROOT": str(cifar_root)}}), "--",
+           "tdcompress", "run", CONFIG, *TINY, "cluster.address=auto", *overrides]
+    return subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_submit_as_documented(cluster, tmp_path, cifar_root):
+    # The shell a user types in: no venv on PATH (the job's shell gets the nodes' PATH), no Ray or MLflow settings.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "TDC_"))}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if Path(p).resolve() != Path(sys.executable).parent.resolve())
+    runs = tmp_path / "runs"
+    ok = [f"cluster.storage={runs}", "cluster.shared_storage=true", f"tracking.uri={cluster.mlflow_uri}",
+          "run_name=raycli"]
+
+    # Token authentication is on: without the token Ray's CLI refuses, and says what to set.
+    r = _ray_job_submit(cluster, env, cifar_root, *ok)
+    assert r.returncode != 0 and "RAY_AUTH_TOKEN" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+
+    env.update(cluster.auth_env())
+    r = _ray_job_submit(cluster, env, cifar_root, *ok)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "succeeded" in out, out[-4000:]
+    job = re.search(r"Job '(raysubmit_\w+)' submitted", out).group(1)
+    # "auto" is this job's cluster although other Ray instances run on the machine, and Ray Train's own
+    # actors found it too.
+    assert f"Connecting to existing Ray cluster at address: {cluster.gcs_address}" in out
+    assert "Found multiple active Ray instances" not in out
+    # Each worker line once, in Ray's follow output and in `tdcompress jobs logs`.
+    assert out.count(PROGRESS) == 1, out[-4000:]
+    logs = subprocess.run([sys.executable, "-m", "launcher.cli", "jobs", "logs", job, "--state-dir", cluster.dir],
+                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120)
+    assert logs.returncode == 0 and logs.stdout.count(PROGRESS) == 1, logs.stdout[-3000:] + logs.stderr[-2000:]
+
+    # The run is where the command said (not in Ray's working-dir cache), its two workers on two nodes,
+    # and its MLflow records on the cluster's tracking server.
+    run_dir = runs / "quickstart" / "raycli"
+    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    assert last is not None
+    assert ckpt.load_rank(last, 0)["node"] != ckpt.load_rank(last, 1)["node"]
+    cached = list(Path(cluster.temp_dir).glob("session_*/runtime_resources/working_dir_files/*/runs"))
+    assert not cached, cached
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster.mlflow_uri)
+    exp = client.get_experiment_by_name("tdcompress")
+    parent = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "raycli"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+
+    # Every server of the cluster (GCS, raylets, agents, dashboard, workers, MLflow) listens on loopback only.
+    import psutil
+
+    procs = {p for pid in pids_naming((cluster.dir, cluster.temp_dir)) for p in _tree(pid)}
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in procs]
+    assert listening, "found no listener of the cluster: the check would pass vacuously"
+    public = [(c.laddr.ip, c.laddr.port, c.pid) for c in listening if not _loopback(c.laddr.ip)]
+    assert not public, f"listening beyond loopback: {public}"
+
+    # A relative cluster.storage would land in Ray's cache: the driver refuses it, saying what to pass.
+    r = _ray_job_submit(cluster, env, cifar_root, "cluster.storage=runs", "cluster.shared_storage=true",
+                        "tracking.enabled=false", "run_name=relative")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "cluster.storage: 'runs' resolves inside the copy of the project" in out, out[-3000:]
+    assert "Traceback" not in out
+
+
+def _submit(cluster, capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["submit", CONFIG, *TINY, *args, "--state-dir", cluster.dir])
+    out, err = capsys.readouterr()
+    job = next((line.split()[1] for line in out.splitlines() if line.startswith("job ")), "")
+    return code, job, out + err
+
+
+def _status(target, job_id: str) -> str:
+    status = jobs.status(target, job_id).status
+    return getattr(status, "value", status)
+
+
+def _follow(target, job_id: str, on_chunk=None) -> str:
+    log = ""
+    for chunk in jobs.follow(target, job_id):
+        log += chunk
+        if on_chunk:
+            on_chunk(log)
+    deadline = time.monotonic() + 60
+    while _status(target, job_id) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+        time.sleep(1)
+    return log
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_driver_killed_then_submit_resume_continues(cluster, tmp_path, cifar_root, monkeypatch, capsys):
+    """SIGKILL the job's driver mid-ADMM (after a checkpoint): the job fails, its workers go with it; `tdcompress
+    submit --resume RUN` continues from the newest checkpoint (not from the start) and finishes."""
+    monkeypatch.setenv("TDC_DATA_ROOT", str(cifar_root))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    target = jobs.resolve_target(None, cluster.dir)
+    runs = tmp_path / "runs"
+    # 3 ADMM epochs of 12 steps, a checkpoint after each: killed in epoch 2 (or 3, where the log comes late).
+    longer = ["data.train_subset=1536", "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 3}, "
+              "{kind: admm, epochs: 3, steps_per_epoch: 12}, {kind: evaluate}]"]
+    code, job, text = _submit(cluster, capsys, *longer, f"cluster.storage={runs}", "run_name=driver")
+    assert code == 0, text
+    killed = []
+
+    def kill_driver(log: str) -> None:
+        if not killed and "[admm] epoch 2/3 step 1/" in log:  # the first ADMM epoch's checkpoint exists
+            pid = int(jobs.status(target, job).driver_info.pid)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    log = _follow(target, job, kill_driver)
+    assert killed, log[-3000:]
+    assert _status(target, job) == "FAILED", log[-3000:]
+    run_dir = runs / "quickstart" / "driver"
+    before = ckpt.read_meta(ckpt.latest_checkpoint(run_dir / "checkpoints"))
+    assert before["phase"] == "admm" and not before["phase_done"], before
+
+    code, job2, text = _submit(cluster, capsys, *longer, f"cluster.storage={runs}", "--resume", "driver")
+    assert code == 0 and "run_name=driver" in text and "resume=true" in text, text
+    log2 = _follow(target, job2)
+    assert _status(target, job2) == "SUCCEEDED", log2[-3000:]
+    # Resumed, not restarted: from the ADMM checkpoint, no pretrain again, and every Z-update once.
+    assert re.search(r"\[resume\] from \S+ \(phase 1 'admm', epoch \d+,", log2), log2[-3000:]
+    assert "== phase 1/3: pretrain ==" not in log2 and "[pretrain] epoch" not in log2
+    final = [p for p in sorted((run_dir / "checkpoints").glob("ckpt-*")) if p.is_dir()
+             and ckpt.read_meta(p)["phase"] == "admm"][-1]
+    assert ckpt.read_meta(final)["phase_done"]
+    assert ckpt.load_rank(final, 0)["admm"]["updates"] == 18  # 36 steps, one Z-update per 2
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster.mlflow_uri)
+    exp = client.get_experiment_by_name("tdcompress")
+    parent = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "driver"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED", [r.info.status for r in parent]
