@@ -20,8 +20,12 @@ def two_nodes():
 
     if ray.is_initialized():
         ray.shutdown()
+    from cluster.ray_runtime import embedded_dashboard_port
+
+    # Ray's default dashboard port (8265) may be held by another Ray on the machine (a local run, a study).
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 256 * 2**20,
-                                                            "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+                                                            "include_dashboard": True, "dashboard_host": "127.0.0.1",
+                                                            "dashboard_port": embedded_dashboard_port()})
     cluster.add_node(num_cpus=1, object_store_memory=256 * 2**20)
     cluster.wait_for_nodes()
     yield cluster
