@@ -154,7 +154,8 @@ def _stop_system_metrics(parent: str | None) -> None:
 
 def _dense_baseline(client: Any, parent: str) -> None:
     """On a finished run: ``dense_top1`` (the pretrain phase's final top-1, else the model.init model's) and
-    ``top1_delta`` = final top-1 minus it (negative: the compressed model lost accuracy)."""
+    ``top1_delta`` = final top-1 minus it (negative: the compressed model lost accuracy); where no decompose
+    phase logged them, ``compression`` and ``flops_reduction`` against the model.init model (rank_prune)."""
     m = client.get_run(parent).data.metrics
     dense = m.get("dense_top1", m.get("init_top1"))
     if dense is None or "top1" not in m:
@@ -162,6 +163,9 @@ def _dense_baseline(client: Any, parent: str) -> None:
     extra = {"top1_delta": m["top1"] - dense}
     if "dense_top1" not in m:
         extra["dense_top1"] = dense
+    for ratio, before, after in (("compression", "init_params", "params"), ("flops_reduction", "init_flops", "flops")):
+        if ratio not in m and m.get(before) and m.get(after):
+            extra[ratio] = m[before] / m[after]
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)

@@ -145,9 +145,14 @@ def test_rank_prune_from_init_records_the_initial_accuracy(tiny, source):
     """A first phase rank_prune compresses the init model: its accuracy is the baseline, logged as init_top1."""
     run = pipeline.run(tiny("run_name=prune-init", f"model.init={source.dir}", "compression.exclude=[fc]",
                             "compression.min_channels=3", "rank_prune.interval=1",
-                            "phases=[{kind: rank_prune, epochs: 1, steps_per_epoch: 2}]"))
+                            "phases=[{kind: rank_prune, epochs: 1, steps_per_epoch: 2}, {kind: evaluate}]"))
     client = tracking.client(run.tracking_uri)
     src_top1 = client.get_run(source.parent_id).data.metrics["top1"]
     parent = client.get_run(run.parent_id).data.metrics
     assert parent["init_top1"] == pytest.approx(src_top1)  # the source model, evaluated before it was factored
     assert client.get_run(run.phase_ids[0]).data.tags["tdcompress.phase"] == "rank_prune"
+    # No decompose phase: the ratios come from the init model's size against the final one's.
+    src = client.get_run(source.parent_id).data.metrics
+    assert parent["init_params"] == src["params"] and parent["init_flops"] == src["flops"]
+    assert parent["compression"] == pytest.approx(parent["init_params"] / parent["params"])
+    assert parent["flops_reduction"] == pytest.approx(parent["init_flops"] / parent["flops"])
