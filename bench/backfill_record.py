@@ -9,6 +9,13 @@ run is marked ``tdcompress.backfilled`` with the date, so a reader can tell.
 
     python bench/backfill_record.py --tracking-uri sqlite:////work/study/mlruns.db dense-r20-s0 \\
         --command "tdcompress run configs/study/dense_resnet20.yaml seed=0 run_name=dense-r20-s0 ..."
+
+``--init-sizes``: a compressed run started from ``model.init`` before runs logged their init model's
+size: ``init_params`` and ``init_flops`` recomputed from the init model's architecture (the run's own
+``model.name``, as trainer.init_weights builds it before loading the weights), then ``compression`` and
+``flops_reduction`` against the run's final ``params`` and ``flops``, as launcher.mlflow_runs derives them.
+
+    python bench/backfill_record.py --tracking-uri sqlite:////work/study/mlruns.db r20-rankprune-3x-s0 --init-sizes
 """
 from __future__ import annotations
 
@@ -35,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_name")
     p.add_argument("--tracking-uri", required=True)
     p.add_argument("--experiment", default="tdcompress")
-    p.add_argument("--command", required=True, help="the command the run was started with")
+    p.add_argument("--command", help="the command the run was started with (dense runs)")
+    p.add_argument("--init-sizes", action="store_true", help="a run from model.init: its init model's params/FLOPs "
+                   "and the compression ratios against them")
     p.add_argument("--device", default="cpu x2", help="the device tag, as newer runs write it (default: cpu x2)")
     args = p.parse_args(argv)
     client = MlflowClient(tracking_uri=args.tracking_uri, registry_uri=args.tracking_uri)
@@ -50,6 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     run = parents[0]
     run_dir = Path(run.data.tags["tdcompress.run_dir"])
     cfg = load_config(run_dir / "config.yaml")
+    size = 32 if cfg.data.dataset in ("packed", "cifar10") else 224
+    now = int(datetime.datetime.now().timestamp() * 1000)
+    if args.init_sizes:
+        m = run.data.metrics
+        if not cfg.model.init or "params" not in m or "flops" not in m:
+            p.error("--init-sizes: the run has no model.init, or no final params/flops (no evaluate phase)")
+        init = build_model(cfg.model.name, 10 if size == 32 else 1000)
+        metrics = {"init_params": float(sum(x.numel() for x in init.parameters())),
+                   "init_flops": float(measured_flops(init, (1, 3, size, size)))}
+        metrics.update(compression=metrics["init_params"] / m["params"], flops_reduction=metrics["init_flops"] / m["flops"])
+        metrics = {k: v for k, v in metrics.items() if k not in m}
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                         tags=[RunTag("tdcompress.backfilled", datetime.date.today().isoformat())])
+        print(f"{args.run_name} ({run.info.run_id}): metrics {metrics}")
+        return 0
+    if not args.command:
+        p.error("--command: required for a dense run (the command it was started with)")
     if any(ph.kind != "pretrain" and ph.kind != "evaluate" for ph in cfg.phases):
         p.error("run_name: only dense runs (pretrain + evaluate) are backfilled; later runs carry their own record")
     last = ckpt.latest_checkpoint(run_dir / "checkpoints")
@@ -61,12 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             "tdcompress.backfilled": datetime.date.today().isoformat()}
     new_tags = [RunTag(k, v) for k, v in tags.items() if k not in run.data.tags or k == "tdcompress.backfilled"]
     m = run.data.metrics
-    size = 32 if cfg.data.dataset in ("packed", "cifar10") else 224
     metrics = {"dense_top1": m["top1"]} if "dense_top1" not in m else {}
     if "flops" not in m:
         model = build_model(cfg.model.name, 10 if size == 32 else 1000)
         metrics["flops"] = float(measured_flops(model, (1, 3, size, size)))
-    now = int(datetime.datetime.now().timestamp() * 1000)
     client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                      tags=new_tags)
     print(f"{args.run_name} ({run.info.run_id}): tags {sorted(t.key for t in new_tags)}, metrics {metrics}")
