@@ -100,3 +100,19 @@ def test_rank_multiple_is_validated():
 
     with pytest.raises(ConfigError, match="rank_multiple.*must be >= 1"):
         from_dict(CompressionConfig, {"rank_multiple": 0}, "compression")
+
+
+def test_tucker2_owner_cost_follows_the_warm_hooi_sweep(resnet50_layers):
+    """tucker2's cost is that of its warm HOOI sweep at the planned ranks (two eigh + matmuls), so it grows with
+    the ranks, and a ResNet-50 3x3 layer is not costed as two full SVDs (measured: about one svd of a 1x1 layer
+    of the same stage, bench/README.md); owners are assigned on the costs at the plan's ranks."""
+    from admm.planner import with_owners
+
+    shape = (512, 512, 3, 3)
+    assert projection_cost(shape, "tucker2", (64, 64)) < projection_cost(shape, "tucker2", (265, 265))
+    one_by_one = projection_cost((512, 2048, 1, 1), "svd")
+    assert projection_cost(shape, "tucker2", (265, 265)) < 1.5 * one_by_one  # costed as two full SVDs it was 4.5x
+    plan = plan_for_model(build_model("resnet50", 1000), CompressionConfig(format="tucker2", keep_ratio=0.5), 1)
+    owned = with_owners(plan, 4)
+    costs = [projection_cost(p.shape, p.fmt, p.rank) for p in plan.layers]
+    assert [p.owner for p in owned.layers] == assign_owners(costs, 4)
