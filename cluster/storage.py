@@ -10,6 +10,8 @@ Storage URIs (s3://, gs://, ...) are not supported: checkpoints are written as f
 """
 from __future__ import annotations
 
+import json
+import os
 import urllib.parse
 from pathlib import Path
 
@@ -65,9 +67,6 @@ def tracking_problem(uri: str, storage: str, shared: bool, nodes: int) -> str | 
 def job_working_dir() -> str | None:
     """Inside a Ray job with a ``working_dir`` runtime env (`ray job submit --working-dir`, `tdcompress submit`):
     the uploaded copy this process runs in (its cwd), a per-package folder of Ray's temp dir; else None."""
-    import json
-    import os
-
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if not raw:
         return None
