@@ -30,9 +30,8 @@ for a kernel ``(C_out, C_in, kh, kw)``, ``s = kh*kw``:
   Either chain runs instead as its one contracted matrix (``C_in -> b_0`` or ``a_p -> C_out``)
   when that costs fewer MACs per pixel (:func:`tt_chain_costs`): with one int rank the inner
   bonds sit at their caps and the chain of skinny matmuls costs more than the one matrix. The
-  matrices are contracted from the cores once and cached while the cores do not change and no
-  gradient is needed (inference); a training forward contracts them again (``build`` MACs per
-  forward, not per image, and not counted here).
+  matrices are contracted from the cores at every forward (``build`` MACs per forward, not per
+  image, and not counted here).
 * cp (R), Lebedev et al. 2015: 1x1 ``C_in -> R``, depthwise kxk on ``R`` channels,
   1x1 ``R -> C_out``; params ``R*(C_out + C_in + s)``.
 * lowrank_sparse (r, k), Yu et al. 2017: the svd pair plus a sparse kernel with

@@ -21,9 +21,11 @@ Every step is a plain 2-D matmul on a channels-last activation (a
 ``channels_last`` input needs no copy), which is also how the TT-ADMM code runs
 its TT conv. A chain runs instead as its one contracted matrix (:meth:`TTLayer.in_matrix`,
 :meth:`TTLayer.out_matrix`) when that costs fewer MACs per pixel
-(:func:`admm.accounting.tt_chain_costs`). With gradients the matrices are contracted at every
-forward (so gradients reach the cores); without, they are cached until a core changes (its
-version counter, storage or dtype), so inference pays the contraction once. With one int rank the inner bonds sit at their caps,
+(:func:`admm.accounting.tt_chain_costs`). The matrices are contracted from the cores at every
+forward, in training and inference alike: a cache keyed on the cores' version counters went stale
+under torch's fused SGD, which updates parameters without bumping them (eval accuracy fell ~11
+points in a study run), and the contraction costs MACs per forward, not per image (ResNet-50 at 2x,
+CPU: 1.06x / 0.91x dense at batch 1 / 8 against 1.18x / 0.94x cached). With one int rank the inner bonds sit at their caps,
 the per-core matmuls are skinny (4-64 columns) and cost more MACs than the matrix: merged, a
 3x3 layer is one 1x1 matmul, the kxk conv, one 1x1 matmul, and the out-chain's digit permute
 goes away. (Measured, bench/README.md: ResNet-50 at 2x fewer parameters, CPU, 2.1x / 2.3x faster
@@ -65,25 +67,16 @@ class TTLayer(FactoredLayer):
             nn.Parameter(torch.zeros(shape, **factory)) for shape in self.layout.core_shapes(self.rank)
         )
         self._in_cost, self._out_cost = tt_chain_costs(self.geometry.weight_shape, self.rank)
-        self._cache: tuple[tuple, Tensor | None, Tensor | None] | None = None  # (cores' key, in, out matrix)
 
     def _init_factors(self, weight: Tensor) -> None:
         for param, core in zip(self.cores, tt_cores(weight, self.rank)):
             assign(param, core)
-        with torch.no_grad():
-            self._matrices()  # contract now, so the first inference forward does not
 
     def _matrices(self) -> tuple[Tensor | None, Tensor | None]:
         """The merged in- and out-chain matrices this forward uses (None: that chain runs core by core)."""
         merge_in = self.merge_chains and self._in_cost.merge
         merge_out = self.merge_chains and self._out_cost.merge
-        if torch.is_grad_enabled() and any(c.requires_grad for c in self.cores):
-            return (self.in_matrix() if merge_in else None), (self.out_matrix() if merge_out else None)
-        key = (merge_in, merge_out) + tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in self.cores)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self.in_matrix() if merge_in else None, self.out_matrix() if merge_out else None)
-        return self._cache[1], self._cache[2]
+        return (self.in_matrix() if merge_in else None), (self.out_matrix() if merge_out else None)
 
     # -- the three groups of cores ------------------------------------------------------
     @property

@@ -19,7 +19,14 @@ from tensorly.decomposition import tensor_train
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from admm.accounting import dense_flops, dense_params, factored_flops, factored_params, rank_for_keep_ratio
+from admm.accounting import (
+    dense_flops,
+    dense_params,
+    factored_flops,
+    factored_params,
+    rank_for_keep_ratio,
+    tt_chain_costs,
+)
 from admm.layers import SVDLayer, TTLayer, Tucker2Layer, factorize_module, module_from_spec
 from admm.planner import LayerInfo, plan_ranks
 from admm.projections import max_rank, project, project_svd, project_tt, tt_cores
@@ -189,9 +196,11 @@ def test_tt_conv_flops_below_dense(shape, h, stride):
     x = torch.randn(2, c_in, h, h)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         y = layer(x)
-    tt = counter.get_total_flops() // 2
     ho = y.shape[-1]
-    assert tt == factored_flops(shape, "tt", rank, (ho, ho), in_hw=(h, h))
+    tt = factored_flops(shape, "tt", rank, (ho, ho), in_hw=(h, h))  # per image
+    # Per forward, not per image: contracting the merged chains' matrices from the cores (MACs, x2 for FLOPs).
+    build = sum(c.build for c in tt_chain_costs(shape, rank) if c.merge)
+    assert counter.get_total_flops() == 2 * tt + 2 * build
     dense = dense_flops(shape, (ho, ho))
     params_x = dense_params(shape) / factored_params(shape, "tt", rank)
     assert params_x >= 2 and dense / tt > 1
@@ -272,3 +281,25 @@ def test_merged_chains_compute_the_same_map_with_fewer_flops(shape):
     for a, b in zip(merged_g, chain_g):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
     assert merged_flops < chain_flops
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_merged_chains_follow_the_cores_after_an_optimizer_step(fused):
+    """An inference forward after a training step uses the updated cores: torch's fused SGD updates
+    parameters in place without bumping their version counters, so nothing may be cached on those."""
+    conv = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+    layer = factorize_module(conv, "tt", rank_for_keep_ratio((32, 32, 3, 3), "tt", 0.33))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, fused=fused)
+    x = torch.randn(2, 32, 8, 8)
+    for _ in range(2):
+        layer.train()
+        layer(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        layer.eval()
+        with torch.no_grad():
+            merged = layer(x)
+            layer.merge_chains = False
+            per_core = layer(x)
+            layer.merge_chains = True
+        torch.testing.assert_close(merged, per_core, atol=1e-4, rtol=1e-4)
