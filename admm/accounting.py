@@ -54,6 +54,7 @@ __all__ = [
     "factored_flops",
     "factored_param_count",
     "factored_params",
+    "per_forward_flops",
     "rank_for_keep_ratio",
     "tt_chain_costs",
 ]
@@ -186,6 +187,17 @@ def factored_flops(
         # Each stored non-zero of the sparse kernel is one MAC per output pixel.
         macs = (r * (c_in * s + c_out) + k) * n_out
     return 2 * macs
+
+
+def per_forward_flops(shape: Sequence[int], fmt: str, rank: RankSpec) -> int:
+    """FLOPs the factored module spends once per forward pass, whatever the batch (not in :func:`factored_flops`).
+
+    Only tt has any: contracting the matrices of its merged chains from the cores (:func:`tt_chain_costs`).
+    A forward of a batch of ``n`` images costs ``n * factored_flops(...) + per_forward_flops(...)``.
+    """
+    if fmt != "tt":
+        return 0
+    return 2 * sum(c.build for c in tt_chain_costs(shape, validate_rank(shape, fmt, rank)) if c.merge)
 
 
 def _largest(candidates: Iterable[T], fits: Callable[[T], bool]) -> T | None:
