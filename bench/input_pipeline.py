@@ -47,18 +47,21 @@ SAMPLE = Path(os.environ.get("TDC_IMAGENET_SAMPLE",
 H100 = {"ResNet-50": 4000, "ResNet-18": 12000}  # images/s one H100 trains (DESIGN.md, bf16, channels_last)
 
 
-def build_tree(root: Path, repeat: int, sample: Path = SAMPLE) -> Path:
-    """root/train/<wnid>/<k>_<name> -> the sample JPEGs, ``repeat`` links per image; val/ the sample itself."""
+def build_tree(root: Path, repeat: int, sample: Path = SAMPLE, limit: int = 0) -> Path:
+    """root/train/<wnid>/<k>_<name> -> the sample JPEGs, ``repeat`` links per image; val/ the sample itself.
+
+    ``limit`` > 0: only the first that many images (classes and files sorted by name), in both splits."""
     if not sample.is_dir():
         raise SystemExit(f"--sample {sample}: no such directory (ImageNet JPEGs in <wnid>/ folders; "
                          "TDC_IMAGENET_SAMPLE sets the default)")
-    for wnid_dir in sorted(d for d in sample.iterdir() if d.is_dir()):
-        out = root / "train" / wnid_dir.name
-        out.mkdir(parents=True)
-        for f in wnid_dir.iterdir():
-            for k in range(repeat):
-                (out / f"{k}_{f.name}").symlink_to(f)
-    (root / "val").symlink_to(sample)
+    files = [f for d in sorted(d for d in sample.iterdir() if d.is_dir()) for f in sorted(d.iterdir())]
+    for f in files[:limit or None]:
+        for split, names in (("train", [f"{k}_{f.name}" for k in range(repeat)]), ("val", [f.name] if limit else [])):
+            (root / split / f.parent.name).mkdir(parents=True, exist_ok=True)
+            for name in names:
+                (root / split / f.parent.name / name).symlink_to(f)
+    if not limit:
+        (root / "val").symlink_to(sample)
     return root
 
 
@@ -179,6 +182,7 @@ def main() -> None:
     p.add_argument("--workers", default="1,2", help="loader processes to time, comma-separated")
     p.add_argument("--only", default="b,c", help="variants besides (a) to time, by letter prefix: b,c,c-tv,...")
     p.add_argument("--sample", type=Path, default=SAMPLE, help="ImageNet JPEGs in <wnid>/ folders")
+    p.add_argument("--limit", type=int, default=0, help="use the first N images of --sample (0: all)")
     p.add_argument("--device-decode", action="store_true",
                    help="only the loader's batches on the device: decode in loader processes vs nvJPEG")
     add_json_option(p)
@@ -186,7 +190,7 @@ def main() -> None:
     device = pick_device() if args.device_decode else torch.device("cpu")
     report = start("input_pipeline", device, args)
     tmp = Path(tempfile.mkdtemp(prefix="input_pipeline_"))
-    tree = build_tree(tmp / "tree", args.repeat, args.sample)
+    tree = build_tree(tmp / "tree", args.repeat, args.sample, args.limit)
     workers = [int(w) for w in args.workers.split(",")]
     if args.device_decode:
         pack(tree, tmp / "shards", PackOptions(), workers=2, progress=lambda line: None)
