@@ -11,7 +11,7 @@ needs, but not deepspeed, tensorly, hjson or pydantic, and it cannot download. T
                compiled wheel: --python-version, manylinux x86_64), annotated_types, typing_inspection,
                typing_extensions; each at the version installed here, so the device runs what the tests ran
     data/      cifar10/{train,test}.npz (from TDC_DATA_ROOT) and imagenet-sample/val/ (the first
-               --imagenet-images classes of TDC_IMAGENET_SAMPLE)
+               --imagenet-images classes of TDC_IMAGENET_SAMPLE and its grayscale JPEGs)
     setup.sh   source it from the repository root: installs the wheels into $TDC_BUNDLE_SITE
                (/tmp/tdc-site) with pip --no-index --no-deps, exports PYTHONPATH (the tree first),
                TDC_DATA_ROOT, TDC_IMAGENET_SAMPLE and DS_ACCELERATOR, and checks the imports
@@ -111,9 +111,21 @@ def copy_data(dest: Path, cifar: Path, imagenet: Path, imagenet_images: int) -> 
     (dest / "cifar10").mkdir(parents=True)
     for f in ("train.npz", "test.npz"):
         shutil.copy2(cifar / f, dest / "cifar10" / f)
-    classes = sorted(d for d in imagenet.iterdir() if d.is_dir())[:imagenet_images or None]
-    for d in classes:
+    classes = sorted(d for d in imagenet.iterdir() if d.is_dir())
+    # The grayscale JPEGs too, wherever they are: the loader's tests need that real quirk of the data.
+    chosen = classes[:imagenet_images or None] + [d for d in classes[imagenet_images or len(classes):] if _gray(d)]
+    for d in chosen:
         shutil.copytree(d, dest / "imagenet-sample" / "val" / d.name)
+
+
+def _gray(class_dir: Path) -> bool:
+    from PIL import Image
+
+    for f in class_dir.iterdir():
+        with Image.open(f) as im:  # reads the header only
+            if im.mode == "L":
+                return True
+    return False
 
 
 SETUP = r"""# Source from the repository root on the GPU machine:  . {bundle}/setup.sh

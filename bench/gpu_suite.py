@@ -68,9 +68,10 @@ def checks() -> list[Check]:
     # costs little more than its processes' start.
     tiny_train = ["--models", "tinycnn", "--batch", "4", "--steps", "1", "--warmup", "1", "--zero", "0",
                   "--fused", "1", "--no-malloc-tuning"]
-    pytest_args = ["-q", "-rA", "-p", "no:cacheprovider", "-m", "gpu", *gpu_test_files()]
+    # -v: one line per test as it ends, so a run killed at its slice still says which tests passed
+    pytest_args = ["-v", "-rA", "-p", "no:cacheprovider", "-m", "gpu", *gpu_test_files()]
     return [
-        Check("gpu_tests", "the GPU-only tests (pytest -m gpu)", 60, "pytest", pytest_args, pytest_args),
+        Check("gpu_tests", "the GPU-only tests (pytest -m gpu)", 100, "pytest", pytest_args, pytest_args),
         Check("admm_bf16", "ADMM hook under bf16 autocast vs fp32 (DeepSpeed engine)", 25, "gpu_checks",
               ["admm_bf16", "--model", "resnet18", "--image", "112", "--batch", "32"],
               ["admm_bf16", "--model", "tinycnn", "--image", "32", "--batch", "4", "--steps", "2"]),
@@ -135,14 +136,13 @@ def slices(weights: list[float], remaining: float) -> float:
 
 def _pytest_counts(log: str) -> dict[str, int]:
     """Outcome counts: pytest's final line (``2 passed, 6 skipped, 300 deselected in 5.1s``), else, when it was
-    killed before that line, its -rA summary lines (``PASSED tests/...``, ``SKIPPED [5] tests/...``)."""
+    killed before that line, its -v progress lines (``tests/test_x.py::test_y PASSED [ 12%]``)."""
     finals = re.findall(r"^=*\s*(\d+ \w+(?:, \d+ \w+)*) in [\d.]+s", log, flags=re.M)
     if finals:
         return {k: int(n) for n, k in (part.split() for part in finals[-1].split(", "))}
     counts: dict[str, int] = {}
-    for m in re.finditer(r"^(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)(?: \[(\d+)\])?", log, flags=re.M):
-        key = m.group(1).lower()
-        counts[key] = counts.get(key, 0) + int(m.group(2) or 1)
+    for m in re.finditer(r"^\S+::\S+ (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", log, flags=re.M):
+        counts[m.group(1).lower()] = counts.get(m.group(1).lower(), 0) + 1
     return counts
 
 
@@ -192,6 +192,8 @@ def run_check(check: Check, dry: bool, gpu: bool, slice_s: float, work: Path, lo
             out.status, out.reason = "skipped", "no GPU"  # every GPU test skipped itself
     elif json_path.is_file():
         out.report = json.loads(json_path.read_text())
+    if out.status == "ok" and not gpu:
+        out.reason = "ran on the CPU (no GPU)"
     if out.status != "ok":
         out.log_tail = text[-3000:]
     return out

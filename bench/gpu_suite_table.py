@@ -103,7 +103,7 @@ def markdown_table(result: dict) -> str:
         status = c["status"] + (f": {c['reason']}" if c["reason"] else "")
         rows = summary(c)
         first = rows[0] if rows else ""
-        more = f" (+{len(rows) - 1} rows below)" if len(rows) > 1 else ""
+        more = f" (+{len(rows) - 1} more below)" if len(rows) > 1 else ""
         lines.append(f"| {i} | {c['name']}: {c['what']} | {status} | {c['seconds']:.0f} ({c['slice_s']:.0f}) | "
                      f"{first}{more} |")
         if len(rows) > 1:

@@ -55,6 +55,7 @@ def test_dry_run_runs_every_check_and_writes_json_and_table(tmp_path, cifar_root
             assert got["status"] == ("skipped" if not GPU else "ok"), got
         else:
             assert got["status"] == "ok", (check.name, got["log_tail"])
+            assert got["reason"] == ("" if GPU else "ran on the CPU (no GPU)"), got["reason"]
             report = got["report"]
             assert report["schema"] == "tdcompress-bench/1" and report["complete"], report
             assert report["benchmark"].startswith(check.module.replace("gpu_checks", "gpu_checks."))
