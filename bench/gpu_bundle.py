@@ -17,6 +17,9 @@ needs, but not deepspeed, tensorly, hjson or pydantic, and it cannot download. T
                TDC_DATA_ROOT, TDC_IMAGENET_SAMPLE and DS_ACCELERATOR, and checks the imports
     manifest.json  every file with its size and sha256, the target Python, the commit
 
+``--wheels-from installed`` packs the third-party wheels from this environment's installed files
+instead (offline; for this machine's Python only): the test suite builds its bundle that way.
+
 Ray and MLflow are not in it (the suite and the GPU tests need neither; Ray's wheel alone is over
 the 64 MiB a device call carries). Downloaded and built wheels are kept in --cache, so a rebuild
 needs the network only for a version not seen before. The build fails when the bundle and the
@@ -25,12 +28,14 @@ working tree (which travels with it) exceed --limit-mib together.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -91,6 +96,34 @@ def fetch_wheels(cache: Path, python_version: str) -> list[Path]:
             raise SystemExit(f"pip wheel deepspeed=={version} gave no py3 wheel in {cache}")
     wheels.append(whl)
     return wheels
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def repack_installed(name: str, dest: Path) -> Path:
+    """A wheel of the installed distribution ``name`` from its own files (its RECORD), tagged as it was installed.
+
+    Scripts outside site-packages and bytecode are left out; RECORD is rewritten for the files kept."""
+    dist = metadata.distribution(name)
+    info = dist.read_text("WHEEL") or ""
+    tag = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("Tag:")), None)
+    if tag is None:
+        raise SystemExit(f"{name}: its installed WHEEL file names no tag; cannot repack it")
+    base = Path(dist.locate_file(""))
+    files = [f for f in dist.files or [] if not str(f).startswith("..") and "__pycache__" not in f.parts
+             and f.name not in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")]
+    record_name = next(str(f.parent / "RECORD") for f in dist.files or [] if f.name == "METADATA")
+    whl = dest / f"{dist.metadata['Name'].replace('-', '_')}-{dist.version}-{tag}.whl"
+    rows = []
+    with zipfile.ZipFile(whl, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in files:
+            data = (base / f).read_bytes()
+            z.writestr(str(f), data)
+            rows.append(f"{f},{_record_hash(data)},{len(data)}")
+        z.writestr(record_name, "\n".join(rows + [f"{record_name},,"]) + "\n")
+    return whl
 
 
 def project_wheel(dest: Path) -> Path:
@@ -160,20 +193,29 @@ def tree_bytes() -> int:
 
 
 def build(out: Path, python_version: str, cache: Path, cifar: Path, imagenet: Path, imagenet_images: int,
-          limit_mib: float) -> dict:
-    """Write the bundle into ``out`` (replaced); return its manifest."""
+          limit_mib: float, wheels_from: str = "index") -> dict:
+    """Write the bundle into ``out`` (replaced); return its manifest. ``wheels_from``: "index" (download /
+    build into ``cache``) or "installed" (:func:`repack_installed`, this Python only)."""
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if wheels_from == "installed" and python_version != here:
+        raise SystemExit(f"--wheels-from installed packs this Python's packages ({here}); "
+                         f"--python-version {python_version} needs --wheels-from index")
     if out.exists():
         shutil.rmtree(out)
     (out / "wheels").mkdir(parents=True)
-    for whl in fetch_wheels(cache, python_version):
-        shutil.copy2(whl, out / "wheels" / whl.name)
+    if wheels_from == "installed":
+        for name in (*DOWNLOADED, "deepspeed"):
+            repack_installed(name, out / "wheels")
+    else:
+        for whl in fetch_wheels(cache, python_version):
+            shutil.copy2(whl, out / "wheels" / whl.name)
     project_wheel(out / "wheels")
     copy_data(out / "data", cifar, imagenet, imagenet_images)
     (out / "setup.sh").write_text(SETUP.format(bundle=os.path.relpath(out, ROOT) if out.is_relative_to(ROOT)
                                                else out))
     files = sorted(p for p in out.rglob("*") if p.is_file())
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    manifest = {"python_version": python_version, "commit": commit,
+    manifest = {"python_version": python_version, "commit": commit, "wheels_from": wheels_from,
                 "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
     bundle = sum(f["bytes"] for f in manifest["files"].values())
     tree = tree_bytes()
@@ -193,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / ".gpu-bundle")
     p.add_argument("--python-version", default="3.12", help="the GPU machine's Python (compiled wheels' tag)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="downloaded and built wheels are kept here")
+    p.add_argument("--wheels-from", choices=("index", "installed"), default="index",
+                   help="index: download (deepspeed: build) the wheels; installed: pack this environment's "
+                        "installed packages (offline, this Python only)")
     p.add_argument("--cifar", type=Path, default=Path(os.environ.get("TDC_DATA_ROOT", ROOT.parent / "shared" /
                                                                        "data" / "cifar10")))
     p.add_argument("--imagenet", type=Path, default=Path(os.environ.get(
@@ -204,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.imagenet_images < 0:
         p.error(f"--imagenet-images must be >= 0, got {args.imagenet_images}")
     build(args.out.resolve(), args.python_version, args.cache, args.cifar, args.imagenet, args.imagenet_images,
-          args.limit_mib)
+          args.limit_mib, args.wheels_from)
     return 0
 
 

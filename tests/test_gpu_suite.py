@@ -5,7 +5,9 @@ so a change that breaks a GPU benchmark's arguments, imports or JSON fails here,
 rare lent GPU. The bundle test emulates the GPU machine: a fresh virtual environment that sees
 this one's packages minus everything the bundle must bring (deepspeed, tensorly, hjson, pydantic
 and their needs) and minus Ray, MLflow and this project; the bundle, built for this Python,
-installs into it from its own files and runs a DeepSpeed check there.
+installs into it from its own files and runs a DeepSpeed check there. This machine's Python is not the
+GPU machine's 3.12, so the test's bundle packs this environment's installed packages as wheels
+(``--wheels-from installed``, offline); the download path of ``make gpu-bundle`` is not run here.
 """
 from __future__ import annotations
 
@@ -138,10 +140,11 @@ def _image_site(dest: Path) -> Path:
 def test_bundle_builds_under_the_limit_and_installs_into_a_fresh_venv_from_its_own_files(tmp_path, cifar_root):
     env = _env(cifar_root)
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    # Wheels come from the builder's cache (filled by `make gpu-bundle` or the first run, which downloads).
+    # Offline: the third-party wheels are packed from this venv's installed files (`make gpu-bundle` downloads
+    # the GPU machine's Python 3.12 ones instead; the layout, setup.sh and the project wheel are the same).
     res = subprocess.run([sys.executable, "-m", "bench.gpu_bundle", "--out", str(tmp_path / "bundle"),
-                          "--python-version", version], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=1800)
+                          "--python-version", version, "--wheels-from", "installed"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["bundle_bytes"] + manifest["tree_bytes"] < 64 * 2**20, manifest["bundle_bytes"]
