@@ -129,7 +129,7 @@ class Outcome:
     log_tail: str = ""
 
 
-def slices(weights: list[float], remaining: float) -> float:
+def slice_for(weights: list[float], remaining: float) -> float:
     """The first check's slice: ``remaining`` seconds shared in proportion to the weights of those left."""
     return remaining * weights[0] / sum(weights)
 
@@ -173,7 +173,10 @@ def run_check(check: Check, dry: bool, gpu: bool, slice_s: float, work: Path, lo
         try:
             out.returncode = proc.wait(timeout=max(slice_s, 1.0))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended between the timeout and the kill
+                pass
             proc.wait()
         out.seconds = time.monotonic() - t0
         own.seek(0)
@@ -221,7 +224,7 @@ def run_suite(budget: float, dry: bool, only: set[str] | None, out_dir: Path,
         log.write(banner_line(info) + "\n")
         for i, check in enumerate(todo):
             remaining = deadline - time.monotonic()
-            s = slices([c.weight for c in todo[i:]], remaining)
+            s = slice_for([c.weight for c in todo[i:]], remaining)
             if remaining < 1:
                 o = Outcome(check.name, check.what, "skipped", reason="budget spent")
             else:
