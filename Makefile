@@ -1,6 +1,8 @@
 # `make demo`: set up .venv and run the quickstart (embedded Ray, CPU, local MLflow).
 # `make test`: set up .venv, check the layout (ruff, import-linter: launcher -> cluster -> trainer -> admm)
 #              and run the test suite. `make lint` runs the two checks alone.
+# `make gpu-bundle`: build .gpu-bundle/, what a bare GPU machine needs to run `python -m bench.gpu_suite`
+#              (wheels, data, setup.sh; bench/README.md "GPU" has the command that carries it).
 # The packed CIFAR-10 files are looked up in $TDC_DATA_ROOT, by default ../shared/data/cifar10.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +11,7 @@ export TDC_DATA_ROOT
 # DeepSpeed picks its CPU accelerator when no GPU is present; saying so silences its probe warning.
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup demo lint test bench clean
+.PHONY: setup demo lint test bench clean gpu-bundle
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +30,9 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q
+
+gpu-bundle: setup
+	$(PY) -m bench.gpu_bundle --out .gpu-bundle
 
 clean:
 	rm -rf runs mlruns.db mlruns-artifacts .pytest_cache

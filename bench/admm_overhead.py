@@ -22,8 +22,8 @@ No Z-update runs inside a timed window (the interval is an epoch); its cost
 is bench/zupdate.py's subject. The Z/U initialisation at attach (one
 projection per layer) happens before timing.
 
-    PYTHONPATH=. .venv/bin/python bench/admm_overhead.py        # device defaults
-    PYTHONPATH=. .venv/bin/python bench/admm_overhead.py --models resnet50,resnet18,resnet32 \
+    python -m bench.admm_overhead        # device defaults
+    python -m bench.admm_overhead --models resnet50,resnet18,resnet32 \
         --batch 256,256,128 --steps 20 --warmup 5 --json admm_overhead.json
 """
 from __future__ import annotations
@@ -31,35 +31,31 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
-from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from admm.component import AdmmComponent  # noqa: E402
-from admm.config import AdmmConfig, CompressionConfig  # noqa: E402
-from bench.common import (  # noqa: E402
+from admm.component import AdmmComponent
+from admm.config import AdmmConfig, CompressionConfig
+from bench.common import (
     Timing,
+    add_json_option,
     add_malloc_option,
     apply_malloc_option,
-    banner,
-    banner_line,
     classes_for,
     image_size,
     init_process_group,
+    peak_memory_gib,
     pick_device,
+    start,
     synthetic_batch,
     time_fn,
-    write_json,
 )
-from trainer.config import EngineConfig, OptimConfig  # noqa: E402
-from trainer.engine import build_engine, prepare_deepspeed_env, resolve_precision  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from trainer.config import EngineConfig, OptimConfig
+from trainer.engine import build_engine, prepare_deepspeed_env, resolve_precision
+from trainer.models import build_model
 
 
 class NaivePenalty:
@@ -162,6 +158,8 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, dev
     classes = classes_for(name)
     x, y = synthetic_batch(batch, size, classes, device, precision.channels_last)
     torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model = build_model(name, classes).to(device)
     # lr 0.01 (not the default 0.1): 100+ steps on one random batch must not diverge; the step's cost
     # does not depend on it.
@@ -211,6 +209,7 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, dev
                              "interleaved_naive_ratio": il["plain"].median / il["naive"].median,
                              "interleaved_plain_img_s": batch / il["plain"].median})
             rows[-1]["timings_s"].update({f"interleaved_{k}": v.to_json() for k, v in il.items()})
+        rows[-1]["peak_gib"] = peak_memory_gib(device)  # training with the penalty: Z and U live beside W
     del engine, model, comp
     gc.collect()
     if device.type == "cuda":
@@ -251,7 +250,7 @@ def main() -> None:
                    "get hooks; the hook costs the same for every format)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add_malloc_option(p)
-    p.add_argument("--json", help="also write the results here")
+    add_json_option(p)
     args = p.parse_args()
     apply_malloc_option(args, device)
     if args.threads:
@@ -263,13 +262,13 @@ def main() -> None:
 
     prepare_deepspeed_env()
     init_process_group(device)
-    info = banner(device)
-    print(banner_line(info), flush=True)
-    rows = []
+    report = start("admm_overhead", device, args)
+    info, rows = report.info, report.results
     for m, b in zip(models, batches):
         got = bench_model(m, b, args.steps, args.warmup, args.rounds, device, args.zero, args.format, args.image,
                           not args.no_interleaved)
-        rows += got
+        for r in got:
+            report.add(r)
         r = got[0]
         print(f"{m}: {r['planned_layers']} planned layers ({args.format}), bf16 {r['bf16']}, channels_last "
               f"{r['channels_last']}, ZeRO {args.zero}; grad check (hook vs naive) rel diff "
@@ -286,8 +285,7 @@ def main() -> None:
                     continue
                 print(f"{m}: {key} median {statistics.median(vals):.3f} over {len(vals)} rounds "
                       f"(min {min(vals):.3f}, max {max(vals):.3f})", flush=True)
-    if args.json:
-        write_json(args.json, {"banner": info, "args": vars(args), "rows": rows})
+    report.finish()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,15 @@
-"""Helpers shared by the benchmarks: device and version banner, a one-rank process group,
+"""The benchmarks' harness: device and version banner, one JSON shape, a one-rank process group,
 CUDA-synchronised timing, synthetic batches.
+
+Every benchmark is run as ``python -m bench.<name>`` from the repository root, prints
+:func:`banner_line` first and, with ``--json PATH``, writes a :class:`Report`:
+
+    {"schema": "tdcompress-bench/1", "benchmark": NAME, "complete": bool, "banner": {...},
+     "args": {...}, "results": [row, ...], "extra": {...}}
+
+``results`` holds one dict per measured row (the rows the script prints); ``extra`` holds
+what is not a row (a decode-only table, the HOOI study, ...). The file is rewritten after
+every row with ``complete: false``, so a run cut short by a time limit leaves what it measured.
 
 No Ray, no MLflow: the benchmarks run on a bare GPU box as well as on a laptop.
 On a GPU they use cuda (bf16 autocast through the engine's Precision,
@@ -23,9 +33,11 @@ import torch
 from cluster.dist import init_local_group
 from trainer.malloc import malloc_tuned, reexec_with_tuned_malloc
 
-__all__ = ["Timing", "add_malloc_option", "apply_malloc_option", "banner", "banner_line", "classes_for", "cpu_count",
-           "device_name", "image_size", "init_process_group", "pick_device", "sync", "synthetic_batch", "time_fn",
-           "write_json"]
+__all__ = ["SCHEMA", "Report", "Timing", "add_json_option", "add_malloc_option", "apply_malloc_option", "banner", "banner_line", "classes_for", "cpu_count",
+           "device_name", "image_size", "init_process_group", "peak_memory_gib", "pick_device", "start", "sync",
+           "synthetic_batch", "time_fn"]
+
+SCHEMA = "tdcompress-bench/1"
 
 
 def pick_device() -> torch.device:
@@ -168,8 +180,55 @@ def synthetic_batch(batch: int, size: int, classes: int, device: torch.device, c
     return x, y
 
 
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
-    print(f"wrote {path}", flush=True)
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak memory torch allocated on ``device`` since the process started or the last reset, in GiB; None on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", metavar="PATH", help="also write the results here (bench/common.py: the shape)")
+
+
+class Report:
+    """One benchmark run's results, written to ``path`` (when given) in the shape of the module docstring."""
+
+    def __init__(self, benchmark: str, info: dict[str, Any], args: dict[str, Any], path: str | Path | None) -> None:
+        self.benchmark, self.info, self.args = benchmark, info, args
+        self.path = Path(path) if path else None
+        self.results: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}
+
+    def payload(self, complete: bool) -> dict[str, Any]:
+        return {"schema": SCHEMA, "benchmark": self.benchmark, "complete": complete, "banner": self.info,
+                "args": self.args, "results": self.results, "extra": self.extra}
+
+    def _write(self, complete: bool) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        # default=str: rows may hold tuples of ranks, paths or dtypes; the JSON is for reading, not round trips
+        tmp.write_text(json.dumps(self.payload(complete), indent=1, default=str))
+        os.replace(tmp, self.path)  # a reader never sees half a file
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Record one row and rewrite the file (``complete: false``)."""
+        self.results.append(row)
+        self._write(complete=False)
+
+    def finish(self, **extra: Any) -> None:
+        """Record ``extra`` and write the file as complete."""
+        self.extra.update(extra)
+        self._write(complete=True)
+        if self.path is not None:
+            print(f"wrote {self.path}", flush=True)
+
+
+def start(benchmark: str, device: torch.device, args: argparse.Namespace | dict[str, Any] | None) -> Report:
+    """Print the banner line for ``device`` and open the run's :class:`Report` (``args.json`` is its path)."""
+    info = banner(device)
+    print(banner_line(info), flush=True)
+    fields = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    return Report(benchmark, info, fields, fields.get("json"))

@@ -11,7 +11,7 @@ the decompose phase's code) and evaluated at once, without fine-tuning:
         sqrt(sum_l ||W_l - W'_l||^2 / sum_l ||W_l||^2)  (model-wide)
     top-1 on the eval split right after decomposition
 
-    TDC_DATA_ROOT=../shared/data/cifar10 python bench/decompose_quality.py \
+    TDC_DATA_ROOT=../shared/data/cifar10 python -m bench.decompose_quality \
         --checkpoint runs/<exp>/<run>/checkpoints/ckpt-00000N [--formats tucker2,svd] [--ratios 2,3]
 
 ``--checkpoint``: a checkpoint directory, its shared.pt, or a state_dict file with
@@ -22,27 +22,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from admm.component import plan_for_model  # noqa: E402
-from admm.config import CompressionConfig  # noqa: E402
-from admm.planner import RankPlan, with_errors  # noqa: E402
-from admm.surgery import decompose_model  # noqa: E402
-from bench.common import device_name, pick_device  # noqa: E402
-from launcher.plan import load_weights  # noqa: E402
-from trainer.data import load_datasets, make_loader  # noqa: E402
-from trainer.engine import Precision  # noqa: E402
-from trainer.loop import evaluate  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from admm.component import plan_for_model
+from admm.config import CompressionConfig
+from admm.planner import RankPlan, with_errors
+from admm.surgery import decompose_model
+from bench.common import add_json_option, device_name, pick_device, start
+from launcher.plan import load_weights
+from trainer.data import load_datasets, make_loader
+from trainer.engine import Precision
+from trainer.loop import evaluate
+from trainer.models import build_model
 
 
 def measured_errors(model: nn.Module, dense: dict[str, torch.Tensor], plan: RankPlan) -> tuple[float, float]:
@@ -67,10 +62,11 @@ def main() -> None:
     ap.add_argument("--ratios", default="2,3", help="target compression of the conv/linear parameters")
     ap.add_argument("--min-rank-ratio", type=float, default=0.0, help="compression.min_rank_ratio of the error plan")
     ap.add_argument("--limit", type=int, default=0, help="evaluate on this many images (0 = the whole eval split)")
-    ap.add_argument("--json", help="write the rows here")
+    add_json_option(ap)
     args = ap.parse_args()
 
     device = pick_device()
+    report = start("decompose_quality", device, args)
     state, source = load_weights(args.checkpoint, None)
     sets = load_datasets(args.dataset, args.data_root, augment=False, eval_subset=args.limit)
     # Decode the eval split once; every model below sees the same tensors.
@@ -89,7 +85,6 @@ def main() -> None:
     header = ("format", "target", "allocation", "params kept", "compression", "sum rel.err^2", "model rel.err",
               "top1", "drop")
     print("  ".join(f"{h:>13}" for h in header))
-    rows = []
     weights = {k: v.detach().clone() for k, v in state.items()}
     for fmt in args.formats.split(","):
         for ratio in (float(r) for r in args.ratios.split(",")):
@@ -110,14 +105,12 @@ def main() -> None:
                        "compression": plan.compression, "rel_err_sq_sum": rel_sq, "rel_err_sq_sum_planned": est,
                        "model_rel_err": model_err, "top1": res["top1"], "top1_drop": dense["top1"] - res["top1"],
                        "plan_seconds": plan_s, "ranks": {p.name: p.rank for p in plan.layers}}
-                rows.append(row)
+                report.add(row)
                 print("  ".join(f"{v:>13}" for v in (fmt, f"{ratio:g}x", alloc, f"{row['params_kept']:.4f}",
                                                       f"{plan.compression:.3f}x", f"{rel_sq:.4f}", f"{model_err:.4f}",
                                                       f"{res['top1']:.2f}%", f"{row['top1_drop']:.2f}")),
                       flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"dense_top1": dense["top1"], "images": n, "source": source,
-                                               "device": device_name(device), "rows": rows}, indent=1, default=str))
+    report.finish(dense_top1=dense["top1"], images=n, source=str(source))
 
 
 if __name__ == "__main__":

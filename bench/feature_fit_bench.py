@@ -1,6 +1,6 @@
 """Issue 13 figures: decompose one trained ResNet-20 by weight-only vs feature fit; rank_prune step vs a plain step.
 
-    python bench/feature_fit_bench.py CHECKPOINT [--keep 0.5 0.33] [--formats svd lowrank_sparse tucker2]
+    python -m bench.feature_fit_bench CHECKPOINT [--keep 0.5 0.33] [--formats svd lowrank_sparse tucker2]
 
 CHECKPOINT is a dense checkpoint (``runs/<exp>/<run>/checkpoints/ckpt-N``) of a
 CIFAR model, or a run directory (its latest checkpoint, as ``model.init`` takes it).
@@ -19,29 +19,26 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from admm.component import plan_for_model  # noqa: E402
-from admm.config import CompressionConfig  # noqa: E402
-from admm.layers_prune import plan_prune  # noqa: E402
-from admm.surgery import decompose_model  # noqa: E402
-from bench.common import device_name, init_process_group  # noqa: E402
-from trainer import checkpoint as ckpt  # noqa: E402
-from trainer.config import EngineConfig, OptimConfig, RankPruneConfig, WorkerConfig  # noqa: E402
-from trainer.data import load_datasets, make_loader  # noqa: E402
-from trainer.engine import Precision, build_engine, prepare_deepspeed_env  # noqa: E402
-from trainer.feature_decompose import calibration_sample, decompose_by_features  # noqa: E402
-from trainer.loop import evaluate  # noqa: E402
-from trainer.models import build_model  # noqa: E402
-from trainer.rank_prune import RankPruner, planned_shapes, prunable_layers, to_prunable  # noqa: E402
-from trainer.stateful import restore_model  # noqa: E402
+from admm.component import plan_for_model
+from admm.config import CompressionConfig
+from admm.layers_prune import plan_prune
+from admm.surgery import decompose_model
+from bench.common import add_json_option, device_name, init_process_group, start
+from trainer import checkpoint as ckpt
+from trainer.config import EngineConfig, OptimConfig, RankPruneConfig, WorkerConfig
+from trainer.data import load_datasets, make_loader
+from trainer.engine import Precision, build_engine, prepare_deepspeed_env
+from trainer.feature_decompose import calibration_sample, decompose_by_features
+from trainer.loop import evaluate
+from trainer.models import build_model
+from trainer.rank_prune import RankPruner, planned_shapes, prunable_layers, to_prunable
+from trainer.stateful import restore_model
 
 
 def _engine(model: torch.nn.Module, batch: int, extra_groups: list) -> object:
@@ -96,6 +93,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--prune-keep", type=float, default=0.5, help="the pruned rank_prune step's parameter fraction")
     ap.add_argument("--no-steps", action="store_true", help="skip the step-time comparison")
+    add_json_option(ap)
     args = ap.parse_args()
     if (args.checkpoint / "checkpoints").is_dir():
         args.checkpoint = ckpt.latest_checkpoint(args.checkpoint / "checkpoints")
@@ -104,6 +102,7 @@ def main() -> None:
     state = ckpt.load_shared(args.checkpoint)["model"]
     dense = restore_model(build_model(meta["model"], meta["num_classes"]), state).eval()
     device, precision = torch.device("cpu"), Precision(bf16=False, channels_last=False)
+    report = start("feature_fit_bench", device, args)
     root = os.environ.get("TDC_DATA_ROOT")
     sets = load_datasets(meta["dataset"], root, augment=False, seed=0, eval_subset=args.eval)
     train = make_loader(sets.train, args.batch, rank=0, world_size=1, shuffle=True, seed=0, drop_last=True)
@@ -120,6 +119,9 @@ def main() -> None:
         full, _ = rank_prune_engine(dense, args.batch, None)
         pruned, _ = rank_prune_engine(dense, args.batch, args.prune_keep)
         t = step_times({"plain": plain, "full": full, "pruned": pruned}, labels, args.repeats)
+        report.add({"kind": "step_time", "batch": args.batch, "repeats": args.repeats, "prune_keep": args.prune_keep,
+                    **{f"{k}_s": v for k, v in t.items()}, "full_ratio": t["full"] / t["plain"],
+                    "pruned_ratio": t["pruned"] / t["plain"]})
         print(f"optimizer step through the engine, batch {args.batch}, median of {args.repeats}: plain (dense) "
               f"{t['plain'] * 1e3:.1f} ms; rank_prune at full rank {t['full'] * 1e3:.1f} ms "
               f"({t['full'] / t['plain']:.2f}x); rank_prune pruned to {args.prune_keep:.2f} of the planned "
@@ -144,6 +146,11 @@ def main() -> None:
                 row += [evaluate(model, evals, device=device, precision=precision)["top1"], seconds]
             print(f"{fmt:15s} {keep:5.2f} {plan.compression:8.2f} {row[0]:11.2f}% {row[1]:6.1f} "
                   f"{row[2]:12.2f}% {row[3]:6.1f}", flush=True)
+            report.add({"kind": "fit", "format": fmt, "keep": keep, "params_x": plan.compression,
+                        "weights_top1": row[0], "weights_fit_s": row[1], "features_top1": row[2],
+                        "features_fit_s": row[3], "dense_top1": base})
+    report.finish()
+
 
 if __name__ == "__main__":
     main()

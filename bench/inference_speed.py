@@ -16,28 +16,23 @@ realization at that batch, as ``tdcompress export --tune-batch`` does.
 core by core (``TTLayer.merge_chains = False``, the forward before the merged chains),
 timed in the same dense-factored-...-dense window.
 
-    PYTHONPATH=. python bench/inference_speed.py --formats tucker2,svd --tune
+    python -m bench.inference_speed --formats tucker2,svd --tune
 """
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from admm.component import plan_for_model  # noqa: E402
-from admm.config import CompressionConfig  # noqa: E402
-from admm.fold import fold_batchnorm  # noqa: E402
-from admm.layers_tt import TTLayer  # noqa: E402
-from admm.realize import realize  # noqa: E402
-from admm.surgery import decompose_model  # noqa: E402
-from bench.common import add_malloc_option, apply_malloc_option, banner, banner_line, classes_for  # noqa: E402
-from trainer.latency import format_row, layer_latency_table, measure_latency  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from admm.component import plan_for_model
+from admm.config import CompressionConfig
+from admm.fold import fold_batchnorm
+from admm.layers_tt import TTLayer
+from admm.realize import realize
+from admm.surgery import decompose_model
+from bench.common import add_json_option, add_malloc_option, apply_malloc_option, classes_for, start
+from trainer.latency import format_row, layer_latency_table, measure_latency
+from trainer.models import build_model
 
 
 def timed(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, bf16: bool, repeats: int,
@@ -65,10 +60,10 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="print the per-layer latency tables of --tune")
     p.add_argument("--tt-per-core", action="store_true",
                    help="tt: also time the factored model with per-core chains (TTLayer.merge_chains=False)")
-    p.add_argument("--json")
+    add_json_option(p)
     args = p.parse_args()
     apply_malloc_option(args, device)
-    print(banner_line(banner(device)))
+    report = start("inference_speed", device, args)
     print(f"{args.model} {args.image}px | {'bf16' if gpu else 'fp32'} | BN folded {args.fold} | "
           f"channels_last {args.channels_last}", flush=True)
     classes = classes_for(args.model)
@@ -97,7 +92,6 @@ def main() -> None:
         inductor_config.freezing = True
         # Every model shares torchvision's forward code object; each (model, batch) is one more entry.
         dynamo_config.recompile_limit = 256
-    rows = []
     for fmt in args.formats.split(","):
         for keep, multiple in [(float(k), int(m)) for k in args.keep.split(",") for m in args.rank_multiple.split(",")]:
             plan = plan_for_model(dense, CompressionConfig(format=fmt, keep_ratio=keep, rank_multiple=multiple),
@@ -154,10 +148,9 @@ def main() -> None:
                     if pc is not None:
                         row.update(per_core_ms=1e3 * pc, per_core_speedup=base / pc)
                         line += f"  per-core chains {row['per_core_ms']:7.1f} ms ({row['per_core_speedup']:.2f}x)"
-                    rows.append(row)
+                    report.add(row)
                     print(line, flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": str(device), "args": vars(args), "rows": rows}, indent=1))
+    report.finish()
 
 
 if __name__ == "__main__":

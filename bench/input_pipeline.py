@@ -15,14 +15,19 @@ interleaved, round by round, in this one process; medians over rounds are report
 batch of every run is not timed (fork + first decode). A decode-only table (one process, no
 loader) shows what bounds the per-core rate.
 
-    PYTHONPATH=. .venv/bin/python bench/input_pipeline.py --repeat 3 --rounds 5 --json input_pipeline.json
+``--device-decode`` times instead what a training step receives: the shards loader's normalised
+batches on the device, decoded in the loader processes (data.decode=cpu) against nvJPEG on the
+GPU (data.decode=gpu, crop and flip on the device too); the gpu rows say "skipped: no GPU" on CPU.
+
+    python -m bench.input_pipeline --repeat 3 --rounds 5 --json input_pipeline.json
+    python -m bench.input_pipeline --device-decode --rounds 3
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,26 +36,32 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import banner, banner_line, write_json  # noqa: E402
+from bench.common import add_json_option, pick_device, start, sync
+from trainer.data import IMAGENET_STATS, load_datasets, make_loader, set_loader_epoch
+from trainer.decode import decode_train
+from trainer.pack import PackOptions, pack
 
-from trainer.data import IMAGENET_STATS, load_datasets, make_loader, set_loader_epoch  # noqa: E402
-from trainer.decode import decode_train  # noqa: E402
-from trainer.pack import PackOptions, pack  # noqa: E402
-
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"
+# <wnid>/<file>.JPEG folders of real ImageNet images; TDC_IMAGENET_SAMPLE points at another copy.
+SAMPLE = Path(os.environ.get("TDC_IMAGENET_SAMPLE",
+                             Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"))
 H100 = {"ResNet-50": 4000, "ResNet-18": 12000}  # images/s one H100 trains (DESIGN.md, bf16, channels_last)
 
 
-def build_tree(root: Path, repeat: int) -> Path:
-    """root/train/<wnid>/<k>_<name> -> the sample JPEGs, ``repeat`` links per image; val/ the sample itself."""
-    for wnid_dir in sorted(SAMPLE.iterdir()):
-        out = root / "train" / wnid_dir.name
-        out.mkdir(parents=True)
-        for f in wnid_dir.iterdir():
-            for k in range(repeat):
-                (out / f"{k}_{f.name}").symlink_to(f)
-    (root / "val").symlink_to(SAMPLE)
+def build_tree(root: Path, repeat: int, sample: Path = SAMPLE, limit: int = 0) -> Path:
+    """root/train/<wnid>/<k>_<name> -> the sample JPEGs, ``repeat`` links per image; val/ the sample itself.
+
+    ``limit`` > 0: only the first that many images (classes and files sorted by name), in both splits."""
+    if not sample.is_dir():
+        raise SystemExit(f"--sample {sample}: no such directory (ImageNet JPEGs in <wnid>/ folders; "
+                         "TDC_IMAGENET_SAMPLE sets the default)")
+    files = [f for d in sorted(d for d in sample.iterdir() if d.is_dir()) for f in sorted(d.iterdir())]
+    for f in files[:limit or None]:
+        for split, names in (("train", [f"{k}_{f.name}" for k in range(repeat)]), ("val", [f.name] if limit else [])):
+            (root / split / f.parent.name).mkdir(parents=True, exist_ok=True)
+            for name in names:
+                (root / split / f.parent.name / name).symlink_to(f)
+    if not limit:
+        (root / "val").symlink_to(sample)
     return root
 
 
@@ -89,6 +100,39 @@ def time_loader(make: Callable[[int], Iterable], workers: int) -> float:
         n += x.shape[0]
     del first
     return n / (time.perf_counter() - t0) / max(workers, 1)
+
+
+def device_decode(shards: Path, device: torch.device, workers: list[int], batch: int, rounds: int) -> list[dict]:
+    """Images/s of the shards train loader delivering normalised batches on ``device``: decoded in ``workers``
+    loader processes (data.decode=cpu) or by nvJPEG (data.decode=gpu); medians over ``rounds``, first batch
+    of each pass untimed (worker fork, first decode, nvJPEG's handles)."""
+    rows: list[dict] = []
+    for decode in ("cpu", "gpu"):
+        for w in workers:
+            if decode == "gpu" and device.type != "cuda":
+                rows.append({"decode": decode, "procs": w, "skipped": "no GPU"})
+                continue
+            rates = []
+            for _ in range(rounds):
+                sets = load_datasets("shards", str(shards), seed=0, decode=decode)
+                loader = make_loader(sets.train, batch, rank=0, world_size=1, shuffle=True, seed=0, drop_last=True,
+                                     num_workers=w, device=device)
+                set_loader_epoch(loader, 0)
+                it = iter(loader)
+                next(it)
+                sync(device)
+                n, t0 = 0, time.perf_counter()
+                for x, _ in it:
+                    n += x.shape[0]
+                sync(device)
+                rates.append(n / (time.perf_counter() - t0))
+            rows.append({"decode": decode, "procs": w, "img_s": statistics.median(rates), "rounds": rates,
+                         "device": str(device)})
+    cpu = {r["procs"]: r["img_s"] for r in rows if r["decode"] == "cpu"}
+    for r in rows:
+        if "img_s" in r:
+            r["vs_cpu_decode"] = r["img_s"] / cpu[r["procs"]]
+    return rows
 
 
 def decode_only(shards: Path, n: int, rounds: int) -> dict[str, float]:
@@ -137,12 +181,28 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", default="1,2", help="loader processes to time, comma-separated")
     p.add_argument("--only", default="b,c", help="variants besides (a) to time, by letter prefix: b,c,c-tv,...")
-    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--sample", type=Path, default=SAMPLE, help="ImageNet JPEGs in <wnid>/ folders")
+    p.add_argument("--limit", type=int, default=0, help="use the first N images of --sample (0: all)")
+    p.add_argument("--device-decode", action="store_true",
+                   help="only the loader's batches on the device: decode in loader processes vs nvJPEG")
+    add_json_option(p)
     args = p.parse_args()
-    info = banner(torch.device("cpu"))
-    print(banner_line(info), flush=True)
+    device = pick_device() if args.device_decode else torch.device("cpu")
+    report = start("input_pipeline", device, args)
     tmp = Path(tempfile.mkdtemp(prefix="input_pipeline_"))
-    tree = build_tree(tmp / "tree", args.repeat)
+    tree = build_tree(tmp / "tree", args.repeat, args.sample, args.limit)
+    workers = [int(w) for w in args.workers.split(",")]
+    if args.device_decode:
+        pack(tree, tmp / "shards", PackOptions(), workers=2, progress=lambda line: None)
+        print(f"normalised train batches on {device} (batch {args.batch}, median of {args.rounds} passes over "
+              f"{sum(f.is_file() for f in (tree / 'train').rglob('*'))} train images)")
+        for r in device_decode(tmp / "shards", device, workers, args.batch, args.rounds):
+            report.add(r)
+            print(f"  decode {r['decode']:3s} procs {r['procs']}: " + (
+                f"skipped: {r['skipped']}" if "skipped" in r else
+                f"{r['img_s']:8.0f} img/s ({r['vs_cpu_decode']:.2f}x decode=cpu)"), flush=True)
+        report.finish()
+        return
     t0 = time.perf_counter()
     pack(tree, tmp / "shards", PackOptions(), workers=2, progress=lambda line: None)
     pack(tree, tmp / "shards320", PackOptions(max_side=320), workers=2, progress=lambda line: None)  # (c-320)
@@ -157,7 +217,6 @@ def main() -> None:
     }
     variants = {k: v for k, v in variants.items() if k.startswith("(a)") or any(k.startswith(f"({o}") for o in
                                                                                args.only.split(","))}
-    workers = [int(w) for w in args.workers.split(",")]
     rates: dict[tuple[str, int], list[float]] = {(v, w): [] for v in variants for w in workers}
     for r in range(args.rounds):
         for w in workers:
@@ -168,23 +227,20 @@ def main() -> None:
           f" batch {args.batch}, {250 * args.repeat} images a run)")
     print(f"{'pipeline':32s} {'procs':>5s} {'img/s/core':>10s} {'vs (a)':>7s} " +
           " ".join(f"{'cores ' + m:>15s}" for m in H100))
-    rows = []
     for w in workers:
         base = statistics.median(rates[("(a) torchvision ImageFolder", w)])
         for name in variants:
             med = statistics.median(rates[(name, w)])
             need = {m: ips / med for m, ips in H100.items()}
-            rows.append({"pipeline": name, "procs": w, "per_core": med, "vs_a": med / base,
-                         "cores_needed": need, "rounds": rates[(name, w)]})
+            report.add({"pipeline": name, "procs": w, "per_core": med, "vs_a": med / base,
+                        "cores_needed": need, "rounds": rates[(name, w)]})
             print(f"{name:32s} {w:5d} {med:10.0f} {med / base:6.2f}x " +
                   " ".join(f"{need[m]:15.1f}" for m in H100), flush=True)
     dec = decode_only(tmp / "shards", 250, args.rounds)
     print("\none core, no loader: decode + 224 px random-resized crop of the same stored JPEGs (img/s)")
     for k, v in dec.items():
         print(f"  {k:32s} {v:8.0f}")
-    if args.json:
-        write_json(args.json, {"banner": info, "rows": rows, "decode_only": dec, "repeat": args.repeat,
-                               "batch": args.batch})
+    report.finish(decode_only=dec)
 
 
 if __name__ == "__main__":

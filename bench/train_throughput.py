@@ -8,36 +8,32 @@ ZeRO stage 0/1/2. ``--fused 1,0`` times both SGD kernels (torch's fused one,
 the project's default, and the per-tensor one), the same on both sides.
 No Ray, no MLflow: runs on a bare GPU box.
 
-    PYTHONPATH=. python bench/train_throughput.py                # device defaults
-    PYTHONPATH=. python bench/train_throughput.py --models resnet50 --batch 256 --steps 30 --compile
+    python -m bench.train_throughput                # device defaults
+    python -m bench.train_throughput --models resnet50 --batch 256 --steps 30 --compile
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
+    add_json_option,
     add_malloc_option,
     apply_malloc_option,
-    banner,
-    banner_line,
     classes_for,
     image_size,
     init_process_group,
+    peak_memory_gib,
+    start,
     synthetic_batch,
     time_fn,
-    write_json,
 )
-from trainer.config import EngineConfig, OptimConfig  # noqa: E402
-from trainer.engine import Precision, build_engine, prepare_deepspeed_env, resolve_precision  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from trainer.config import EngineConfig, OptimConfig
+from trainer.engine import Precision, build_engine, prepare_deepspeed_env, resolve_precision
+from trainer.models import build_model
 
 
 def plain_step_fn(model, x, y, precision: Precision, fused: bool, lr: float = 0.1):
@@ -77,14 +73,14 @@ def bench_model(name: str, batch: int, steps: int, warmup: int, device: torch.de
     torch.manual_seed(0)
     model = build_model(name, classes).to(device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     engine = build_engine(model, optim, engine_cfg, batch_size=batch, lr=0.1, total_steps=10**6,
                           steps_per_epoch=1000, world_size=1, precision=precision)
     eng_fn = engine_step_fn(engine, x, y)
     a1 = time_fn(plain_fn, steps, warmup, device).median
     b = time_fn(eng_fn, steps, warmup, device).median
     a2 = time_fn(plain_fn, steps, warmup, device).median
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    peak = peak_memory_gib(device)
     plain_ips = batch / statistics.mean([a1, a2])
     return {"model": name, "batch": batch, "image": size, "zero": zero, "compile": compile_, "fused": fused,
             "bf16": precision.bf16, "channels_last": precision.channels_last,
@@ -102,32 +98,30 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10 if gpu else 2)
     p.add_argument("--zero", default="0,1,2" if gpu else "0")
     p.add_argument("--compile", action="store_true", help="also time engine.compile()")
+    p.add_argument("--compile-only", action="store_true", help="time engine.compile() alone (no eager rows)")
     p.add_argument("--fused", default="1,0", help="optim.fused values to time (1: torch's fused SGD, in both "
                    "the engine and the plain loop; 0: its default per-tensor SGD)")
     add_malloc_option(p)
-    p.add_argument("--json", help="write results here")
+    add_json_option(p)
     args = p.parse_args()
     apply_malloc_option(args, device)
     prepare_deepspeed_env()
     init_process_group(device)
-    info = banner(device)
-    print(banner_line(info), flush=True)
+    report = start("train_throughput", device, args)
     models = args.models.split(",")
     batches = [int(b) for b in args.batch.split(",")]
-    rows = []
     for m, b in zip(models, batches):
         for zero in [int(z) for z in args.zero.split(",")]:
-            for comp in ([False, True] if args.compile else [False]):
+            for comp in [True] if args.compile_only else [False, True] if args.compile else [False]:
                 for fused in [bool(int(f)) for f in args.fused.split(",")]:
                     r = bench_model(m, b, args.steps, args.warmup, device, zero, comp, fused)
-                    rows.append(r)
+                    report.add(r)
                     print(f"{m:9s} batch {b:4d} {r['image']}px zero {zero} compile {comp!s:5s} "
                           f"fused {fused!s:5s} bf16 {r['bf16']!s:5s} "
                           f"plain {r['plain_img_s']:9,.0f} img/s (A/A spread {100 * r['plain_spread']:.1f}%)  "
                           f"engine {r['engine_img_s']:9,.0f} img/s  ratio {r['ratio']:.3f}  "
-                          f"peak {r['peak_gib']:.2f} GiB", flush=True)
-    if args.json:
-        write_json(args.json, {"device": info, "rows": rows})
+                          + (f"peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ""), flush=True)
+    report.finish()
 
 
 if __name__ == "__main__":

@@ -7,22 +7,19 @@ spectra (tests/test_tt_layout.channel_structured), a Gaussian one, and, with
 ``--checkpoint``, every planned 3x3 conv of a trained model (a trainer checkpoint's
 ``shared.pt``). The old layout exists only as the reference in tests/test_tt_layout.py.
 
-    PYTHONPATH=. python bench/tt_layout_error.py --checkpoint runs/.../ckpt-000001/shared.pt --model resnet20
+    python -m bench.tt_layout_error --checkpoint runs/.../ckpt-000001/shared.pt --model resnet20
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from admm.accounting import dense_params, factored_params  # noqa: E402
-from admm.projections import max_rank, project_tt  # noqa: E402
-from tests.test_tt_layout import (  # noqa: E402
+from admm.accounting import dense_params, factored_params
+from admm.projections import max_rank, project_tt
+from bench.common import add_json_option, start
+from tests.test_tt_layout import (
     channel_structured,
     largest_within,
     old_layout_params,
@@ -45,7 +42,9 @@ def main() -> None:
     p.add_argument("--keep", default="0.5,0.33")
     p.add_argument("--checkpoint", help="a trainer checkpoint's shared.pt (dense model weights)")
     p.add_argument("--model", default="resnet20")
+    add_json_option(p)
     args = p.parse_args()
+    report = start("tt_layout_error", torch.device("cpu"), args)
     torch.manual_seed(0)
     weights = {"constructed 64x64x3x3": channel_structured(64, 64),
                "gaussian 64x64x3x3": torch.randn(64, 64, 3, 3)}
@@ -60,12 +59,15 @@ def main() -> None:
         for name, w in weights.items():
             new, old, pn, po = compare(w, keep)
             ratios.append(new / old)
+            report.add({"weight": name, "keep": keep, "new_error": new, "old_error": old, "new_params": pn,
+                        "old_params": po})
             print(f"{name:36s} {keep:.2f}   {new:.3f} ({pn:7,d})   {old:.3f} ({po:7,d})   {new / old:.2f}",
                   flush=True)
         trained = ratios[2:]
         if trained:
             print(f"  {args.model} convs at keep {keep}: new/old error median {statistics.median(trained):.2f}, "
                   f"min {min(trained):.2f}, max {max(trained):.2f} over {len(trained)} layers")
+    report.finish()
 
 
 if __name__ == "__main__":

@@ -39,31 +39,27 @@ factors) for the time ratio. ``--cp-idempotence``: ||Proj(Proj(W)) - Proj(W)|| /
 ||Proj(W)|| of cp, cold and warm, on Gaussian 32x32x9, 64x64x9, 512x512x9 kernels
 at the planner's keep-0.5 ranks.
 
-    PYTHONPATH=. .venv/bin/python bench/zupdate.py                  # svd, tucker2, tt
-    PYTHONPATH=. .venv/bin/python bench/zupdate.py --formats svd,tucker2,tt,cp --worlds 2,4,8 --json zupdate.json
-    PYTHONPATH=. .venv/bin/python bench/zupdate.py --formats tucker2:hosvd,tucker2,tucker2:warm,cp:warm
-    PYTHONPATH=. .venv/bin/python bench/zupdate.py --hooi --cp-idempotence --formats ''
-    PYTHONPATH=. .venv/bin/python bench/zupdate.py --formats svd,tucker2,tucker2:warm,tt,cp:warm --dedupe --rounds 1
+    python -m bench.zupdate                  # svd, tucker2, tt
+    python -m bench.zupdate --formats svd,tucker2,tt,cp --worlds 2,4,8 --json zupdate.json
+    python -m bench.zupdate --formats tucker2:hosvd,tucker2,tucker2:warm,cp:warm
+    python -m bench.zupdate --hooi --cp-idempotence --formats ''
+    python -m bench.zupdate --formats svd,tucker2,tucker2:warm,tt,cp:warm --dedupe --rounds 1
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from admm.component import plan_for_model  # noqa: E402
-from admm.config import CompressionConfig  # noqa: E402
-from admm.planner import assign_owners  # noqa: E402
-from admm.projections import max_rank, project  # noqa: E402
-from admm.warm import ProjectionOptions, project_warm  # noqa: E402
-from bench.common import banner, banner_line, pick_device, time_fn, write_json  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from admm.component import plan_for_model
+from admm.config import CompressionConfig
+from admm.planner import assign_owners
+from admm.projections import max_rank, project
+from admm.warm import ProjectionOptions, project_warm
+from bench.common import add_json_option, classes_for, pick_device, start, time_fn
+from trainer.models import build_model
 
 
 def largest_shard(times: list[float], owners: list[int], world: int) -> float:
@@ -276,7 +272,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="sweeps over all layers (one table row each)")
     p.add_argument("--repeats", type=int, default=1, help="timed projections per layer per sweep (median)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--json", help="also write the results here")
+    add_json_option(p)
+    p.add_argument("--model", default="resnet50", help="the model whose planned layers are projected (ImageNet "
+                   "classes for resnet18/50, CIFAR-10 for the rest)")
     p.add_argument("--dedupe", action="store_true",
                    help="time each distinct (shape, format, rank) once; layers sharing it take its time")
     p.add_argument("--hooi", action="store_true", help="HOSVD vs cold vs warm HOOI on the tucker2 plan")
@@ -289,10 +287,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     worlds = [int(w) for w in args.worlds.split(",")]
-    info = banner(device)
-    print(banner_line(info), flush=True)
+    report = start("zupdate", device, args)
+    info = report.info
     torch.manual_seed(0)
-    model = build_model("resnet50", 1000)
+    model = build_model(args.model, classes_for(args.model))
     extra: dict = {}
     if args.cp_idempotence:
         extra["cp_idempotence"] = bench_cp_idempotence(device, args.cp_big)
@@ -302,6 +300,8 @@ def main() -> None:
     rows = []
     for fmt in filter(None, args.formats.split(",")):
         got = bench_format(model, fmt, args.keep, worlds, args.rounds, args.repeats, device, args.dedupe)
+        for r in got:
+            report.add(r)
         rows += got
         totals = [r["one_rank_total_s"] for r in got]
         print(f"{fmt}: {got[0]['layers']} layers ({got[0]['timed_layers']} timed), one-rank totals {', '.join(f'{t:.3f}' for t in totals)} s "
@@ -315,8 +315,7 @@ def main() -> None:
             print("one-rank total / svd's (medians over rounds): " + ", ".join(
                 f"{f} {statistics.median(r['one_rank_total_s'] for r in rows if r['format'] == f) / ref:.2f}x"
                 for f in dict.fromkeys(r["format"] for r in rows)), flush=True)
-    if args.json:
-        write_json(args.json, {"banner": info, "args": vars(args), "rows": rows, **extra})
+    report.finish(**extra)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ def _run(model: str, device: str, with_compile: bool) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_bf16_is_really_on_gpu():
     """DeepSpeed switches an outer autocast off; the engine's torch_autocast section must keep bf16 on."""
@@ -44,7 +45,8 @@ HAS_CXX = bool(shutil.which("c++") or shutil.which("g++"))  # inductor compiles 
 
 @pytest.mark.parametrize("device", [
     pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CXX, reason="torch.compile on CPU needs a C++ compiler")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")])])
 def test_compiled_engine_follows_the_eager_loss_curve(device):
     """engine.compile=true trains like eager, ADMM penalty included: the same losses and residual."""
     out = _run("tinycnn" if device == "cpu" else "resnet20", device, with_compile=True)

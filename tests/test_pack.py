@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -20,7 +21,9 @@ from trainer.data import IMAGENET_STATS, DatasetError, load_datasets, make_loade
 from trainer.pack import INDEX, PLAN, PackError, PackOptions, pack, shard_name
 from trainer.shards import Shard, ShardError, epoch_plan, read_shard, stream_slices
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"
+# TDC_IMAGENET_SAMPLE: another copy (the GPU bundle carries one; bench/gpu_bundle.py)
+SAMPLE = Path(os.environ.get("TDC_IMAGENET_SAMPLE",
+                             Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"))
 GRAY = ("n04008634", "n04090263", "n04372370", "n04532670")  # the sample's 4 mode-"L" JPEGs
 OPTS = PackOptions(shard_bytes=600_000)  # ~6 images a shard: several shards, split at odd counts
 
