@@ -205,7 +205,9 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 def run_ray(job: WorkerJob, c: ClusterConfig, run_name: str) -> Any:
     """Run ``job`` on ``c.num_workers`` Ray Train workers; returns the Ray Result."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from cluster.rendezvous import BoundTorchConfig
 
     ensure_ray(c)
     gpu = wants_gpu(c)
@@ -214,7 +216,8 @@ def run_ray(job: WorkerJob, c: ClusterConfig, run_name: str) -> Any:
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        # Rank 0's rendezvous listens on its node's address only, not on every interface.
+        torch_config=BoundTorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=str(Path(c.storage, "_ray").resolve()),
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              worker_runtime_env={"env_vars": worker_env(gpu)}),
