@@ -15,6 +15,7 @@ import ipaddress
 import os
 import socket
 from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
@@ -66,6 +67,10 @@ def pin_interfaces(address: str) -> None:
 def init_group(backend: str, world_rank: int, world_size: int, address: str, port: int, timeout_s: int) -> None:
     """Join the process group whose TCPStore rank 0 serves on ``address:port`` (rank 0 on its bound socket)."""
     pin_interfaces(_own_address())
+    if backend == "nccl":  # as Ray Train does: a timed-out NCCL collective fails instead of hanging
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    # What Ray Train's env:// setup leaves for libraries that read them; the group itself uses the store below.
+    os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port))
     timeout = timedelta(seconds=timeout_s)
     fd = _listening.pop("fd") if world_rank == 0 else None
     store = dist.TCPStore(address, port, world_size, is_master=world_rank == 0, timeout=timeout,
@@ -83,7 +88,7 @@ def _own_address() -> str:
 class BoundTorchBackend(_TorchBackend):
     """Ray Train's torch backend with the rendezvous bound to rank 0's node address (module docstring)."""
 
-    def on_start(self, worker_group, backend_config: TorchConfig) -> None:  # noqa: ANN001 (Ray's worker group)
+    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
         import ray
 
         backend = backend_config.backend or "gloo"
@@ -101,5 +106,5 @@ class BoundTorchConfig(TorchConfig):
     """``TorchConfig`` whose process group listens only on the cluster's address (see BoundTorchBackend)."""
 
     @property
-    def backend_cls(self):  # noqa: ANN201 (Ray's property)
+    def backend_cls(self) -> type[BoundTorchBackend]:
         return BoundTorchBackend
