@@ -3,18 +3,25 @@
 The run holds after its first checkpoint (``debug.hold_at``): every worker is alive with its process
 group up. Then every socket the run's whole process tree listens on (driver, GCS, raylet, agents,
 dashboard, both Ray Train workers, rank 0's rendezvous store) must be on loopback, and the run's
-output must not carry Ray's noise a user reads as failure.
+output must not carry Ray's noise a user reads as failure. The run starts while another Ray holds
+8265 (another local run, a study): its dashboard moves to a free port and says where, its Prometheus
+endpoints do not collide, and its workers know their own GCS.
 """
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import cmdline, is_loopback, listeners, process_tree, wait_for_path
 
+from cluster import ray_runtime
 from trainer import checkpoint as ckpt
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -38,9 +45,13 @@ def test_embedded_run_listens_on_loopback_only_while_training_and_prints_no_ray_
     cmd = [sys.executable, "-m", "launcher.cli", "run", "configs/quickstart.yaml", *TINY,
            f"cluster.storage={runs}", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "run_name=listen"]
     log = tmp_path / "output.txt"  # a file, not a pipe: a pipe nobody reads while the test waits could fill
+    held = socket.socket()  # 8265 taken, as another Ray on the machine would hold it
+    if ray_runtime._port_free(ray_runtime.DASHBOARD_PORT):
+        held.bind(("127.0.0.1", ray_runtime.DASHBOARD_PORT))
+        held.listen()
+    run_dir = runs / "quickstart" / "listen"
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
-    run_dir = runs / "quickstart" / "listen"
     try:
         wait_for_path(run_dir / "held-0-1", lambda: proc.poll() is None, what=f"the run (output: {log})")
         meta = ckpt.read_meta(ckpt.latest_checkpoint(run_dir / "checkpoints"))
@@ -55,12 +66,38 @@ def test_embedded_run_listens_on_loopback_only_while_training_and_prints_no_ray_
         assert any(pid in workers for _, _, pid, _ in found), found
         public = [f for f in found if not is_loopback(f[0])]
         assert not public, f"listening beyond loopback: {public}"
+
+        # Beside the Ray that holds 8265: the dashboard elsewhere, said so, and answering there (401: Ray's token
+        # authentication is on); the workers' RAY_ADDRESS is this Ray's GCS, not whichever "auto" finds first.
+        url = re.search(rf"embedded Ray: dashboard at (\S+) \({ray_runtime.DASHBOARD_PORT} is in use",
+                        log.read_text()).group(1)
+        assert not url.endswith(f":{ray_runtime.DASHBOARD_PORT}")
+        try:
+            urllib.request.urlopen(url + "/api/version", timeout=30).close()
+        except urllib.error.HTTPError as e:
+            assert e.code == 401, e
+        gcs = next(cmdline(p) for p in tree if "gcs_server" in cmdline(p).split(" ")[0])
+        gcs_port = re.search(r"--gcs_server_port=(\d+)", gcs).group(1)
+        for pid in workers:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"RAY_ADDRESS=127.0.0.1:{gcs_port}".encode() in environ, pid
+        logs = Path(re.search(r"--log_dir=(\S+)", gcs).group(1))
+        for name in ("dashboard.log", "monitor.log"):  # their metrics servers bound (44227 / 44217 may be taken)
+            text = (logs / name).read_text()
+            assert "metrics server" in text and "Address already in use" not in text, (name, text[-2000:])
+
         (run_dir / "release-0-1").touch()
         proc.wait(timeout=600)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        held.close()
+        if proc.poll() is None:  # a check failed while the run held: release it so it ends (and its Ray with it)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "release-0-1").touch()
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     out = log.read_text()
     assert proc.returncode == 0, out[-4000:]
     assert "== phase 2/2: evaluate ==" in out, out[-3000:]
