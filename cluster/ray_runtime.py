@@ -83,18 +83,17 @@ def _token_auth_quietly() -> Iterator[None]:
 
     Ray 2.60 turns token authentication on for a new local Ray, logs a WARNING saying so on every start,
     and the first time an INFO line that it generated ~/.ray/auth_token. Both read as failures to a user.
-    The project keeps the protection and says so itself, once: RAY_AUTH_MODE=token is set explicitly (as
-    Ray would; a value the user set wins, without a word from Ray), and the token's creation is one line
-    of ours. Ray's CLI and dashboard ask for that token (``ray get-auth-token``).
+    Ray's behaviour is kept (its mode, its token file; a RAY_AUTH_MODE the user set still wins) and its
+    logger for this is quieted while Ray starts; the token's creation is one line of ours. Ray's CLI and
+    dashboard ask for that token (``ray get-auth-token``).
     """
     import logging
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     token = Path.home() / ".ray" / "auth_token"
     had_token = token.exists() or bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
     log = logging.getLogger("ray._private.authentication.authentication_token_setup")
     level = log.level
-    log.setLevel(logging.WARNING)
+    log.setLevel(logging.ERROR)
     try:
         yield
     finally:
