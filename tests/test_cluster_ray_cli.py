@@ -28,7 +28,7 @@ from trainer import checkpoint as ckpt
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/quickstart.yaml"
-# tinycnn on a real CIFAR-10 subset, 2 workers (one per node of a 2 x 1-CPU cluster), a few steps per phase.
+# tinycnn on a real CIFAR-10 subset, 2 workers (one per 1-CPU node of the cluster), a few steps per phase.
 TINY = ["model.name=tinycnn", "data.train_subset=512", "data.eval_subset=256", "data.batch_size=64",
         "data.eval_batch_size=128", "log_every=1", "compression.format=svd", "compression.exclude=[]",
         "compression.min_channels=3", "cluster.num_workers=2", "admm.unit=step", "admm.interval=2",

@@ -20,7 +20,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_run_holds_after_the_checkpoint_until_released(tiny, monkeypatch):
     monkeypatch.setattr(HoldGate, "POLL_S", 0.02)
-    cfg = tiny("phases=[{kind: pretrain, epochs: 3, steps_per_epoch: 2}, {kind: evaluate}]",
+    cfg = tiny("phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 2}, {kind: evaluate}]",
                "debug.hold_at={phase: 0, epoch: 1}", "run_name=held")
     run_dir = Path(cfg.cluster.storage) / "tiny" / "held"
     result: dict = {}
@@ -43,7 +43,7 @@ def test_run_holds_after_the_checkpoint_until_released(tiny, monkeypatch):
         thread.join(timeout=300)
     assert not thread.is_alive() and "info" in result
     last = [p for p in ckpt.checkpoint_dirs(run_dir / "checkpoints") if ckpt.read_meta(p)["phase"] == "pretrain"][-1]
-    assert ckpt.read_meta(last)["epoch"] == 3 and ckpt.read_meta(last)["phase_done"]
+    assert ckpt.read_meta(last)["epoch"] == 2 and ckpt.read_meta(last)["phase_done"]
 
 
 def test_hold_happens_once_and_gives_up_after_its_timeout(tmp_path):
