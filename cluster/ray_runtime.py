@@ -77,6 +77,32 @@ def _loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+@contextmanager
+def _token_auth_quietly() -> Iterator[None]:
+    """Ray's token authentication for the embedded Ray, without its notices.
+
+    Ray 2.60 turns token authentication on for a new local Ray, logs a WARNING saying so on every start,
+    and the first time an INFO line that it generated ~/.ray/auth_token. Both read as failures to a user.
+    Ray's behaviour is kept (its mode, its token file; a RAY_AUTH_MODE the user set still wins) and its
+    logger for this is quieted while Ray starts; the token's creation is one line of ours. Ray's CLI and
+    dashboard ask for that token (``ray get-auth-token``).
+    """
+    import logging
+
+    token = Path.home() / ".ray" / "auth_token"
+    had_token = token.exists() or bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+    if not had_token and token.exists():
+        print(f"embedded Ray: token authentication on; its token was created in {token} (Ray's CLI and "
+              "dashboard ask for it)", flush=True)
+
+
 def _cluster_address(address: str) -> str:
     """``auto`` made explicit: inside a Ray job the job server sets RAY_ADDRESS to its own cluster's GCS.
 
@@ -166,11 +192,14 @@ def ensure_ray(c: ClusterConfig) -> None:
     need = c.num_workers * c.cpus_per_worker
     port, gcs_port = embedded_dashboard_port(), free_port()
     env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"  # only the workers': the driver's would mean "connect"
+    # Ray Train's preemption watcher polls for node drains, which a single local node never has; its actor,
+    # force-killed at every end of training, left an error line (E) in the run's output.
+    env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     # Ray's dashboard and autoscaler take fixed Prometheus ports (44227, 44217) unless told otherwise in their
     # environment; a second Ray on the machine then logged bind errors. (The dashboard agent's HTTP port, 52365,
     # cannot be set through ray.init: taken, that agent serves no HTTP, which only Ray Jobs use.) The GCS port
     # is read from the environment too, so the workers' RAY_ADDRESS can be known before Ray starts.
-    with _environ({**metrics_port_env(), "RAY_GCS_SERVER_PORT": str(gcs_port)}):
+    with _environ({**metrics_port_env(), "RAY_GCS_SERVER_PORT": str(gcs_port)}), _token_auth_quietly():
         ray.init(num_cpus=max(need, local_cpus()), num_gpus=torch.cuda.device_count() if gpu else 0,
                  # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls;
                  # without it that cleaner logs a warning every few seconds. Loopback only.
@@ -205,7 +234,9 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 def run_ray(job: WorkerJob, c: ClusterConfig, run_name: str) -> Any:
     """Run ``job`` on ``c.num_workers`` Ray Train workers; returns the Ray Result."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from cluster.rendezvous import BoundTorchConfig
 
     ensure_ray(c)
     gpu = wants_gpu(c)
@@ -214,7 +245,8 @@ def run_ray(job: WorkerJob, c: ClusterConfig, run_name: str) -> Any:
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        # Rank 0's rendezvous listens on its node's address only, not on every interface.
+        torch_config=BoundTorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=str(Path(c.storage, "_ray").resolve()),
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              worker_runtime_env={"env_vars": worker_env(gpu)}),

@@ -106,3 +106,59 @@ def local_cluster_up(directory: Path, nodes: int, cli: bool = False) -> Iterator
         while pids_naming(markers) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not pids_naming(markers), f"processes of the cluster left running: {pids_naming(markers)}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One `tdcompress cluster up --nodes 3` (separate `ray start` processes on 127.0.0.1, one CPU each, plus its
+    MLflow server) shared by every cluster test of the session, stopped by the pids its state file records.
+
+    Three nodes: the node-failure test kills one holding a worker, and the 2-worker runs after it still find two.
+    """
+    with local_cluster_up(tmp_path_factory.mktemp("cluster"), 3, cli=True) as state:
+        yield state
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, or ::ffff:127.x (an IPv4 loopback address on a dual-stack socket)."""
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+
+
+def process_tree(pid: int) -> set[int]:
+    """``pid`` and all its descendants now (empty when it is gone)."""
+    import psutil
+
+    try:
+        return {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
+    except psutil.Error:
+        return set()
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def listeners(pids: set[int]) -> list[tuple[str, int, int, str]]:
+    """(address, port, pid, command line) of every TCP socket in LISTEN state owned by one of ``pids``,
+    IPv4 and IPv6 (what /proc/net/tcp{,6} list, matched to the pids' socket inodes by psutil)."""
+    import psutil
+
+    return [(c.laddr.ip, c.laddr.port, c.pid, cmdline(c.pid)[:80]) for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids]
+
+
+def wait_for_path(path: Path, alive, timeout: float = 600, what: str = "the run") -> None:
+    """Until ``path`` exists (a state the run reaches, not a log line); fails at once when ``alive()`` turns false."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if not alive():
+            raise AssertionError(f"{what} ended before {path} appeared")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {path} after {timeout} s")
+        time.sleep(0.5)

@@ -1,16 +1,13 @@
 """Checks behind running on a cluster that need no cluster: relative paths inside a Ray job, no address inside a
-job, `submit --resume`, the command lines of configs/cluster/* for a multi-node run, and the embedded Ray's ports
-when another Ray (another local run, a study) holds 8265 (that one starts Ray: marked ray + slow).
+job, `submit --resume`, the command lines of configs/cluster/* for a multi-node run, and the choice of the embedded
+Ray's ports (a run beside another Ray on 8265: tests/test_run_listeners.py).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -148,58 +145,3 @@ def test_ray_cluster_definition_submit_plans_the_run(monkeypatch):
         plan_submission(str(PROJECT / args[0]), [*args[1:], f"tracking.uri=http://127.0.0.1:{local_cluster.free_port()}"],
                         None, False, None, {})
 
-
-EMBEDDED = """
-import urllib.error, urllib.request
-import ray
-from cluster.config import ClusterConfig
-from cluster.ray_runtime import ensure_ray
-ensure_ray(ClusterConfig(num_workers=1, use_gpu="no", object_store_mb=80))
-url = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
-try:  # the dashboard answers there (401 when Ray's token authentication is on, as Ray 2.60 defaults to)
-    urllib.request.urlopen(url + "/api/version", timeout=30).close()
-except urllib.error.HTTPError as e:
-    assert e.code == 401, e
-print("URL", url, flush=True)
-
-
-@ray.remote(num_cpus=0)
-def address():
-    import os
-    return os.environ.get("RAY_ADDRESS")
-
-
-# Ray Train's actors resolve the cluster from RAY_ADDRESS: this Ray's GCS, not whichever "auto" finds first.
-print("GCS", ray.get_runtime_context().gcs_address, ray.get(address.remote(), timeout=120), flush=True)
-print("LOGS", ray._private.worker.global_worker.node.get_logs_dir_path(), flush=True)
-ray.shutdown()
-"""
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_embedded_ray_beside_another_on_8265():
-    """A local run while 8265 is taken (another run, the study, any Ray): its embedded Ray serves its dashboard
-    on a free port, says where, and starts; its Prometheus endpoints do not collide either, and its workers have
-    its own GCS address as RAY_ADDRESS."""
-    held = socket.socket()
-    try:
-        if ray_runtime._port_free(ray_runtime.DASHBOARD_PORT):
-            held.bind(("127.0.0.1", ray_runtime.DASHBOARD_PORT))
-            held.listen()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-        r = subprocess.run([sys.executable, "-c", EMBEDDED], cwd=PROJECT, env=env, capture_output=True, text=True,
-                           timeout=300)
-    finally:
-        held.close()
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-3000:]
-    url = re.search(r"^URL (\S+)$", r.stdout, re.M).group(1)
-    assert not url.endswith(f":{ray_runtime.DASHBOARD_PORT}")
-    assert f"embedded Ray: dashboard at {url} ({ray_runtime.DASHBOARD_PORT} is in use" in r.stdout
-    gcs, seen = re.search(r"^GCS (\S+) (\S+)$", r.stdout, re.M).groups()
-    assert seen == gcs, (seen, gcs)
-    logs = Path(re.search(r"^LOGS (\S+)$", r.stdout, re.M).group(1))
-    for name in ("dashboard.log", "monitor.log"):  # their metrics servers bound (44227 / 44217 may be taken)
-        text = (logs / name).read_text()
-        assert "metrics server" in text and "Address already in use" not in text, (name, text[-2000:])

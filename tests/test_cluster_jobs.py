@@ -1,18 +1,17 @@
-"""`tdcompress cluster up|down`, `submit` and `jobs` against a real 2-node Ray cluster of separate `ray start`
+"""`tdcompress cluster up|down`, `submit` and `jobs` against a real Ray cluster of separate `ray start`
 processes on 127.0.0.1 (plus its MLflow server), and the checks that refuse a run before anything is submitted.
 
-The cluster is started once for the module and stopped in the fixture's teardown, by the pids its
-state file records; the teardown then checks that no process of the cluster is left.
+The cluster is the session's (tests/conftest.py `ray_cluster`): started once for every cluster test and stopped
+at the end, by the pids its state file records; the teardown then checks that no process of the cluster is left.
 """
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
 import pytest
-from conftest import local_cluster_up
+from conftest import wait_for_path
 
 from cluster import jobs, local_cluster
 from cluster.ray_runtime import _beside_job_env
@@ -66,13 +65,12 @@ def test_bad_address_and_no_cluster(tmp_path, monkeypatch, capsys):
     assert "no cluster is up" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- a real 2-node cluster
+# ---------------------------------------------------------------- the session's cluster
 
-@pytest.fixture(scope="module")
-def cluster2(tmp_path_factory):
+@pytest.fixture
+def cluster2(ray_cluster):
     # 3 nodes: the node-failure test kills one holding a worker; the 2 workers restart on the 2 left.
-    with local_cluster_up(tmp_path_factory.mktemp("cluster"), 3) as state:
-        yield state
+    return ray_cluster
 
 
 def _submit(state, capsys, *overrides: str) -> tuple[int, str, str]:
@@ -214,30 +212,40 @@ def test_worker_node_killed_mid_admm_resumes(cluster2, tmp_path, cifar_root, mon
     monkeypatch.setenv("TDC_DATA_ROOT", str(cifar_root))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     target = jobs.resolve_target(None, cluster2.dir)
-    # ResNet-20 and 3 x 20 ADMM steps: long enough that the node dies mid-ADMM on an idle host too (the
-    # job log reaches the test a second or two after the line it shows was printed).
-    phases = ("phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 3}, {kind: admm, epochs: 3, steps_per_epoch: 20},"
+    # ResNet-20, 2 ADMM epochs of 6 steps; the run holds after the first one's checkpoint (debug.hold_at) until
+    # the node is down, so the node dies mid-ADMM, after that checkpoint, whatever the host's speed.
+    phases = ("phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 3}, {kind: admm, epochs: 2, steps_per_epoch: 6},"
               " {kind: evaluate}]")
     bigger = ("model.name=resnet20", "data.train_subset=1280")
     runs = tmp_path / "runs"
     code, job, text = _submit(cluster2, capsys, f"cluster.storage={runs}", "run_name=fault", phases, *bigger,
-                              "cluster.max_failures=1")
+                              "cluster.max_failures=1", "debug.hold_at={phase: 1, epoch: 1}")
     assert code == 0, text
-    log, killed_at, back_at = "", None, None
+    run_dir = runs / "quickstart" / "fault"
+
+    def running() -> bool:
+        status = jobs.status(target, job).status
+        return getattr(status, "value", status) in ("PENDING", "RUNNING")
+
+    wait_for_path(run_dir / "held-1-1", running, what=f"job {job}")
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(run_dir / "checkpoints"))
+    assert (meta["phase"], meta["epoch"], meta["phase_done"]) == ("admm", 1, False), meta
+    for pid in _a_worker_node(cluster2):  # the node goes down: its raylet and its workers
+        os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    log, back_at, mark = "", None, 0
     for chunk in jobs.follow(target, job):
         log += chunk
-        if killed_at is None and "[admm] epoch 2/3 step 1/" in log:  # after the first admm epoch's checkpoint
-            for pid in _a_worker_node(cluster2):  # the node goes down: its raylet and its workers
-                os.kill(pid, signal.SIGKILL)
-            killed_at, mark = time.monotonic(), len(log)
-        elif killed_at is not None and back_at is None and "[resume] from" in log[mark:]:
+        if back_at is None and "[resume] from" in log[mark:]:
             resumed = log.index("[resume] from", mark)
-            # Training again: the first step after the resume (epoch 2 or, when the group failed after
-            # epoch 2's checkpoint on a fast host, epoch 3).
-            if re.search(r"\[admm\] epoch [23]/3 step 1/", log[resumed:]):
+            # Training again: the first step after the resume (from the held checkpoint: epoch 2). The time is
+            # measured, not asserted; the log only dates the moment.
+            if "[admm] epoch 2/2 step 1/" in log[resumed:]:
                 back_at = time.monotonic()
+            else:
+                mark = resumed
     assert _wait(target, job, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", log[-3000:]
-    assert killed_at is not None and back_at is not None, log[-3000:]
+    assert back_at is not None, log[-3000:]
     with capsys.disabled():
         print(f"\nkill -> training again: {back_at - killed_at:.1f} s")
 
@@ -248,7 +256,7 @@ def test_worker_node_killed_mid_admm_resumes(cluster2, tmp_path, cifar_root, mon
     assert _wait(target, ref_job, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED"
     ref = _admm_checkpoint(runs / "quickstart" / "ref")
     got = _admm_checkpoint(runs / "quickstart" / "fault")
-    assert got["updates"] == ref["updates"] == 30 and got["rho"] == ref["rho"]  # 60 steps, one Z-update per 2
+    assert got["updates"] == ref["updates"] == 6 and got["rho"] == ref["rho"]  # 12 steps, one Z-update per 2
     assert got["weights"].keys() == ref["weights"].keys()
     for k in ref["weights"]:
         torch.testing.assert_close(got["weights"][k], ref["weights"][k], rtol=1e-4, atol=1e-5)

@@ -1,11 +1,12 @@
-"""Ray's own CLI against `tdcompress cluster up --nodes 2`, and a job whose driver dies and is resumed (tests that
-need no cluster: tests/test_cluster_checks.py).
+"""Ray's own CLI against `tdcompress cluster up` (the session's cluster, tests/conftest.py), and a job whose driver
+dies and is resumed (tests that need no cluster: tests/test_cluster_checks.py).
 
 Marked ray + slow: `ray job submit` exactly as README.md documents it, through each pitfall
 a user met (token auth, the job's PATH, TDC_* in the job's runtime env, "auto" with other Ray instances on
 the machine, relative paths in Ray's working-dir cache), worker lines once in a job's log, and a job whose
-driver is killed mid-ADMM continued by `tdcompress submit --resume RUN`. Every process the cluster starts is
-stopped by the fixture, by the pids its state file records.
+driver is killed mid-ADMM continued by `tdcompress submit --resume RUN`, and, while that job trains, every listener
+of the cluster on its address only. Every process the cluster starts is stopped by the fixture, by the pids its
+state file records.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import local_cluster_up, pids_naming
+from conftest import cmdline, is_loopback, listeners, pids_naming, process_tree, wait_for_path
 
 from cluster import jobs
 from launcher.cli import main
@@ -27,7 +28,7 @@ from trainer import checkpoint as ckpt
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/quickstart.yaml"
-# tinycnn on a real CIFAR-10 subset, 2 workers (one per node of a 2 x 1-CPU cluster), a few steps per phase.
+# tinycnn on a real CIFAR-10 subset, 2 workers (one per 1-CPU node of the cluster), a few steps per phase.
 TINY = ["model.name=tinycnn", "data.train_subset=512", "data.eval_subset=256", "data.batch_size=64",
         "data.eval_batch_size=128", "log_every=1", "compression.format=svd", "compression.exclude=[]",
         "compression.min_channels=3", "cluster.num_workers=2", "admm.unit=step", "admm.interval=2",
@@ -36,28 +37,11 @@ TINY = ["model.name=tinycnn", "data.train_subset=512", "data.eval_subset=256", "
 PROGRESS = "[pretrain] epoch 1/1 step 1/3 "  # a line rank 0 prints once
 
 
-# ---------------------------------------------------------------- a real 2-node cluster
+# ---------------------------------------------------------------- the session's cluster (conftest.ray_cluster)
 
-def _tree(pid: int) -> set[int]:
-    import psutil
-
-    try:
-        return {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
-    except psutil.Error:
-        return set()
-
-
-def _loopback(ip: str) -> bool:
-    import ipaddress
-
-    addr = ipaddress.ip_address(ip.split("%")[0])
-    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback  # ::ffff:127.0.0.1 on a dual-stack socket
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with local_cluster_up(tmp_path_factory.mktemp("raycli"), 2, cli=True) as state:
-        yield state
+@pytest.fixture
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 def _ray_job_submit(cluster, env: dict[str, str], cifar_root: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -116,12 +100,9 @@ def test_ray_job_submit_as_documented(cluster, tmp_path, cifar_root):
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
 
     # Every server of the cluster (GCS, raylets, agents, dashboard, workers, MLflow) listens on loopback only.
-    import psutil
-
-    procs = {p for pid in pids_naming((cluster.dir, cluster.temp_dir)) for p in _tree(pid)}
-    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in procs]
+    listening = listeners(_cluster_processes(cluster))
     assert listening, "found no listener of the cluster: the check would pass vacuously"
-    public = [(c.laddr.ip, c.laddr.port, c.pid) for c in listening if not _loopback(c.laddr.ip)]
+    public = [f for f in listening if not is_loopback(f[0])]
     assert not public, f"listening beyond loopback: {public}"
 
     # A relative cluster.storage would land in Ray's cache: the driver refuses it, saying what to pass.
@@ -150,53 +131,68 @@ def _follow(target, job_id: str, on_chunk=None) -> str:
         log += chunk
         if on_chunk:
             on_chunk(log)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # the job's end is a state the job server reaches after the log ends
     while _status(target, job_id) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
         time.sleep(1)
     return log
 
 
+def _cluster_processes(cluster) -> set[int]:
+    """Every process of the cluster now: its nodes' Ray processes (raylets, GCS, agents, dashboard), what they
+    started (job drivers, Ray Train workers) and its MLflow server."""
+    return {p for pid in pids_naming((cluster.dir, cluster.temp_dir)) for p in process_tree(pid)}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_driver_killed_then_submit_resume_continues(cluster, tmp_path, cifar_root, monkeypatch, capsys):
-    """SIGKILL the job's driver mid-ADMM (after a checkpoint): the job fails, its workers go with it; `tdcompress
-    submit --resume RUN` continues from the newest checkpoint (not from the start) and finishes."""
+    """SIGKILL the job's driver mid-ADMM (after a checkpoint that is not the phase's last): the job fails, its
+    workers go with it; `tdcompress submit --resume RUN` continues from that checkpoint (not from the start) and
+    finishes. While the job trains, every process of the cluster, rank 0's included, listens on the cluster's
+    address (127.0.0.1) only."""
     monkeypatch.setenv("TDC_DATA_ROOT", str(cifar_root))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     target = jobs.resolve_target(None, cluster.dir)
     runs = tmp_path / "runs"
-    # 3 ADMM epochs of 12 steps, a checkpoint after each: killed in epoch 2 (or 3, where the log comes late).
-    longer = ["data.train_subset=1536", "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 3}, "
-              "{kind: admm, epochs: 3, steps_per_epoch: 12}, {kind: evaluate}]"]
-    code, job, text = _submit(cluster, capsys, *longer, f"cluster.storage={runs}", "run_name=driver")
+    # 2 ADMM epochs of 4 steps; the run holds after the first one's checkpoint (debug.hold_at) until the driver
+    # is killed, so that checkpoint is the newest whatever the host's speed.
+    held = ["phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 3}, {kind: admm, epochs: 2, steps_per_epoch: 4},"
+            " {kind: evaluate}]", "debug.hold_at={phase: 1, epoch: 1}"]
+    code, job, text = _submit(cluster, capsys, *held, f"cluster.storage={runs}", "run_name=driver")
     assert code == 0, text
-    killed = []
-
-    def kill_driver(log: str) -> None:
-        if not killed and "[admm] epoch 2/3 step 1/" in log:  # the first ADMM epoch's checkpoint exists
-            pid = int(jobs.status(target, job).driver_info.pid)
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    log = _follow(target, job, kill_driver)
-    assert killed, log[-3000:]
-    assert _status(target, job) == "FAILED", log[-3000:]
     run_dir = runs / "quickstart" / "driver"
+    wait_for_path(run_dir / "held-1-1", lambda: _status(target, job) in ("PENDING", "RUNNING"), what=f"job {job}")
     before = ckpt.read_meta(ckpt.latest_checkpoint(run_dir / "checkpoints"))
-    assert before["phase"] == "admm" and not before["phase_done"], before
+    assert (before["phase"], before["epoch"], before["phase_done"]) == ("admm", 1, False), before
 
-    code, job2, text = _submit(cluster, capsys, *longer, f"cluster.storage={runs}", "--resume", "driver")
+    # Training is under way on both nodes: the cluster's listeners, sampled now, include rank 0's rendezvous.
+    procs = _cluster_processes(cluster)
+    workers = {p for p in procs if cmdline(p).startswith("ray::RayTrainWorker")}
+    assert len(workers) == 2, [cmdline(p) for p in procs]
+    found = listeners(procs)
+    assert any(pid in workers for _, _, pid, _ in found), found
+    elsewhere = [f for f in found if not is_loopback(f[0])]
+    assert not elsewhere, f"listening beyond the cluster's address 127.0.0.1: {elsewhere}"
+
+    pid = int(jobs.status(target, job).driver_info.pid)
+    os.kill(pid, signal.SIGKILL)
+    log = _follow(target, job)
+    assert _status(target, job) == "FAILED", log[-3000:]
+    after = ckpt.read_meta(ckpt.latest_checkpoint(run_dir / "checkpoints"))
+    assert after == before, "the run moved on after its driver was killed"
+
+    code, job2, text = _submit(cluster, capsys, *held, f"cluster.storage={runs}", "--resume", "driver")
     assert code == 0 and "run_name=driver" in text and "resume=true" in text, text
     log2 = _follow(target, job2)
     assert _status(target, job2) == "SUCCEEDED", log2[-3000:]
-    # Resumed, not restarted: from the ADMM checkpoint, no pretrain again, and every Z-update once.
-    assert re.search(r"\[resume\] from \S+ \(phase 1 'admm', epoch \d+,", log2), log2[-3000:]
+    # Resumed, not restarted: from the ADMM checkpoint, no pretrain again, no second hold, every Z-update once.
+    assert re.search(r"\[resume\] from \S+ \(phase 1 'admm', epoch 1,", log2), log2[-3000:]
     assert "== phase 1/3: pretrain ==" not in log2 and "[pretrain] epoch" not in log2
     final = [p for p in sorted((run_dir / "checkpoints").glob("ckpt-*")) if p.is_dir()
              and ckpt.read_meta(p)["phase"] == "admm"][-1]
     assert ckpt.read_meta(final)["phase_done"]
-    assert ckpt.load_rank(final, 0)["admm"]["updates"] == 18  # 36 steps, one Z-update per 2
+    assert ckpt.load_rank(final, 0)["admm"]["updates"] == 4  # 8 steps, one Z-update per 2
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(cluster.mlflow_uri)

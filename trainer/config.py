@@ -213,10 +213,31 @@ class FailAt:
 
 
 @dataclass
+class HoldAt:
+    """Where a run waits, once, for a test: after the checkpoint of ``epoch`` (1-based) of phase ``phase``.
+
+    Rank 0 writes ``<run dir>/held-<phase>-<epoch>`` when every rank waits; they go on when a file
+    ``release-<phase>-<epoch>`` appears there, and fail after ``timeout_s`` seconds without one.
+    """
+
+    phase: int
+    epoch: int
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        check(self.phase >= 0, "phase", f"must be >= 0, got {self.phase}")
+        check(self.epoch >= 1, "epoch", f"must be >= 1 (epochs count from 1), got {self.epoch}")
+        check(0 < self.timeout_s <= 3600, "timeout_s", f"must be in (0, 3600] seconds, got {self.timeout_s}")
+
+
+@dataclass
 class DebugConfig:
     # Fail once at this point, to test recovery (cluster.max_failures, resume=true). Logged with
     # the run's params like every other setting; null (the default) never fails.
     fail_at: FailAt | None = None
+    # Wait once at this point until the test says go: a fault test acts while the run is in a known
+    # state (a checkpoint that is not the phase's last, training under way) instead of racing it.
+    hold_at: HoldAt | None = None
 
 
 @dataclass(kw_only=True)
@@ -246,6 +267,12 @@ class WorkerConfig:
                   f"must be the index of a training phase ({', '.join(TRAINING_PHASES)}), got {fail.phase}")
             check(fail.epoch <= self.phases[fail.phase].epochs, "debug.fail_at.epoch",
                   f"phase {fail.phase} runs {self.phases[fail.phase].epochs} epochs, got {fail.epoch}")
+        hold = self.debug.hold_at
+        if hold is not None:
+            check(hold.phase < len(self.phases) and self.phases[hold.phase].trains, "debug.hold_at.phase",
+                  f"must be the index of a training phase ({', '.join(TRAINING_PHASES)}), got {hold.phase}")
+            check(hold.epoch <= self.phases[hold.phase].epochs, "debug.hold_at.epoch",
+                  f"phase {hold.phase} runs {self.phases[hold.phase].epochs} epochs, got {hold.epoch}")
 
 
 def check_phases(phases: list[PhaseConfig]) -> None:

@@ -20,7 +20,7 @@ from trainer.context import WorkerContext
 from trainer.data import set_loader_epoch
 from trainer.decompose import decompose_model_phase, measured_flops
 from trainer.engine import build_engine, resolve_precision
-from trainer.faults import FailureInjector
+from trainer.faults import FailureInjector, HoldGate
 from trainer.loop import average_batchnorm_stats, evaluate, train_epoch
 from trainer.stateful import CheckpointRegistry, ModelState, ZeroOptimizerState, fingerprint
 
@@ -61,7 +61,8 @@ def save(ctx: WorkerContext, index: int, reg: CheckpointRegistry, state: LoopSta
 
 
 def components_for(ctx: WorkerContext, index: int, model: nn.Module) -> list[Component]:
-    """The components phase ``index`` runs: ADMM in an admm phase, the failure injector where configured."""
+    """The components phase ``index`` runs: ADMM in an admm phase, the failure injector and hold gate where
+    configured."""
     cfg, kind = ctx.cfg, ctx.cfg.phases[index].kind
     out: list[Component] = []
     if kind == "admm":
@@ -73,6 +74,9 @@ def components_for(ctx: WorkerContext, index: int, model: nn.Module) -> list[Com
     fail = cfg.debug.fail_at
     if fail is not None and fail.phase == index:
         out.append(FailureInjector(fail, index, ctx.run_dir, ctx.rank))
+    hold = cfg.debug.hold_at
+    if hold is not None and hold.phase == index:
+        out.append(HoldGate(hold, index, ctx.run_dir, ctx.rank))
     return out
 
 
