@@ -7,6 +7,7 @@ the same list. The import direction itself is checked by import-linter
 """
 from __future__ import annotations
 
+import ast
 import typing
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from trainer.data import DATASET_SHAPES
 from trainer.faults import FailureInjector
 from trainer.models import MODEL_BUILDERS, build_model
 from trainer.phases import PHASES
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _allowed(cls: type, field: str) -> tuple:
@@ -64,3 +67,28 @@ def test_components_meet_the_contract(tmp_path: Path):
     for comp in (admm, injector):
         assert isinstance(comp, Component), type(comp).__name__
     assert admm.name != injector.name  # their checkpoint keys
+
+
+def _imports_and_calls(path: Path) -> tuple[set[str], set[str]]:
+    """The modules ``path`` imports and the plain names and attributes it calls."""
+    tree = ast.parse(path.read_text())
+    imported: set[str] = set()
+    called: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+            imported.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Call):
+            f = node.func
+            called.add(f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else "")
+    return imported, called
+
+
+def test_admm_runs_no_collectives_and_no_io():
+    """admm is method code: communication and I/O are handed in by the trainer (a comm, a log callable)."""
+    for path in sorted((REPO / "admm").rglob("*.py")):
+        imported, called = _imports_and_calls(path)
+        assert not any(m == "torch.distributed" or m.startswith("torch.distributed.") for m in imported), path
+        assert not {"print", "open", "write_text", "write_bytes", "savefig", "mkdir"} & called, path

@@ -19,7 +19,7 @@ import requests
 
 from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import phases, tracking
+from trainer import tracking, training_phase
 from trainer.component import ComponentBase
 from trainer.faults import InjectedFailure
 
@@ -110,8 +110,8 @@ def test_training_outlives_the_tracking_server_and_loses_no_metric(tiny, tmp_pat
             elif loop_state.epoch == 3:
                 server.start()
 
-    real_components = phases.components_for
-    monkeypatch.setattr(phases, "components_for", lambda ctx, index, model: [
+    real_components = training_phase.components_for
+    monkeypatch.setattr(training_phase, "components_for", lambda ctx, index, model: [
         *real_components(ctx, index, model), *([Outage()] if index == 0 else [])])
     try:
         server.start()

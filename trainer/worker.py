@@ -22,11 +22,12 @@ from trainer.context import WorkerContext, WorkerJob
 from trainer.data import load_datasets, make_loader
 from trainer.engine import prepare_deepspeed_env
 from trainer.init_weights import apply_init, report_init_accuracy
-from trainer.loop import rank_and_world
 from trainer.models import build_model
-from trainer.phases import run_phase, step_offset
+from trainer.phases import run_phase
+from trainer.ranks import rank_and_world
 from trainer.stateful import restore_model
 from trainer.tracking import Tracker
+from trainer.training_phase import step_offset
 
 
 def seed_everything(seed: int) -> None:
