@@ -50,7 +50,6 @@ __all__ = [
     "TTLayer",
     "Tucker2Layer",
     "factorize_module",
-    "module_from_spec",
 ]
 
 
@@ -300,7 +299,7 @@ FACTORED_LAYERS: dict[str, type[FactoredLayer]] = {
 }
 
 
-def _layer_class(fmt: str) -> type[FactoredLayer]:
+def layer_class(fmt: str) -> type[FactoredLayer]:
     try:
         return FACTORED_LAYERS[fmt]
     except KeyError:
@@ -310,14 +309,4 @@ def _layer_class(fmt: str) -> type[FactoredLayer]:
 def factorize_module(module: nn.Conv2d | nn.Linear, fmt: str, rank: RankSpec,
                      weight: Tensor | None = None) -> FactoredLayer:
     """The factored layer of ``fmt`` at ``rank`` for a dense ``module`` (factors from ``weight`` if given)."""
-    return _layer_class(fmt).from_dense(module, rank, weight=weight)
-
-
-def module_from_spec(spec: dict[str, Any], *, device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None) -> FactoredLayer:
-    """Rebuild a factored layer (zero factors) from :meth:`FactoredLayer.spec`, ready for ``load_state_dict``."""
-    if spec.get("parametrization") == "usv":  # svd mid-way through rank pruning (admm.layers_prune)
-        from admm.layers_prune import PrunableSVDLayer
-
-        return PrunableSVDLayer.empty(spec, device=device, dtype=dtype)
-    return _layer_class(str(spec.get("format"))).empty(spec, device=device, dtype=dtype)
+    return layer_class(fmt).from_dense(module, rank, weight=weight)

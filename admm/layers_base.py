@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
-from admm.projections_base import RankSpec, _computing, validate_rank
+from admm.projections_base import RankSpec, computing, validate_rank
 
 __all__ = ["FactoredLayer", "Geometry", "Padding", "assign"]
 
@@ -187,7 +187,7 @@ class FactoredLayer(nn.Module):
             raise ValueError(f"weight of shape {tuple(source.shape)} does not fit the layer's "
                              f"{geometry.weight_shape}")
         layer = cls(geometry, rank, device=module.weight.device, dtype=module.weight.dtype)
-        with _computing(source) as w, torch.no_grad():
+        with computing(source) as w, torch.no_grad():
             layer._init_factors(w)
             if module.bias is not None:
                 layer.bias.copy_(module.bias)

@@ -92,3 +92,18 @@ def test_admm_runs_no_collectives_and_no_io():
         imported, called = _imports_and_calls(path)
         assert not any(m == "torch.distributed" or m.startswith("torch.distributed.") for m in imported), path
         assert not {"print", "open", "write_text", "write_bytes", "savefig", "mkdir"} & called, path
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A leading underscore means "this module only": another module that needs the name needs it public.
+
+    Product code only: a test may reach into a module to check one of its helpers.
+    """
+    ours = ("launcher", "cluster", "trainer", "admm", "bench")
+    found = []
+    for path in sorted(p for d in ours for p in (REPO / d).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ours:
+                found += [f"{path.relative_to(REPO)}: {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.distributed as dist
-
 from trainer.component import ComponentBase, LoopState
 from trainer.config import FailAt
+from trainer.ranks import barrier
 
 
 class InjectedFailure(RuntimeError):
@@ -31,15 +30,12 @@ class FailureInjector(ComponentBase):
     def on_checkpoint(self, loop_state: LoopState) -> None:
         if self.phase_index != self.at.phase or loop_state.epoch != self.at.epoch:
             return
-        distributed = dist.is_available() and dist.is_initialized()
         # Every rank decides before anyone writes the marker, so all ranks agree on whether to fail.
         fire = not self.marker.exists()
-        if distributed:
-            dist.barrier()
+        barrier()
         if fire and self.rank == 0:
             self.marker.touch()
-        if distributed:
-            dist.barrier()
+        barrier()
         if fire and (self.at.rank is None or self.at.rank == self.rank):
             raise InjectedFailure(f"injected failure after phase {self.at.phase} epoch {self.at.epoch} "
                                   f"on rank {self.rank} (debug.fail_at)")

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.data import IMAGENET_STATS, DatasetError, Datasets
+from trainer.data_common import IMAGENET_STATS, DatasetError, Datasets
 from trainer.decode import (
     decode_batch_gpu,
     decode_eval,

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from trainer.data import DatasetError
+from trainer.data_common import DatasetError
 
 _EPOCH_TAG = 0x5EA5  # keeps this seed stream apart from the others drawn from the same seed
 

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
 from trainer import phase_runs
@@ -21,13 +20,17 @@ from trainer.config import COMPRESSING_PHASES, DataConfig
 from trainer.context import WorkerContext, WorkerJob
 from trainer.data import load_datasets, make_loader
 from trainer.engine import prepare_deepspeed_env
-from trainer.init_weights import apply_init, report_init_accuracy
+from trainer.init_report import report_init_accuracy
+from trainer.init_weights import apply_init
+from trainer.logs import get_logger
 from trainer.models import build_model
 from trainer.phases import run_phase
-from trainer.ranks import rank_and_world
+from trainer.ranks import barrier, rank_and_world
 from trainer.stateful import restore_model
 from trainer.tracking import Tracker
 from trainer.training_phase import step_offset
+
+logger = get_logger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -154,9 +157,8 @@ def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None
     # The newest checkpoint that verifies (rank 0 checks, all ranks agree); damaged newer ones are
     # skipped, so a restart never retries the same bad file. None intact at all: CheckpointError.
     last, skipped = ckpt.resume_checkpoint(ctx.ckpt_root)
-    if ctx.rank == 0:
-        for path, why in skipped:
-            print(f"[resume] skipped {path}: {why}", flush=True)
+    for path, why in skipped:
+        logger.info(f"[resume] skipped {path}: {why}")
     if last is not None:
         meta = ckpt.read_meta(last)
         ctx.ckpt_index = meta["index"] + 1
@@ -164,16 +166,14 @@ def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None
         start_phase = meta["phase_index"] + (1 if meta["phase_done"] else 0)
         if not meta["phase_done"]:
             resume = last
-        if ctx.rank == 0:
-            print(f"[resume] from {last} (phase {meta['phase_index']} '{meta['phase']}', epoch {meta['epoch']}, "
-                  f"done={meta['phase_done']}, world size {meta['world_size']} -> {ctx.world})", flush=True)
+        logger.info(f"[resume] from {last} (phase {meta['phase_index']} '{meta['phase']}', epoch {meta['epoch']}, "
+                    f"done={meta['phase_done']}, world size {meta['world_size']} -> {ctx.world})")
 
     # model.init: only a fresh start takes the initial weights; a resumed run's checkpoint already has its own.
     init = job.init if last is None else None
     if init is not None:
         model = apply_init(model, init)
-        if ctx.rank == 0:
-            print(f"[init] model weights from {init.describe()}", flush=True)
+        logger.info(f"[init] model weights from {init.describe()}")
     model = model.to(ctx.device)
     if init is not None and cfg.phases[0].kind in (*COMPRESSING_PHASES, "rank_prune"):
         report_init_accuracy(ctx, model)  # the dense baseline this compressed run starts from
@@ -182,6 +182,5 @@ def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None
         model, out = _tracked_phase(job, ctx, index, model, resume if index == start_phase else None)
         results[f"{index}:{cfg.phases[index].kind}"] = out
     ctx.parent.flush()  # send what an unreachable tracking server did not take (the buffer all Trackers share)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()
     return results
