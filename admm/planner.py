@@ -63,7 +63,6 @@ class RankPlan:
     layers: list[LayerPlan]
     dense_params_total: int  # the whole model, planned or not (weights of conv/linear layers)
     dense_flops_total: int
-    extra: dict[str, float] = field(default_factory=dict)
     allocation: str = "uniform"  # how the free layers' ranks were chosen (see plan_ranks)
     notes: list[str] = field(default_factory=list)  # printed under the table
     budget: str = "params"  # what keep_ratio was a fraction of (admm.config.BUDGETS)
@@ -266,7 +265,7 @@ def with_errors(plan: RankPlan, weights: Mapping[str, Tensor]) -> RankPlan:
     layers = [LayerPlan(**{**p.__dict__, "error": math.sqrt(relative_errors(weights[p.name], p.fmt, [p.rank])[0])})
               for p in plan.layers]
     return RankPlan(layers=layers, dense_params_total=plan.dense_params_total,
-                    dense_flops_total=plan.dense_flops_total, extra=dict(plan.extra), allocation=plan.allocation,
+                    dense_flops_total=plan.dense_flops_total, allocation=plan.allocation,
                     notes=list(plan.notes), budget=plan.budget)
 
 
@@ -309,12 +308,9 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
         raise ValueError("the error allocation needs the weights of every planned layer")
     if budget not in BUDGET_COSTS:
         raise ValueError(f"compression.budget: must be one of {BUDGETS}, got {budget!r}")
-    cost = BUDGET_COSTS[budget]
     dense_total = sum(dense_params(layer.shape) for layer in all_layers)
     flops_total = sum(dense_flops(layer.shape, layer.out_hw) for layer in all_layers)
-    cost_total = flops_total if budget == "flops" else dense_total
     fmts = {layer.name: layer_format(layer.shape, fmt) for layer in planned}
-    notes = [ONE_BY_ONE_NOTE] if any(f != fmt for f in fmts.values()) else []
     fixed = {}
     for n, r in ranks.items():
         shape = next(layer.shape for layer in planned if layer.name == n)
@@ -323,33 +319,77 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
         except ValueError as e:
             hint = " (a 1x1 layer under tucker2 is planned as svd: give one int)" if fmts[n] != fmt else ""
             raise ValueError(f"compression.ranks.{n}: {e}{hint}") from None
-    free = [layer for layer in planned if layer.name not in fixed]
-    target = keep_ratio * cost_total
-    unit = "FLOPs per image" if budget == "flops" else "parameters"
-
+    task = _Budget(planned=list(planned), fmts=fmts, fixed=fixed, keep_ratio=keep_ratio, budget=budget,
+                   dense_total=dense_total, flops_total=flops_total,
+                   notes=[ONE_BY_ONE_NOTE] if any(f != fmt for f in fmts.values()) else [])
     if allocation == "error":
-        # The free layers' budget: what is left after dense layers and the fixed layers.
-        rest = cost_total - sum(cost(layer, fmts[layer.name], None) for layer in free)
-        rest -= sum(cost(layer, fmts[n], None) - cost(layer, fmts[n], fixed[n])
-                    for layer in planned for n in [layer.name] if n in fixed)
-        ladders = [error_ladder(layer, fmts[layer.name], weights[layer.name], rank_multiple=rank_multiple,
-                                sparse_fraction=sparse_fraction, min_rank_ratio=min_rank_ratio, max_keep=max_keep,
-                                budget=budget)
-                   for layer in free]
-        try:
-            choice = allocate(ladders, target - rest)
-        except ValueError as e:
-            msg = str(e).replace("parameters", unit)
-            raise ValueError(f"compression.keep_ratio={keep_ratio} is impossible (compression.budget={budget}): {msg} "
-                             f"(min_rank_ratio {min_rank_ratio}); raise keep_ratio, lower min_rank_ratio or the fixed "
-                             "ranks") from None
-        chosen = {layer.name: (lad.ranks[c], math.sqrt(lad.errors[c])) for layer, lad, c in zip(free, ladders, choice)}
-        for n, r in fixed.items():
-            chosen[n] = (r, math.sqrt(relative_errors(weights[n], fmts[n], [r])[0]))  # type: ignore[index]
-        return RankPlan(layers=[dataclasses.replace(_plan_layer(layer, fmts[layer.name], chosen[layer.name][0]),
-                                                    error=chosen[layer.name][1]) for layer in planned],
-                        dense_params_total=dense_total, dense_flops_total=flops_total, allocation="error",
-                        notes=notes, budget=budget)
+        return _allocate_by_error(task, weights, rank_multiple=rank_multiple,  # type: ignore[arg-type]
+                                  sparse_fraction=sparse_fraction, min_rank_ratio=min_rank_ratio, max_keep=max_keep)
+    plan = _allocate_uniform(task, rank_multiple=rank_multiple, sparse_fraction=sparse_fraction)
+    return with_errors(plan, weights) if weights is not None else plan
+
+
+@dataclass
+class _Budget:
+    """What both allocations of :func:`plan_ranks` share: the layers, their formats, the fixed ranks, the target."""
+
+    planned: list[LayerInfo]
+    fmts: dict[str, str]  # layer -> the format it is planned in (layer_format)
+    fixed: dict[str, RankSpec]  # layer -> the rank compression.ranks gives it
+    keep_ratio: float
+    budget: str  # "params" or "flops"
+    dense_total: int
+    flops_total: int
+    notes: list[str]
+
+    @property
+    def free(self) -> list[LayerInfo]:
+        return [layer for layer in self.planned if layer.name not in self.fixed]
+
+    @property
+    def cost_total(self) -> int:
+        return self.flops_total if self.budget == "flops" else self.dense_total
+
+    @property
+    def target(self) -> float:
+        return self.keep_ratio * self.cost_total
+
+    @property
+    def unit(self) -> str:
+        return "FLOPs per image" if self.budget == "flops" else "parameters"
+
+
+def _allocate_by_error(task: _Budget, weights: Mapping[str, Tensor], *, rank_multiple: int, sparse_fraction: float,
+                       min_rank_ratio: float, max_keep: float) -> RankPlan:
+    """Ranks that minimise the summed relative squared projection error within the budget (admm.allocate)."""
+    cost, fmts, fixed, free = BUDGET_COSTS[task.budget], task.fmts, task.fixed, task.free
+    # The free layers' budget: what is left after dense layers and the fixed layers.
+    rest = task.cost_total - sum(cost(layer, fmts[layer.name], None) for layer in free)
+    rest -= sum(cost(layer, fmts[n], None) - cost(layer, fmts[n], fixed[n])
+                for layer in task.planned for n in [layer.name] if n in fixed)
+    ladders = [error_ladder(layer, fmts[layer.name], weights[layer.name], rank_multiple=rank_multiple,
+                            sparse_fraction=sparse_fraction, min_rank_ratio=min_rank_ratio, max_keep=max_keep,
+                            budget=task.budget)
+               for layer in free]
+    try:
+        choice = allocate(ladders, task.target - rest)
+    except ValueError as e:
+        msg = str(e).replace("parameters", task.unit)
+        raise ValueError(f"compression.keep_ratio={task.keep_ratio} is impossible (compression.budget={task.budget}): "
+                         f"{msg} (min_rank_ratio {min_rank_ratio}); raise keep_ratio, lower min_rank_ratio or the "
+                         "fixed ranks") from None
+    chosen = {layer.name: (lad.ranks[c], math.sqrt(lad.errors[c])) for layer, lad, c in zip(free, ladders, choice)}
+    for n, r in fixed.items():
+        chosen[n] = (r, math.sqrt(relative_errors(weights[n], fmts[n], [r])[0]))  # type: ignore[index]
+    return RankPlan(layers=[dataclasses.replace(_plan_layer(layer, fmts[layer.name], chosen[layer.name][0]),
+                                                error=chosen[layer.name][1]) for layer in task.planned],
+                    dense_params_total=task.dense_total, dense_flops_total=task.flops_total, allocation="error",
+                    notes=task.notes, budget=task.budget)
+
+
+def _allocate_uniform(task: _Budget, *, rank_multiple: int, sparse_fraction: float) -> RankPlan:
+    """Every free layer keeps one shared fraction of its parameters: the largest whose total fits (bisection)."""
+    fmts, fixed = task.fmts, task.fixed
 
     def rank_of(layer: LayerInfo, keep: float) -> RankSpec:
         if layer.name in fixed:
@@ -358,32 +398,32 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
         return round_rank(layer.shape, f, _uniform_keep(layer, f, keep, sparse_fraction), rank_multiple)
 
     def total(keep: float) -> tuple[int, list[LayerPlan]]:
-        plans = [_plan_layer(layer, fmts[layer.name], rank_of(layer, keep)) for layer in planned]
-        if budget == "flops":
-            return flops_total - sum(p.flops_before - p.flops_after for p in plans), plans
-        return dense_total - sum(p.params_before - p.params_after for p in plans), plans
+        plans = [_plan_layer(layer, fmts[layer.name], rank_of(layer, keep)) for layer in task.planned]
+        if task.budget == "flops":
+            return task.flops_total - sum(p.flops_before - p.flops_after for p in plans), plans
+        return task.dense_total - sum(p.params_before - p.params_after for p in plans), plans
 
     lo_total, lo_plans = total(1e-9)  # rank 1 (or the fixed ranks) everywhere
-    if lo_total > target:
-        raise ValueError(f"compression.keep_ratio={keep_ratio} is impossible (compression.budget={budget}): even rank 1 in every "
-                         f"planned layer keeps {lo_total:,} of {cost_total:,} {unit} ({lo_total / cost_total:.3f}); "
-                         "raise keep_ratio, plan more layers (include/exclude) or lower the fixed ranks")
+    if lo_total > task.target:
+        raise ValueError(f"compression.keep_ratio={task.keep_ratio} is impossible (compression.budget={task.budget}): "
+                         f"even rank 1 in every planned layer keeps {lo_total:,} of {task.cost_total:,} {task.unit} "
+                         f"({lo_total / task.cost_total:.3f}); raise keep_ratio, plan more layers (include/exclude) "
+                         "or lower the fixed ranks")
     best = lo_plans
     lo, hi = 0.0, 1.0
-    if free:
+    if task.free:
         for _ in range(40):  # bisection on the shared per-layer keep fraction
             mid = (lo + hi) / 2
             t, plans = total(mid)
-            if t <= target:
+            if t <= task.target:
                 lo, best = mid, plans
             else:
                 hi = mid
         t, plans = total(1.0)
-        if t <= target:
+        if t <= task.target:
             best = plans
-    plan = RankPlan(layers=best, dense_params_total=dense_total, dense_flops_total=flops_total, notes=notes,
-                    budget=budget)
-    return with_errors(plan, weights) if weights is not None else plan
+    return RankPlan(layers=best, dense_params_total=task.dense_total, dense_flops_total=task.flops_total,
+                    notes=task.notes, budget=task.budget)
 
 
 # Weight of a matmul flop against the m n min(m, n) unit of a dense factorisation (SVD, eigh): fitted on the
@@ -433,5 +473,5 @@ def with_owners(plan: RankPlan, world: int) -> RankPlan:
     owners = assign_owners([projection_cost(p.shape, p.fmt, p.rank) for p in plan.layers], world)
     layers = [LayerPlan(**{**p.__dict__, "owner": o}) for p, o in zip(plan.layers, owners)]
     return RankPlan(layers=layers, dense_params_total=plan.dense_params_total,
-                    dense_flops_total=plan.dense_flops_total, extra=dict(plan.extra), allocation=plan.allocation,
+                    dense_flops_total=plan.dense_flops_total, allocation=plan.allocation,
                     notes=list(plan.notes), budget=plan.budget)
