@@ -9,7 +9,7 @@ ZeRO 0 unless --zero) trains on one fixed synthetic batch in five timed runs:
 
 A is reported against mean(P1, P2) and N against mean(P2, P3), so drift over
 the run shows up as a P1/P2/P3 spread instead of as overhead. "naive" is the
-alternative DESIGN.md warns against, built here only as the baseline: the
+slow alternative (a graph node per layer, every step), built here only as the baseline: the
 penalty as a Python sum of per-layer rho/2 ||W - Z + U||^2 added to the loss,
 using the component's own Z, U and rho. Both variants add the same gradient
 rho (W - Z + U) (checked once before timing and printed as `grad check`).
@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from admm.component import AdmmComponent  # noqa: E402
+from admm.admm_component import AdmmComponent  # noqa: E402
 from admm.config import AdmmConfig, CompressionConfig  # noqa: E402
 from bench.common import (  # noqa: E402
     Timing,

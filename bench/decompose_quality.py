@@ -33,8 +33,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from admm.component import plan_for_model  # noqa: E402
 from admm.config import CompressionConfig  # noqa: E402
+from admm.model_plan import plan_for_model  # noqa: E402
 from admm.planner import RankPlan, with_errors  # noqa: E402
 from admm.surgery import decompose_model  # noqa: E402
 from bench.common import device_name, pick_device  # noqa: E402

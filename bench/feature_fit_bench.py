@@ -1,4 +1,4 @@
-"""Issue 13 figures: decompose one trained ResNet-20 by weight-only vs feature fit; rank_prune step vs a plain step.
+"""Data-aware decomposition figures: decompose one trained ResNet-20 by weight-only vs feature fit; rank_prune step vs a plain step.
 
     python bench/feature_fit_bench.py CHECKPOINT [--keep 0.5 0.33] [--formats svd lowrank_sparse tucker2]
 
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from admm.component import plan_for_model  # noqa: E402
 from admm.config import CompressionConfig  # noqa: E402
 from admm.layers_prune import plan_prune  # noqa: E402
+from admm.model_plan import plan_for_model  # noqa: E402
 from admm.surgery import decompose_model  # noqa: E402
 from bench.common import device_name, init_process_group  # noqa: E402
 from trainer import checkpoint as ckpt  # noqa: E402

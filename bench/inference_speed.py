@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from admm.component import plan_for_model  # noqa: E402
 from admm.config import CompressionConfig  # noqa: E402
 from admm.fold import fold_batchnorm  # noqa: E402
 from admm.layers_tt import TTLayer  # noqa: E402
+from admm.model_plan import plan_for_model  # noqa: E402
 from admm.realize import realize  # noqa: E402
 from admm.surgery import decompose_model  # noqa: E402
 from bench.common import add_malloc_option, apply_malloc_option, banner, banner_line, classes_for  # noqa: E402

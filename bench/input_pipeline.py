@@ -36,10 +36,10 @@ from common import banner, banner_line, write_json  # noqa: E402
 
 from trainer.data import IMAGENET_STATS, load_datasets, make_loader, set_loader_epoch  # noqa: E402
 from trainer.decode import decode_train  # noqa: E402
-from trainer.pack import PackOptions, pack  # noqa: E402
+from trainer.shard_writer import PackOptions, pack  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"
-H100 = {"ResNet-50": 4000, "ResNet-18": 12000}  # images/s one H100 trains (DESIGN.md, bf16, channels_last)
+H100 = {"ResNet-50": 4000, "ResNet-18": 12000}  # images/s one H100 trains (the target rate, bf16, channels_last)
 
 
 def build_tree(root: Path, repeat: int) -> Path:

@@ -1,7 +1,7 @@
 """Z-update wall time of all planned ResNet-50 layers, on one rank and sharded over 2/4/8 owners.
 
 For each format the plan comes from the project's planner
-(admm.component.plan_for_model(build_model('resnet50', 1000),
+(admm.model_plan.plan_for_model(build_model('resnet50', 1000),
 CompressionConfig(format=fmt, keep_ratio=...), world)). Every planned layer's
 projection Z = project(W + U, fmt, rank) is timed once (after one untimed
 warmup projection), on the GPU when there is one, else on the CPU. The
@@ -57,8 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from admm.component import plan_for_model  # noqa: E402
 from admm.config import CompressionConfig  # noqa: E402
+from admm.model_plan import plan_for_model  # noqa: E402
 from admm.planner import assign_owners  # noqa: E402
 from admm.projections import max_rank, project  # noqa: E402
 from admm.warm import ProjectionOptions, project_warm  # noqa: E402

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from admm.admm_component import AdmmComponent
 from admm.allocate import Ladder, allocate, relative_errors, svd_errors, tucker2_errors
-from admm.component import AdmmComponent, plan_for_model
 from admm.config import CompressionConfig
-from admm.inspect import describe_layers
+from admm.layer_info import describe_layers
+from admm.model_plan import plan_for_model
 from admm.planner import RankPlan, error_ladder, select
 from admm.projections import project_svd, project_tucker2
 from trainer.plan_file import PLAN_FILE, load_plan, save_plan

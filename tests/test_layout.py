@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from admm.component import AdmmComponent, plan_for_model
+from admm.admm_component import AdmmComponent
 from admm.config import FORMATS, AdmmConfig, CompressionConfig
 from admm.layers import FACTORED_LAYERS
+from admm.model_plan import plan_for_model
 from admm.projections import PROJECTIONS
 from trainer.component import Component
 from trainer.config import (

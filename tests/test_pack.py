@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from trainer.data import IMAGENET_STATS, DatasetError, load_datasets, make_loader, set_loader_epoch
-from trainer.pack import INDEX, PLAN, PackError, PackOptions, pack, shard_name
+from trainer.shard_writer import INDEX, PLAN, PackError, PackOptions, pack, shard_name
 from trainer.shards import Shard, ShardError, epoch_plan, read_shard, stream_slices
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"

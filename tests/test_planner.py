@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from admm.component import plan_for_model
 from admm.config import CompressionConfig
-from admm.inspect import describe_layers
+from admm.layer_info import describe_layers
+from admm.model_plan import plan_for_model
 from admm.planner import assign_owners, projection_cost, select
 from trainer.models import build_model
 

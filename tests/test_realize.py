@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from admm.component import plan_for_model
 from admm.config import CompressionConfig
 from admm.fold import apply_folding, fold_batchnorm
 from admm.layers import SVDLayer, factorize_module
+from admm.model_plan import plan_for_model
 from admm.realize import alternatives, merged_module, realize
 from admm.surgery import apply_manifest, decompose_model, manifest_of
 from trainer.latency import factored_input_shapes, layer_latency_table, measure_latency

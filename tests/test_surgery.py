@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from admm.component import plan_for_model
 from admm.config import CompressionConfig
 from admm.layers import FactoredLayer
+from admm.model_plan import plan_for_model
 from admm.projections import project
 from admm.surgery import apply_manifest, decompose_model, get_submodule, manifest_of, set_submodule
 from trainer.models import build_model

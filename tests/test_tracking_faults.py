@@ -1,4 +1,4 @@
-"""MLflow faults (issue 11): tracking degrades instead of stopping training, and run states tell what happened.
+"""MLflow faults: tracking degrades instead of stopping training, and run states tell what happened.
 
 A real ``mlflow server`` (started and stopped by the test, by pid) goes away mid-run; the other tests
 use the local SQLite store of the ``tiny`` fixture or a port nobody listens on. CPU only, no network.
@@ -95,7 +95,7 @@ def _repeated_steps(client, run_id: str) -> dict[str, list[int]]:
 def test_training_outlives_the_tracking_server_and_loses_no_metric(tiny, tmp_path, monkeypatch, capsys):
     """The server dies after the first epoch and comes back two epochs later: training goes on, nothing is lost."""
     server = MlflowServer(tmp_path / "server", _free_port())
-    monkeypatch.setattr(tracking, "RETRY_EVERY_S", 1.0, raising=False)  # (absent before issue 11)
+    monkeypatch.setattr(tracking, "RETRY_EVERY_S", 1.0, raising=False)  # retry soon: the test waits for the retry, not the default interval
     epochs = 5
 
     class Outage(ComponentBase):

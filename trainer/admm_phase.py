@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-from admm.component import AdmmComponent
+from admm.admm_component import AdmmComponent
 from trainer.component import Component
 from trainer.context import WorkerContext
 from trainer.logs import get_logger

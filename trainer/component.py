@@ -18,7 +18,7 @@ Checkpoints hold each component's ``state_dict()`` per rank under its
 rank order, so a component whose state is sharded over ranks can re-shard
 when the number of workers changed.
 
-``admm.component.AdmmComponent`` implements this structurally (admm imports
+``admm.admm_component.AdmmComponent`` implements this structurally (admm imports
 nothing of the trainer); trainer-side components subclass :class:`ComponentBase`.
 """
 from __future__ import annotations

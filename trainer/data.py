@@ -10,7 +10,7 @@ entry there plus its name in ``trainer.config.DATASET_NAMES``):
 - ``cifar10`` / ``cifar100``: the torchvision layout under ``root``.
 - ``imagenet``: ImageFolder layout ``root/train/<wnid>/*.JPEG``, ``root/val/<wnid>/*``.
 - ``synthetic``: seeded random tensors, fixed per index (smoke tests, benchmarks).
-- ``shards``: tar shards + ``index.json`` written by ``tdcompress pack`` (trainer/pack.py), read per
+- ``shards``: tar shards + ``index.json`` written by ``tdcompress pack`` (trainer/shard_writer.py), read per
   rank and loader worker, decoded to uint8 there and normalised on the training device
   (trainer/shard_loader.py; its batches differ from the items described below).
 

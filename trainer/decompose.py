@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from admm.component import plan_for_model
+from admm.model_plan import plan_for_model
 from admm.surgery import decompose_model
 from trainer.context import WorkerContext
 from trainer.engine import resolve_precision

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from admm.component import plan_document, plan_from_document
 from admm.config import CompressionConfig
+from admm.model_plan import plan_document, plan_from_document
 from admm.planner import RankPlan
 from trainer.checkpoint import atomic_write_text
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from admm.inspect import describe_layers
+from admm.layer_info import describe_layers
 from admm.layers_prune import FACTOR_DIM, PrunableSVDLayer, penalty_grads, plan_prune, svd_params
 from admm.planner import select
 from admm.projections import max_rank

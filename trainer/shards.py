@@ -1,4 +1,4 @@
-"""Reading packed tar shards (:mod:`trainer.pack`): per-rank, per-loader-worker slices, shuffled per epoch.
+"""Reading packed tar shards (:mod:`trainer.shard_writer`): per-rank, per-loader-worker slices, shuffled per epoch.
 
 The epoch plan (pure, :func:`epoch_plan`): the split's shards are put in a new order each epoch
 (seeded by ``(seed, epoch)``) and read as one stream of N samples. Training uses the first

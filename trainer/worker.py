@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer import phase_runs
+from trainer import tracking_runs
 from trainer.config import COMPRESSING_PHASES, DataConfig
 from trainer.context import WorkerContext, WorkerJob
 from trainer.data import load_datasets, make_loader
@@ -39,7 +39,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(use_gpu: str) -> torch.device:
+def worker_device(use_gpu: str) -> torch.device:
     """``use_gpu``: "yes" (fail without CUDA), "no", or "auto" (CUDA when this worker sees one)."""
     if use_gpu == "yes" and not torch.cuda.is_available():
         raise RuntimeError("cluster.use_gpu is 'yes' but this worker sees no CUDA device")
@@ -53,7 +53,7 @@ def pick_device(use_gpu: str) -> torch.device:
 def build_context(job: WorkerJob) -> WorkerContext:
     cfg = job.config
     rank, world = rank_and_world()
-    device = pick_device(job.use_gpu)
+    device = worker_device(job.use_gpu)
     d = cfg.data
     sets = load_datasets(d.dataset, d.root, augment=d.augment, seed=cfg.seed, train_subset=d.train_subset,
                          eval_subset=d.eval_subset, download=d.download, synthetic_train=d.synthetic_train,
@@ -74,7 +74,7 @@ def build_context(job: WorkerJob) -> WorkerContext:
     # What the tracking server does not take waits in this file (shared by these Trackers) until it answers.
     buffer = Path(job.run_dir) / "tracking-buffer-rank0.jsonl"
     parent = Tracker(job.tracking_uri, job.parent_run_id if lead else None, buffer=buffer)
-    # No-ops until their phase starts: _tracked_phase opens each phase's MLflow run then (trainer.phase_runs).
+    # No-ops until their phase starts: _tracked_phase opens each phase's MLflow run then (trainer.tracking_runs).
     phases = [Tracker(None, None) for _ in cfg.phases]
     if lead:
         parent.tags({"device": describe_device(device, world)})
@@ -116,7 +116,7 @@ def _tracked_phase(job: WorkerJob, ctx: WorkerContext, index: int, model: torch.
     """
     kind = ctx.cfg.phases[index].kind
     lead = ctx.rank == 0 and bool(job.tracking_uri and job.parent_run_id)
-    run_id = (phase_runs.start_phase_run(job.tracking_uri, job.parent_run_id, index, kind, Path(job.run_dir).name)
+    run_id = (tracking_runs.start_phase_run(job.tracking_uri, job.parent_run_id, index, kind, Path(job.run_dir).name)
               if lead else None)
     tracker = Tracker(job.tracking_uri, run_id, buffer=Path(job.run_dir) / "tracking-buffer-rank0.jsonl")
     tracker.step_offset = step_offset(ctx, index)
@@ -126,13 +126,13 @@ def _tracked_phase(job: WorkerJob, ctx: WorkerContext, index: int, model: torch.
     except BaseException as e:
         tracker.flush()
         interrupted = isinstance(e, KeyboardInterrupt)
-        phase_runs.end_phase_run(job.tracking_uri, run_id, "KILLED" if interrupted else "FAILED",
+        tracking_runs.end_phase_run(job.tracking_uri, run_id, "KILLED" if interrupted else "FAILED",
                                  error=None if interrupted else e)
         raise
     if kind == "pretrain" and "top1" in out:  # the dense baseline the compressed model is compared against
         ctx.parent.metrics({"dense_top1": out["top1"], "dense_top5": out["top5"]}, 0)
     tracker.flush()
-    phase_runs.end_phase_run(job.tracking_uri, run_id, "FINISHED")
+    tracking_runs.end_phase_run(job.tracking_uri, run_id, "FINISHED")
     return model, out
 
 
