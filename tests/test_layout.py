@@ -29,7 +29,7 @@ from trainer.config import (
     ModelConfig,
     PhaseConfig,
 )
-from trainer.data import DATASET_SHAPES
+from trainer.data import DATASETS
 from trainer.faults import FailureInjector
 from trainer.models import MODEL_BUILDERS, build_model
 from trainer.phases import PHASES
@@ -43,7 +43,7 @@ def _allowed(cls: type, field: str) -> tuple:
 
 @pytest.mark.parametrize("allowed, registry", [
     (_allowed(ModelConfig, "name"), MODEL_BUILDERS),
-    (_allowed(DataConfig, "dataset"), DATASET_SHAPES),
+    (_allowed(DataConfig, "dataset"), DATASETS),
     (_allowed(PhaseConfig, "kind"), PHASES),
     (_allowed(CompressionConfig, "format"), PROJECTIONS),
     (_allowed(CompressionConfig, "format"), FACTORED_LAYERS),
