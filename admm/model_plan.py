@@ -13,7 +13,9 @@ from torch import nn
 from admm.comm import SINGLE, Comm
 from admm.config import CompressionConfig
 from admm.layer_info import describe_layers
-from admm.planner import RankPlan, plan_ranks, select, with_owners
+from admm.owners import with_owners
+from admm.planner import plan_ranks, select
+from admm.rank_plan import RankPlan
 
 
 def plan_for_model(model: nn.Module, compression: CompressionConfig, world: int = 1,

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from admm.config import CompressionConfig  # noqa: E402
 from admm.model_plan import plan_for_model  # noqa: E402
-from admm.planner import RankPlan, with_errors  # noqa: E402
+from admm.planner import with_errors  # noqa: E402
+from admm.rank_plan import RankPlan  # noqa: E402
 from admm.surgery import decompose_model  # noqa: E402
 from bench.common import device_name, pick_device  # noqa: E402
 from launcher.plan import load_weights  # noqa: E402

@@ -6,7 +6,7 @@ CompressionConfig(format=fmt, keep_ratio=...), world)). Every planned layer's
 projection Z = project(W + U, fmt, rank) is timed once (after one untimed
 warmup projection), on the GPU when there is one, else on the CPU. The
 one-rank total is the sum; for world size w the owner map of the plan for w
-(admm.planner.assign_owners, longest-first on projection_cost) is applied to
+(admm.owners.assign_owners, longest-first on projection_cost) is applied to
 the measured per-layer times and the largest shard is reported: with one
 owner per rank and ranks working in parallel, that shard is the Z-update's
 wall time. Also shown: the largest shard if owners were balanced on the
@@ -59,7 +59,7 @@ import torch  # noqa: E402
 
 from admm.config import CompressionConfig  # noqa: E402
 from admm.model_plan import plan_for_model  # noqa: E402
-from admm.planner import assign_owners  # noqa: E402
+from admm.owners import assign_owners  # noqa: E402
 from admm.projections import max_rank, project  # noqa: E402
 from admm.warm import ProjectionOptions, project_warm  # noqa: E402
 from bench.common import banner, banner_line, pick_device, time_fn, write_json  # noqa: E402

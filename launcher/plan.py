@@ -16,7 +16,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from admm.planner import RankPlan, with_errors
+from admm.planner import with_errors
+from admm.rank_plan import RankPlan
 from launcher.config import ConfigError
 from launcher.schema import Config
 

@@ -10,8 +10,9 @@ from admm.allocate import Ladder, allocate, relative_errors, svd_errors, tucker2
 from admm.config import CompressionConfig
 from admm.layer_info import describe_layers
 from admm.model_plan import plan_for_model
-from admm.planner import RankPlan, error_ladder, select
+from admm.planner import error_ladder, select
 from admm.projections import project_svd, project_tucker2
+from admm.rank_plan import RankPlan
 from trainer.plan_file import PLAN_FILE, load_plan, save_plan
 
 

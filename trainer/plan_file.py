@@ -10,7 +10,7 @@ from pathlib import Path
 
 from admm.config import CompressionConfig
 from admm.model_plan import plan_document, plan_from_document
-from admm.planner import RankPlan
+from admm.rank_plan import RankPlan
 from trainer.checkpoint import atomic_write_text
 
 PLAN_FILE = "rank_plan.json"
