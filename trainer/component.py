@@ -4,9 +4,10 @@ A phase runs a list of components. The trainer calls every one of them at
 fixed points, in this order (composer's algorithm events, torchtitan's
 stateful checkpointing):
 
-    prepare(model, weight_decay)   before the engine is built: register gradient
-                                   hooks (they then run before ZeRO's), return
-                                   extra optimizer param groups
+    prepare(model, weight_decay)   before every engine build (a phase that changes
+                                   shapes rebuilds it): register gradient hooks
+                                   (they then run before ZeRO's), return extra
+                                   optimizer param groups
     attach(model, state, optimizer) the engine exists; switch on
     on_step_end(state)             after each optimizer step
     on_epoch_end(state)            after each epoch, before evaluation
