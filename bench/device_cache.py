@@ -2,7 +2,7 @@
 
 Times one augmented training pass over ``--images`` CIFAR-10 images (no model: the data side alone)
 through :func:`trainer.data.make_loader` (Pillow decode + numpy crop/flip + normalise per item) and
-through :func:`trainer.device_data.make_device_loader` (its one-off decode timed separately), and
+through :func:`trainer.data.device_cache.make_device_loader` (its one-off decode timed separately), and
 prints images/s and their ratio, naming the device.
 
     TDC_DATA_ROOT=../shared/data/cifar10 python bench/device_cache.py --images 10000 [--device cuda]
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import device_name  # noqa: E402
 from trainer.data import data_root, load_datasets, make_loader, set_loader_epoch  # noqa: E402
-from trainer.device_data import make_device_loader  # noqa: E402
+from trainer.data.device_cache import make_device_loader  # noqa: E402
 
 
 def _pass(loader, device: torch.device) -> float:

@@ -2,7 +2,7 @@
 
 Output of every pipeline: 224 px RandomResizedCrop + horizontal flip batches (train).
   (a) torchvision's usual: ImageFolder, Pillow decode, RandomResizedCrop, flip, ToTensor, Normalize
-  (b) the project's ImageFolder path (data.dataset=imagenet: trainer/data.py ImageNetTransform)
+  (b) the project's ImageFolder path (data.dataset=imagenet: trainer/data/__init__.py ImageNetTransform)
   (c) the packed path (data.dataset=shards): tar shards, uint8 crop in the loader processes with
       Pillow's DCT-domain reduced decode (draft); normalisation is left to the training device,
       so the batches timed here are uint8 (B, 224, 224, 3)
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import banner, banner_line, write_json  # noqa: E402
 
 from trainer.data import IMAGENET_STATS, load_datasets, make_loader, set_loader_epoch  # noqa: E402
-from trainer.decode import decode_train  # noqa: E402
-from trainer.shard_writer import PackOptions, pack  # noqa: E402
+from trainer.data.decode import decode_train  # noqa: E402
+from trainer.data.shard_writer import PackOptions, pack  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"
 H100 = {"ResNet-50": 4000, "ResNet-18": 12000}  # images/s one H100 trains (the target rate, bf16, channels_last)
@@ -98,8 +98,8 @@ def decode_only(shards: Path, n: int, rounds: int) -> dict[str, float]:
     from torchvision.transforms import functional as F
     from torchvision.transforms.v2 import functional as F2
 
-    from trainer.decode import resized_crop_box
-    from trainer.shards import load_index, read_shard, split_shards
+    from trainer.data.decode import resized_crop_box
+    from trainer.data.shards import load_index, read_shard, split_shards
 
     shard_list = split_shards(shards, load_index(shards), "val")
     blobs = [d for s in shard_list for d, _ in read_shard(s, 0, s.samples)][:n]

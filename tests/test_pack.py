@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from trainer.data import IMAGENET_STATS, DatasetError, load_datasets, make_loader, set_loader_epoch
-from trainer.shard_writer import INDEX, PLAN, PackError, PackOptions, pack, shard_name
-from trainer.shards import Shard, ShardError, epoch_plan, read_shard, stream_slices
+from trainer.data.shard_writer import INDEX, PLAN, PackError, PackOptions, pack, shard_name
+from trainer.data.shards import Shard, ShardError, epoch_plan, read_shard, stream_slices
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"
 GRAY = ("n04008634", "n04090263", "n04372370", "n04532670")  # the sample's 4 mode-"L" JPEGs

@@ -65,7 +65,7 @@ class DataConfig:
     decode: DecodeWhere = "cpu"
     shuffle_buffer: int = 2048
     # Small CIFAR-style datasets: decode each split once, keep it as uint8 on the training device and
-    # crop/flip/normalise there in batch (trainer/device_data.py); for GPUs, also works on the CPU.
+    # crop/flip/normalise there in batch (trainer/data/device_cache.py); for GPUs, also works on the CPU.
     device_cache: bool = False
 
     def __post_init__(self) -> None:

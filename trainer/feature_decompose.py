@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from admm.feature_fit import fit_layer, layer_columns
 from admm.rank_plan import RankPlan
 from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
-from trainer.loaders import set_loader_epoch
+from trainer.data.loaders import set_loader_epoch
 from trainer.ranks import rank_and_world
 
 # Images per chunk of the moment computation: bounds the unfolded patch matrix (n x pixels, float64).

@@ -18,9 +18,9 @@ from torch import nn
 
 from trainer.component import Component, LoopState
 from trainer.context import WorkerContext
+from trainer.data.loaders import set_loader_epoch
 from trainer.engine import build_engine, resolve_precision
 from trainer.faults import FailureInjector
-from trainer.loaders import set_loader_epoch
 from trainer.logs import get_logger
 from trainer.loop import average_batchnorm_stats, evaluate, train_epoch
 from trainer.phase_checkpoint import check_zero_stage, registry_for, save_phase_checkpoint

@@ -65,8 +65,8 @@ def build_context(job: WorkerJob) -> WorkerContext:
     eval_loader = make_loader(sets.eval, max(1, d.eval_batch_size // world), rank=rank, world_size=world,
                               shuffle=False, seed=cfg.seed, drop_last=False, num_workers=d.loader_workers,
                               device=device)
-    if d.device_cache:  # decode each split once, keep it on the device, augment there (trainer/device_data.py)
-        from trainer.device_data import device_loaders
+    if d.device_cache:  # decode each split once, keep it on the device, augment there (trainer/data/device_cache.py)
+        from trainer.data.device_cache import device_loaders
 
         train_loader, eval_loader = device_loaders(sets.train, sets.eval, micro, max(1, d.eval_batch_size // world),
                                                    rank=rank, world_size=world, seed=cfg.seed, device=device)

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from trainer.data_common import IMAGENET_STATS, SUBSET_TAG, SYNTH_TAG, DatasetError, dataset_error
-from trainer.decode import resized_crop_box
+from trainer.data.common import IMAGENET_STATS, SUBSET_TAG, SYNTH_TAG, DatasetError, dataset_error
+from trainer.data.decode import resized_crop_box
 
 # ---------------------------------------------------------------- sources ---
 # A source gives raw item j: ``image(j)`` (HWC uint8 array, PIL image, or a

@@ -44,14 +44,14 @@ def make_loader(ds: Dataset, batch_size: int, *, rank: int, world_size: int, shu
     Workers are not persistent, so each ``iter(loader)`` forks them with the
     dataset epoch set by ``set_loader_epoch``.
 
-    A ``shards`` split gets its own loader (trainer/shard_loader.py: same batch contract, uint8
+    A ``shards`` split gets its own loader (trainer/data/shard_loader.py: same batch contract, uint8
     decode in the workers, normalised on ``device``; None = the current CUDA device, else CPU).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-    if hasattr(ds, "loader"):  # a shards split (trainer.shard_loader.ShardSplit)
+    if hasattr(ds, "loader"):  # a shards split (trainer.data.shard_loader.ShardSplit)
         return ds.loader(batch_size, rank=rank, world_size=world_size, shuffle=shuffle, drop_last=drop_last,
                          num_workers=num_workers, device=device)
     sampler: Sampler[int]

@@ -29,9 +29,9 @@ from torch.utils.data import Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from trainer.config import DEVICE_CACHE_DATASETS
-from trainer.data_common import DatasetError
-from trainer.image_data import CifarTransform, ImageDataset
-from trainer.loaders import StridedEvalSampler
+from trainer.data.common import DatasetError
+from trainer.data.images import CifarTransform, ImageDataset
+from trainer.data.loaders import StridedEvalSampler
 
 _AUG_TAG = 0xDE7CA  # keeps this seed stream apart from the others drawn from the run's seed
 

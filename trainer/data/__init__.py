@@ -10,9 +10,9 @@ entry there plus its name in ``trainer.config.DATASET_NAMES``):
 - ``cifar10`` / ``cifar100``: the torchvision layout under ``root``.
 - ``imagenet``: ImageFolder layout ``root/train/<wnid>/*.JPEG``, ``root/val/<wnid>/*``.
 - ``synthetic``: seeded random tensors, fixed per index (smoke tests, benchmarks).
-- ``shards``: tar shards + ``index.json`` written by ``tdcompress pack`` (trainer/shard_writer.py), read per
+- ``shards``: tar shards + ``index.json`` written by ``tdcompress pack`` (trainer/data/shard_writer.py), read per
   rank and loader worker, decoded to uint8 there and normalised on the training device
-  (trainer/shard_loader.py; its batches differ from the items described below).
+  (trainer/data/shard_loader.py; its batches differ from the items described below).
 
 Every item is ``(image, label)``: a float32 ``(3, H, W)`` tensor normalised with
 the dataset's mean/std, and a Python int that the default collate turns into an
@@ -20,7 +20,7 @@ int64 tensor. Train augmentation draws from ``numpy.random.default_rng([seed,
 epoch, i])`` for item ``i``, so item ``i`` at epoch ``e`` is the same tensor in
 any process, whatever the world size, DataLoader workers or iteration order.
 A missing or malformed dataset raises ``DatasetError``; there is never a
-fallback to random data. Loaders are :mod:`trainer.loaders`; this module
+fallback to random data. Loaders are :mod:`trainer.data.loaders`; this module
 re-exports them so that callers import one place.
 """
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from trainer.config import DATASET_NAMES
-from trainer.data_common import (
+from trainer.data.common import (
     CIFAR10_STATS,
     CIFAR100_STATS,
     IMAGENET_STATS,
@@ -41,7 +41,7 @@ from trainer.data_common import (
     dataset_error,
     resolve_root,
 )
-from trainer.image_data import (
+from trainer.data.images import (
     CifarTransform,
     ImageDataset,
     ImageNetTransform,
@@ -52,8 +52,8 @@ from trainer.image_data import (
     subset,
     torchvision_cifar,
 )
-from trainer.loaders import StridedEvalSampler, make_loader, set_loader_epoch
-from trainer.shard_loader import shard_datasets
+from trainer.data.loaders import StridedEvalSampler, make_loader, set_loader_epoch
+from trainer.data.shard_loader import shard_datasets
 
 __all__ = [
     "DATASETS", "DATASET_NAMES", "DATASET_SHAPES", "IMAGENET_STATS", "ROOT_ENV", "CifarTransform", "DatasetError",
