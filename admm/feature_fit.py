@@ -9,7 +9,7 @@ columns ``X`` ``(n, P)`` (one column per output pixel and image, the order of
 
 so only the input second-moment matrix ``Sigma`` is needed (accumulated batch
 by batch and, on several ranks, summed by an all-reduce: that is the
-trainer's job, :mod:`trainer.decompose`). With ``Sigma + delta I = R R^T``
+trainer's job, :mod:`trainer.phases.decompose`). With ``Sigma + delta I = R R^T``
 (Cholesky; ``delta`` a tiny relative damping so that never-excited input
 directions cost nothing yet stay solvable) the error is ``||(W - A) R||^2``:
 

@@ -37,10 +37,10 @@ from trainer import checkpoint as ckpt  # noqa: E402
 from trainer.config import EngineConfig, OptimConfig, RankPruneConfig, WorkerConfig  # noqa: E402
 from trainer.data import load_datasets, make_loader  # noqa: E402
 from trainer.engine import Precision, build_engine, prepare_deepspeed_env  # noqa: E402
-from trainer.feature_decompose import calibration_sample, decompose_by_features  # noqa: E402
 from trainer.loop import evaluate  # noqa: E402
 from trainer.models import build_model  # noqa: E402
-from trainer.rank_prune import RankPruner, planned_shapes, prunable_layers, to_prunable  # noqa: E402
+from trainer.phases.feature_decompose import calibration_sample, decompose_by_features  # noqa: E402
+from trainer.phases.rank_prune import RankPruner, planned_shapes, prunable_layers, to_prunable  # noqa: E402
 from trainer.stateful import restore_model  # noqa: E402
 
 

@@ -108,7 +108,7 @@ def make_plan(cfg: Config, classes: int, size: int):
     """The rank plan (params/FLOPs before and after), or None when no phase compresses; errors are ConfigErrors."""
     if any(p.kind == "rank_prune" for p in cfg.phases):  # a budget min_rank cannot reach fails here
         from trainer.models import build_model
-        from trainer.rank_prune import check_budget
+        from trainer.phases.rank_prune import check_budget
 
         try:
             check_budget(build_model(cfg.model.name, classes), cfg)

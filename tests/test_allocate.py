@@ -13,7 +13,7 @@ from admm.model_plan import plan_for_model
 from admm.planner import error_ladder, select
 from admm.projections import project_svd, project_tucker2
 from admm.rank_plan import RankPlan
-from trainer.plan_file import PLAN_FILE, load_plan, save_plan
+from trainer.phases.plan_file import PLAN_FILE, load_plan, save_plan
 
 
 def _decaying(shape: tuple[int, ...], decay: float, seed: int) -> torch.Tensor:

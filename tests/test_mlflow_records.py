@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from launcher import pipeline
-from trainer import tracking, tracking_runs, training_phase
+from trainer import tracking, tracking_runs
 from trainer.component import ComponentBase
 from trainer.faults import InjectedFailure
+from trainer.phases import training as training_phase
 
 TWO = "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, {kind: evaluate}]"
 

@@ -88,7 +88,7 @@ def test_prune_carries_momentum_into_the_new_engine(stage):
     from trainer.config import EngineConfig, OptimConfig
     from trainer.engine import Precision, build_engine, prepare_deepspeed_env
     from trainer.momentum import read_momentum, write_momentum
-    from trainer.rank_prune import carry_momentum, to_prunable
+    from trainer.phases.rank_prune import carry_momentum, to_prunable
 
     prepare_deepspeed_env()
     init_local_group(gpu=False)

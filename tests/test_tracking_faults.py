@@ -19,9 +19,10 @@ import requests
 
 from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import tracking, training_phase
+from trainer import tracking
 from trainer.component import ComponentBase
 from trainer.faults import InjectedFailure
+from trainer.phases import training as training_phase
 
 TRAIN_PHASES = "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, {kind: admm, epochs: 1, steps_per_epoch: 2}, " \
                "{kind: evaluate}]"

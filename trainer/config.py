@@ -176,7 +176,7 @@ class DecomposeConfig:
 
 @dataclass
 class RankPruneConfig:
-    """The rank_prune phase (Sharma et al. 2025; trainer/rank_prune.py): layers as U diag(s) V^T, ranks pruned."""
+    """The rank_prune phase (Sharma et al. 2025; trainer/phases/rank_prune.py): layers as U diag(s) V^T, ranks pruned."""
 
     init: Literal["trained", "random"] = "trained"  # factors from the trained weights, or random orthonormal
     l1: float = 1e-4  # weight of the L1 penalty sum |s| (per layer, on s relative to its largest value)

@@ -20,15 +20,15 @@ from trainer.config import COMPRESSING_PHASES, DataConfig
 from trainer.context import WorkerContext, WorkerJob
 from trainer.data import load_datasets, make_loader
 from trainer.engine import prepare_deepspeed_env
-from trainer.init_report import report_init_accuracy
 from trainer.init_weights import apply_init
 from trainer.logs import get_logger
 from trainer.models import build_model
 from trainer.phases import run_phase
+from trainer.phases.init_report import report_init_accuracy
+from trainer.phases.training import step_offset
 from trainer.ranks import barrier, rank_and_world
 from trainer.stateful import restore_model
 from trainer.tracking import Tracker
-from trainer.training_phase import step_offset
 
 logger = get_logger(__name__)
 

@@ -1,7 +1,7 @@
 """The phase registry: each phase kind of the config and the runner that executes it on a worker.
 
 Training phases (pretrain, admm, finetune, rank_prune) share one epoch loop
-(:mod:`trainer.training_phase`) and differ only in their :class:`TrainingPhase`;
+(:mod:`trainer.phases.training`) and differ only in their :class:`TrainingPhase`;
 evaluate and decompose run once and write one checkpoint. A new phase kind is a
 runner here plus its name in ``trainer.config.PHASE_KINDS``.
 """
@@ -12,17 +12,17 @@ from typing import Callable
 
 from torch import nn
 
-from trainer.admm_phase import AdmmPhase
 from trainer.component import LoopState
 from trainer.context import WorkerContext
-from trainer.decompose import decompose_model_phase, measured_flops
 from trainer.engine import resolve_precision
 from trainer.logs import get_logger
 from trainer.loop import evaluate
-from trainer.phase_checkpoint import registry_for, save_phase_checkpoint
-from trainer.rank_prune import RankPrunePhase
+from trainer.phases.admm import AdmmPhase
+from trainer.phases.checkpoint import registry_for, save_phase_checkpoint
+from trainer.phases.decompose import decompose_model_phase, measured_flops
+from trainer.phases.rank_prune import RankPrunePhase
+from trainer.phases.training import TrainingPhase, run_training_phase
 from trainer.ranks import barrier
-from trainer.training_phase import TrainingPhase, run_training_phase
 
 logger = get_logger(__name__)
 

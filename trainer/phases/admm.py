@@ -17,10 +17,10 @@ from admm.admm_component import AdmmComponent
 from trainer.component import Component
 from trainer.context import WorkerContext
 from trainer.logs import get_logger
-from trainer.plan_file import PLAN_FILE, load_plan, save_plan
+from trainer.phases.plan_file import PLAN_FILE, load_plan, save_plan
+from trainer.phases.training import TrainingPhase, TrainingRun
 from trainer.plots import plot_series
 from trainer.ranks import TorchComm
-from trainer.training_phase import TrainingPhase, TrainingRun
 
 logger = get_logger(__name__)
 

@@ -23,7 +23,7 @@ from trainer.engine import build_engine, resolve_precision
 from trainer.faults import FailureInjector
 from trainer.logs import get_logger
 from trainer.loop import average_batchnorm_stats, evaluate, train_epoch
-from trainer.phase_checkpoint import check_zero_stage, registry_for, save_phase_checkpoint
+from trainer.phases.checkpoint import check_zero_stage, registry_for, save_phase_checkpoint
 
 logger = get_logger(__name__)
 

@@ -38,9 +38,9 @@ from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 from trainer.component import Component, ComponentBase
 from trainer.config import RankPruneConfig, WorkerConfig
 from trainer.momentum import read_momentum, write_momentum
-from trainer.phase_checkpoint import registry_for
+from trainer.phases.checkpoint import registry_for
+from trainer.phases.training import TrainingPhase, TrainingRun
 from trainer.plots import plot_series
-from trainer.training_phase import TrainingPhase, TrainingRun
 
 
 def planned_shapes(model: nn.Module, cfg: WorkerConfig) -> dict[str, tuple[int, ...]]:

@@ -17,10 +17,10 @@ from admm.model_plan import plan_for_model
 from admm.surgery import decompose_model
 from trainer.context import WorkerContext
 from trainer.engine import resolve_precision
-from trainer.feature_decompose import calibration_sample, decompose_by_features
 from trainer.logs import get_logger
 from trainer.loop import evaluate
-from trainer.plan_file import PLAN_FILE, load_plan
+from trainer.phases.feature_decompose import calibration_sample, decompose_by_features
+from trainer.phases.plan_file import PLAN_FILE, load_plan
 from trainer.ranks import TorchComm
 
 logger = get_logger(__name__)
