@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from admm.layers import FactoredLayer, Geometry, LowRankSparseLayer, SVDLayer, Tucker2Layer, assign
+from admm.nn.layers import FactoredLayer, Geometry, LowRankSparseLayer, SVDLayer, Tucker2Layer, assign
 from admm.projections import RankSpec, lowrank_sparse_parts, top_k, validate_rank
 from admm.reshape import kernel_shape, to_3way
 

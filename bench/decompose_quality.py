@@ -3,7 +3,7 @@
 For each format and target compression the same parameter budget is planned
 twice -- ``compression.allocation=uniform`` (one keep fraction for every layer)
 and ``error`` (admm.allocate: ranks that minimise the summed relative
-projection error of these weights) -- the model is decomposed (admm.surgery,
+projection error of these weights) -- the model is decomposed (admm.nn.surgery,
 the decompose phase's code) and evaluated at once, without fine-tuning:
 
     relative weight error, measured from the factored layers (to_dense_weight):
@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from admm.config import CompressionConfig  # noqa: E402
 from admm.model_plan import plan_for_model  # noqa: E402
+from admm.nn.surgery import decompose_model  # noqa: E402
 from admm.planner import with_errors  # noqa: E402
 from admm.rank_plan import RankPlan  # noqa: E402
-from admm.surgery import decompose_model  # noqa: E402
 from bench.common import device_name, pick_device  # noqa: E402
 from launcher.plan import load_weights  # noqa: E402
 from trainer.data import load_datasets, make_loader  # noqa: E402

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from admm.config import CompressionConfig  # noqa: E402
-from admm.layers_prune import plan_prune  # noqa: E402
 from admm.model_plan import plan_for_model  # noqa: E402
-from admm.surgery import decompose_model  # noqa: E402
+from admm.nn.layers_prune import plan_prune  # noqa: E402
+from admm.nn.surgery import decompose_model  # noqa: E402
 from bench.common import device_name, init_process_group  # noqa: E402
 from trainer import checkpoint as ckpt  # noqa: E402
 from trainer.config import EngineConfig, OptimConfig, RankPruneConfig, WorkerConfig  # noqa: E402

@@ -1,7 +1,7 @@
 """Inference speed of decomposed models divided by the dense model's, same process.
 
 For ResNet-50 (default) at two compression levels and each format, the
-factored model (admm.surgery.decompose_model with a plan from the same
+factored model (admm.nn.surgery.decompose_model with a plan from the same
 planner the runs use) is timed against the dense model built from the same
 weights: CPU fp32 at batch 1 and 32; on a GPU bf16 at batch 1 and 256,
 eager and (``--compile``) torch.compile'd. Ratios below 1 are reported as they are.
@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from admm.config import CompressionConfig  # noqa: E402
-from admm.fold import fold_batchnorm  # noqa: E402
-from admm.layers_tt import TTLayer  # noqa: E402
 from admm.model_plan import plan_for_model  # noqa: E402
-from admm.realize import realize  # noqa: E402
-from admm.surgery import decompose_model  # noqa: E402
+from admm.nn.fold import fold_batchnorm  # noqa: E402
+from admm.nn.layers_tt import TTLayer  # noqa: E402
+from admm.nn.realize import realize  # noqa: E402
+from admm.nn.surgery import decompose_model  # noqa: E402
 from bench.common import add_malloc_option, apply_malloc_option, banner, banner_line, classes_for  # noqa: E402
 from trainer.latency import format_row, layer_latency_table, measure_latency  # noqa: E402
 from trainer.models import build_model  # noqa: E402

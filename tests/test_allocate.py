@@ -161,8 +161,8 @@ def test_explicit_ranks_are_kept(net):
 
 
 def test_one_by_one_under_tucker2_is_svd_in_table_and_surgery(net):
-    from admm.layers import SVDLayer, Tucker2Layer
-    from admm.surgery import decompose_model, manifest_of
+    from admm.nn.layers import SVDLayer, Tucker2Layer
+    from admm.nn.surgery import decompose_model, manifest_of
 
     plan = plan_for_model(net, _cfg(format="tucker2"))
     fmts = {p.name: p.fmt for p in plan.layers}

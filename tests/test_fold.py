@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from admm.config import CompressionConfig
-from admm.fold import apply_folding, fold_batchnorm
 from admm.model_plan import plan_for_model
-from admm.surgery import apply_manifest, decompose_model, manifest_of
+from admm.nn.fold import apply_folding, fold_batchnorm
+from admm.nn.surgery import apply_manifest, decompose_model, manifest_of
 from trainer.models import build_model
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from admm.admm_component import AdmmComponent
 from admm.config import FORMATS, AdmmConfig, CompressionConfig
-from admm.layers import FACTORED_LAYERS
 from admm.model_plan import plan_for_model
+from admm.nn.layers import FACTORED_LAYERS
 from admm.projections import PROJECTIONS
 from trainer.component import Component
 from trainer.config import (

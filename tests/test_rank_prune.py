@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from admm.layers import SVDLayer
-from admm.layers_prune import PrunableSVDLayer, penalty_grads, plan_prune, svd_params
-from admm.surgery import module_from_spec
+from admm.nn.layers import SVDLayer
+from admm.nn.layers_prune import PrunableSVDLayer, penalty_grads, plan_prune, svd_params
+from admm.nn.surgery import module_from_spec
 from launcher import pipeline
 from launcher.config import ConfigError
 from trainer import checkpoint as ckpt

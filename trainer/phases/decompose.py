@@ -1,4 +1,4 @@
-"""The decompose phase: replace planned layers by factored modules (admm.surgery) and measure what that costs.
+"""The decompose phase: replace planned layers by factored modules (admm.nn.surgery) and measure what that costs.
 
 The papers' key point is the accuracy right after decomposition: after ADMM the
 dense model is already close to low rank, so decomposing loses little, while
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from admm.model_plan import plan_for_model
-from admm.surgery import decompose_model
+from admm.nn.surgery import decompose_model
 from trainer.context import WorkerContext
 from trainer.engine import resolve_precision
 from trainer.logs import get_logger

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from admm.feature_fit import fit_layer, layer_columns
+from admm.nn.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 from admm.rank_plan import RankPlan
-from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 from trainer.data.loaders import set_loader_epoch
 from trainer.ranks import rank_and_world
 

@@ -1,13 +1,13 @@
 """The rank_prune phase (Sharma et al. 2025): train layers as U diag(s) V^T and cut their ranks as they train.
 
 Every layer the compression section selects (``include``/``exclude``/``min_channels``)
-becomes an :class:`admm.layers_prune.PrunableSVDLayer` at full rank, from the
+becomes an :class:`admm.nn.layers_prune.PrunableSVDLayer` at full rank, from the
 trained weights (``rank_prune.init: trained``) or random (``random``). Training
 adds, as gradients (tensor hooks: they run before DeepSpeed's data-parallel
 average, identically on every rank, so the average keeps them), an L1 term on
 ``s`` and an orthogonality term on ``U`` and ``V``. At the end of every
 ``rank_prune.interval``-th epoch the weak singular directions are cut
-(:func:`admm.layers_prune.plan_prune`; with ``rank_prune.keep_ratio`` on a
+(:func:`admm.nn.layers_prune.plan_prune`; with ``rank_prune.keep_ratio`` on a
 linear path to that budget). Shapes change then, so the engine is rebuilt
 around the pruned model: the learning-rate schedule continues where it was,
 and the SGD momentum carries over (:func:`carry_momentum`; any ZeRO stage,
@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from admm.layer_info import describe_layers
-from admm.layers_prune import FACTOR_DIM, PrunableSVDLayer, penalty_grads, plan_prune, svd_params
+from admm.nn.layers_prune import FACTOR_DIM, PrunableSVDLayer, penalty_grads, plan_prune, svd_params
+from admm.nn.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 from admm.planner import select
 from admm.projections import max_rank
-from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 from trainer.component import Component, ComponentBase
 from trainer.config import RankPruneConfig, WorkerConfig
 from trainer.momentum import read_momentum, write_momentum

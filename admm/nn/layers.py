@@ -16,7 +16,7 @@ cp              ``(R, C_in, 1, 1)``, depthwise ``(R, 1, kh, kw)``,          ALS 
 lowrank_sparse  the svd pair of L, plus ``sparse_values (k,)`` (parameter)  lowrank_sparse_parts
                 at ``sparse_index (k,)`` (int64 buffer, flat indices into
                 the dense kernel) (Yu et al. 2017)
-tt              ``cores.j`` (see :mod:`admm.layers_tt`)                     TT-SVD (= project_tt)
+tt              ``cores.j`` (see :mod:`admm.nn.layers_tt`)                     TT-SVD (= project_tt)
 ==============  ==========================================================  =======================
 
 Linear layers hold the same factors without the trailing ``1, 1``; cp's
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from admm.layers_base import FactoredLayer, Geometry, Padding, assign
-from admm.layers_tt import TTLayer
+from admm.nn.layers_base import FactoredLayer, Geometry, Padding, assign
+from admm.nn.layers_tt import TTLayer
 from admm.projections import RankSpec, cp_factors, lowrank_sparse_parts, max_rank, tucker2_factors
 from admm.reshape import to_3way, to_matrix
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from admm.layers import FactoredLayer, Geometry, factorize_module, layer_class
-from admm.layers_prune import PrunableSVDLayer
+from admm.nn.layers import FactoredLayer, Geometry, factorize_module, layer_class
+from admm.nn.layers_prune import PrunableSVDLayer
 
 if TYPE_CHECKING:  # keep apply_manifest's import light for torch-only export loading
     from admm.rank_plan import RankPlan
