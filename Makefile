@@ -11,7 +11,7 @@ export TDC_DATA_ROOT
 # DeepSpeed picks its CPU accelerator when no GPU is present; saying so silences its probe warning.
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup demo lint test bench clean gpu-bundle
+.PHONY: setup demo lint test clean gpu-bundle
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)

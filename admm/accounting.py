@@ -12,7 +12,7 @@ Units and conventions:
   matters only for modules whose first factor is a 1x1 conv at input resolution
   (tucker2, cp, and tt's in-channel chain for kxk kernels).
 
-The factored modules (what ``admm.layers`` must build so these counts hold),
+The factored modules (what ``admm.nn.layers`` must build so these counts hold),
 for a kernel ``(C_out, C_in, kh, kw)``, ``s = kh*kw``:
 
 * svd (r): kxk conv ``C_in -> r`` (the dense conv's stride/padding) then 1x1 ``r -> C_out``.

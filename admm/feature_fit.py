@@ -9,7 +9,7 @@ columns ``X`` ``(n, P)`` (one column per output pixel and image, the order of
 
 so only the input second-moment matrix ``Sigma`` is needed (accumulated batch
 by batch and, on several ranks, summed by an all-reduce: that is the
-trainer's job, :mod:`trainer.decompose`). With ``Sigma + delta I = R R^T``
+trainer's job, :mod:`trainer.phases.decompose`). With ``Sigma + delta I = R R^T``
 (Cholesky; ``delta`` a tiny relative damping so that never-excited input
 directions cost nothing yet stay solvable) the error is ``||(W - A) R||^2``:
 
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from admm.layers import FactoredLayer, Geometry, LowRankSparseLayer, SVDLayer, Tucker2Layer, assign
+from admm.nn.layers import FactoredLayer, Geometry, LowRankSparseLayer, SVDLayer, Tucker2Layer, assign
 from admm.projections import RankSpec, lowrank_sparse_parts, top_k, validate_rank
 from admm.reshape import kernel_shape, to_3way
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from admm.projections_base import _computing, _svd_truncate, validate_rank
+from admm.projections_base import computing, svd_truncate, validate_rank
 from admm.reshape import from_matrix, to_matrix
 
 __all__ = ["LOWRANK_SPARSE_N_ITER", "LOWRANK_SPARSE_TOL", "lowrank_sparse_parts", "project_lowrank_sparse", "top_k"]
@@ -37,7 +37,7 @@ def _godec(matrix: Tensor, r: int, k: int, n_iter: int) -> tuple[Tensor, Tensor]
     previous = None
     # With k == 0 the first low-rank step is already optimal.
     for _ in range(n_iter if k > 0 else 1):
-        low = _svd_truncate(matrix - sparse, r)
+        low = svd_truncate(matrix - sparse, r)
         sparse = top_k(matrix - low, k)
         error = torch.linalg.vector_norm(matrix - low - sparse)
         # The error never increases; stop once an alternation no longer pays.
@@ -60,7 +60,7 @@ def lowrank_sparse_parts(
     r, k = validate_rank(weight.shape, "lowrank_sparse", rank)  # type: ignore[misc]
     if n_iter < 1:
         raise ValueError(f"lowrank_sparse n_iter must be >= 1, got {n_iter}")
-    with _computing(weight) as w:
+    with computing(weight) as w:
         low, sparse = _godec(to_matrix(w), r, k, n_iter)
         return from_matrix(low, w.shape), from_matrix(sparse, w.shape)
 

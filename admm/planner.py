@@ -1,4 +1,4 @@
-"""Rank planning and owner assignment (pure: shapes, and for the error allocation weights, in; plans out).
+"""Rank planning (pure: shapes, and for the error allocation weights, in; plans out).
 
 ``plan_ranks`` turns a target into per-layer ranks so that the whole model
 (excluded layers stay dense) keeps ``keep_ratio`` of its parameters, or of its
@@ -7,8 +7,7 @@ ranks by layer name where given; the other layers either share one per-layer
 keep fraction, found by bisection (``allocation="uniform"``), or get ranks
 allocated from the budget to minimise the summed relative projection error of
 their current weights (``allocation="error"``, :mod:`admm.allocate`).
-``assign_owners`` gives every planned layer one owner rank by a greedy
-longest-processing-time-first balance of projection cost.
+The plan itself is :mod:`admm.rank_plan`; its owners, :mod:`admm.owners`.
 
 Each layer carries its own format (``LayerPlan.fmt``): a 1x1 conv or Linear
 planned as tucker2 is planned as svd (:func:`layer_format`).
@@ -17,9 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from torch import Tensor
@@ -28,124 +26,11 @@ from admm.accounting import dense_flops, dense_params, factored_flops, factored_
 from admm.allocate import Ladder, allocate, rank_ladder, relative_errors
 from admm.config import ALLOCATIONS, BUDGETS
 from admm.projections import RankSpec, max_rank, validate_rank
+from admm.rank_plan import LayerInfo, LayerPlan, RankPlan
 from admm.reshape import kernel_shape
 
 ONE_BY_ONE_NOTE = ("1x1 convs and Linear layers planned as tucker2 are planned as svd: for them Tucker-2 is the "
                    "same projection plus an r x r core, i.e. more parameters for the same Z")
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A candidate layer: weight ``shape`` (C_out, C_in, kh, kw) or (out, in); conv output size ``out_hw``."""
-
-    name: str
-    shape: tuple[int, ...]
-    out_hw: tuple[int, int] = (1, 1)
-    in_hw: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    name: str
-    shape: tuple[int, ...]
-    fmt: str
-    rank: RankSpec
-    params_before: int
-    params_after: int
-    flops_before: int  # per image, 2 x MACs
-    flops_after: int
-    owner: int = 0
-    error: float = -1.0  # ||W - Proj(W)|| / ||W|| of the weights it was planned from; -1: not computed
-
-
-@dataclass
-class RankPlan:
-    layers: list[LayerPlan]
-    dense_params_total: int  # the whole model, planned or not (weights of conv/linear layers)
-    dense_flops_total: int
-    extra: dict[str, float] = field(default_factory=dict)
-    allocation: str = "uniform"  # how the free layers' ranks were chosen (see plan_ranks)
-    notes: list[str] = field(default_factory=list)  # printed under the table
-    budget: str = "params"  # what keep_ratio was a fraction of (admm.config.BUDGETS)
-
-    @property
-    def params_after_total(self) -> int:
-        return self.dense_params_total - sum(p.params_before - p.params_after for p in self.layers)
-
-    @property
-    def flops_after_total(self) -> int:
-        return self.dense_flops_total - sum(p.flops_before - p.flops_after for p in self.layers)
-
-    @property
-    def kept(self) -> float:
-        """The fraction of the dense model's budget unit (params or FLOPs per image) the plan keeps."""
-        if self.budget == "flops":
-            return self.flops_after_total / max(1, self.dense_flops_total)
-        return self.params_after_total / max(1, self.dense_params_total)
-
-    @property
-    def compression(self) -> float:
-        """Dense params / planned params over all conv/linear weights."""
-        return self.dense_params_total / max(1, self.params_after_total)
-
-    def by_name(self) -> dict[str, LayerPlan]:
-        return {p.name: p for p in self.layers}
-
-    @property
-    def has_errors(self) -> bool:
-        return bool(self.layers) and all(p.error >= 0 for p in self.layers)
-
-    @property
-    def error_sum(self) -> float:
-        """The error allocation's objective: sum over layers of ||W - Proj(W)||^2 / ||W||^2 (-1: not computed)."""
-        return sum(p.error ** 2 for p in self.layers) if self.has_errors else -1.0
-
-    def table(self) -> str:
-        """Human-readable plan: one row per layer (with its relative error when known), then totals and notes."""
-        errors = self.has_errors
-        rows = [("layer", "shape", "format", "ranks", "owner", "params", "->", "FLOPs", "->")
-                + (("rel. error",) if errors else ())]
-        for p in self.layers:
-            rows.append((p.name, "x".join(map(str, p.shape)), p.fmt, str(p.rank), str(p.owner),
-                         f"{p.params_before:,}", f"{p.params_after:,}", _si(p.flops_before), _si(p.flops_after))
-                        + ((f"{p.error:.4f}",) if errors else ()))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-        lines.append(f"model (conv+linear weights): params {self.dense_params_total:,} -> {self.params_after_total:,}"
-                     f" ({self.compression:.2f}x), FLOPs/image {_si(self.dense_flops_total)} -> "
-                     f"{_si(self.flops_after_total)} ({self.dense_flops_total / max(1, self.flops_after_total):.2f}x); "
-                     f"budget {self.budget}: keeps {self.kept:.4f} of the dense {self.budget}")
-        if errors:
-            lines.append(f"allocation {self.allocation}: sum of per-layer ||W-Z||^2/||W||^2 {self.error_sum:.4f} "
-                         f"over {len(self.layers)} layers (mean {self.error_sum / len(self.layers):.4f})")
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-    def to_json(self) -> dict:
-        return {"layers": [{**p.__dict__, "rank": list(p.rank) if isinstance(p.rank, tuple) else p.rank}
-                           for p in self.layers],
-                "dense_params": self.dense_params_total, "params_after": self.params_after_total,
-                "dense_flops": self.dense_flops_total, "flops_after": self.flops_after_total,
-                "compression": self.compression, "allocation": self.allocation, "notes": list(self.notes),
-                "budget": self.budget,
-                **({"error_sum": self.error_sum} if self.has_errors else {})}
-
-    @classmethod
-    def from_json(cls, data: Mapping) -> "RankPlan":
-        """Inverse of :meth:`to_json` (ranks back to ints / tuples)."""
-        layers = [LayerPlan(**{**d, "shape": tuple(d["shape"]),
-                               "rank": tuple(d["rank"]) if isinstance(d["rank"], list) else d["rank"]})
-                  for d in data["layers"]]
-        return cls(layers=layers, dense_params_total=int(data["dense_params"]),
-                   dense_flops_total=int(data["dense_flops"]), allocation=str(data.get("allocation", "uniform")),
-                   notes=list(data.get("notes", [])), budget=str(data.get("budget", "params")))
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
 
 
 def select(layers: Sequence[LayerInfo], include: Sequence[str], exclude: Sequence[str],
@@ -266,7 +151,7 @@ def with_errors(plan: RankPlan, weights: Mapping[str, Tensor]) -> RankPlan:
     layers = [LayerPlan(**{**p.__dict__, "error": math.sqrt(relative_errors(weights[p.name], p.fmt, [p.rank])[0])})
               for p in plan.layers]
     return RankPlan(layers=layers, dense_params_total=plan.dense_params_total,
-                    dense_flops_total=plan.dense_flops_total, extra=dict(plan.extra), allocation=plan.allocation,
+                    dense_flops_total=plan.dense_flops_total, allocation=plan.allocation,
                     notes=list(plan.notes), budget=plan.budget)
 
 
@@ -309,12 +194,9 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
         raise ValueError("the error allocation needs the weights of every planned layer")
     if budget not in BUDGET_COSTS:
         raise ValueError(f"compression.budget: must be one of {BUDGETS}, got {budget!r}")
-    cost = BUDGET_COSTS[budget]
     dense_total = sum(dense_params(layer.shape) for layer in all_layers)
     flops_total = sum(dense_flops(layer.shape, layer.out_hw) for layer in all_layers)
-    cost_total = flops_total if budget == "flops" else dense_total
     fmts = {layer.name: layer_format(layer.shape, fmt) for layer in planned}
-    notes = [ONE_BY_ONE_NOTE] if any(f != fmt for f in fmts.values()) else []
     fixed = {}
     for n, r in ranks.items():
         shape = next(layer.shape for layer in planned if layer.name == n)
@@ -323,33 +205,77 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
         except ValueError as e:
             hint = " (a 1x1 layer under tucker2 is planned as svd: give one int)" if fmts[n] != fmt else ""
             raise ValueError(f"compression.ranks.{n}: {e}{hint}") from None
-    free = [layer for layer in planned if layer.name not in fixed]
-    target = keep_ratio * cost_total
-    unit = "FLOPs per image" if budget == "flops" else "parameters"
-
+    task = _Budget(planned=list(planned), fmts=fmts, fixed=fixed, keep_ratio=keep_ratio, budget=budget,
+                   dense_total=dense_total, flops_total=flops_total,
+                   notes=[ONE_BY_ONE_NOTE] if any(f != fmt for f in fmts.values()) else [])
     if allocation == "error":
-        # The free layers' budget: what is left after dense layers and the fixed layers.
-        rest = cost_total - sum(cost(layer, fmts[layer.name], None) for layer in free)
-        rest -= sum(cost(layer, fmts[n], None) - cost(layer, fmts[n], fixed[n])
-                    for layer in planned for n in [layer.name] if n in fixed)
-        ladders = [error_ladder(layer, fmts[layer.name], weights[layer.name], rank_multiple=rank_multiple,
-                                sparse_fraction=sparse_fraction, min_rank_ratio=min_rank_ratio, max_keep=max_keep,
-                                budget=budget)
-                   for layer in free]
-        try:
-            choice = allocate(ladders, target - rest)
-        except ValueError as e:
-            msg = str(e).replace("parameters", unit)
-            raise ValueError(f"compression.keep_ratio={keep_ratio} is impossible (compression.budget={budget}): {msg} "
-                             f"(min_rank_ratio {min_rank_ratio}); raise keep_ratio, lower min_rank_ratio or the fixed "
-                             "ranks") from None
-        chosen = {layer.name: (lad.ranks[c], math.sqrt(lad.errors[c])) for layer, lad, c in zip(free, ladders, choice)}
-        for n, r in fixed.items():
-            chosen[n] = (r, math.sqrt(relative_errors(weights[n], fmts[n], [r])[0]))  # type: ignore[index]
-        return RankPlan(layers=[dataclasses.replace(_plan_layer(layer, fmts[layer.name], chosen[layer.name][0]),
-                                                    error=chosen[layer.name][1]) for layer in planned],
-                        dense_params_total=dense_total, dense_flops_total=flops_total, allocation="error",
-                        notes=notes, budget=budget)
+        return _allocate_by_error(task, weights, rank_multiple=rank_multiple,  # type: ignore[arg-type]
+                                  sparse_fraction=sparse_fraction, min_rank_ratio=min_rank_ratio, max_keep=max_keep)
+    plan = _allocate_uniform(task, rank_multiple=rank_multiple, sparse_fraction=sparse_fraction)
+    return with_errors(plan, weights) if weights is not None else plan
+
+
+@dataclass
+class _Budget:
+    """What both allocations of :func:`plan_ranks` share: the layers, their formats, the fixed ranks, the target."""
+
+    planned: list[LayerInfo]
+    fmts: dict[str, str]  # layer -> the format it is planned in (layer_format)
+    fixed: dict[str, RankSpec]  # layer -> the rank compression.ranks gives it
+    keep_ratio: float
+    budget: str  # "params" or "flops"
+    dense_total: int
+    flops_total: int
+    notes: list[str]
+
+    @property
+    def free(self) -> list[LayerInfo]:
+        return [layer for layer in self.planned if layer.name not in self.fixed]
+
+    @property
+    def cost_total(self) -> int:
+        return self.flops_total if self.budget == "flops" else self.dense_total
+
+    @property
+    def target(self) -> float:
+        return self.keep_ratio * self.cost_total
+
+    @property
+    def unit(self) -> str:
+        return "FLOPs per image" if self.budget == "flops" else "parameters"
+
+
+def _allocate_by_error(task: _Budget, weights: Mapping[str, Tensor], *, rank_multiple: int, sparse_fraction: float,
+                       min_rank_ratio: float, max_keep: float) -> RankPlan:
+    """Ranks that minimise the summed relative squared projection error within the budget (admm.allocate)."""
+    cost, fmts, fixed, free = BUDGET_COSTS[task.budget], task.fmts, task.fixed, task.free
+    # The free layers' budget: what is left after dense layers and the fixed layers.
+    rest = task.cost_total - sum(cost(layer, fmts[layer.name], None) for layer in free)
+    rest -= sum(cost(layer, fmts[n], None) - cost(layer, fmts[n], fixed[n])
+                for layer in task.planned for n in [layer.name] if n in fixed)
+    ladders = [error_ladder(layer, fmts[layer.name], weights[layer.name], rank_multiple=rank_multiple,
+                            sparse_fraction=sparse_fraction, min_rank_ratio=min_rank_ratio, max_keep=max_keep,
+                            budget=task.budget)
+               for layer in free]
+    try:
+        choice = allocate(ladders, task.target - rest)
+    except ValueError as e:
+        msg = str(e).replace("parameters", task.unit)
+        raise ValueError(f"compression.keep_ratio={task.keep_ratio} is impossible (compression.budget={task.budget}): "
+                         f"{msg} (min_rank_ratio {min_rank_ratio}); raise keep_ratio, lower min_rank_ratio or the "
+                         "fixed ranks") from None
+    chosen = {layer.name: (lad.ranks[c], math.sqrt(lad.errors[c])) for layer, lad, c in zip(free, ladders, choice)}
+    for n, r in fixed.items():
+        chosen[n] = (r, math.sqrt(relative_errors(weights[n], fmts[n], [r])[0]))  # type: ignore[index]
+    return RankPlan(layers=[dataclasses.replace(_plan_layer(layer, fmts[layer.name], chosen[layer.name][0]),
+                                                error=chosen[layer.name][1]) for layer in task.planned],
+                    dense_params_total=task.dense_total, dense_flops_total=task.flops_total, allocation="error",
+                    notes=task.notes, budget=task.budget)
+
+
+def _allocate_uniform(task: _Budget, *, rank_multiple: int, sparse_fraction: float) -> RankPlan:
+    """Every free layer keeps one shared fraction of its parameters: the largest whose total fits (bisection)."""
+    fmts, fixed = task.fmts, task.fixed
 
     def rank_of(layer: LayerInfo, keep: float) -> RankSpec:
         if layer.name in fixed:
@@ -358,80 +284,29 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
         return round_rank(layer.shape, f, _uniform_keep(layer, f, keep, sparse_fraction), rank_multiple)
 
     def total(keep: float) -> tuple[int, list[LayerPlan]]:
-        plans = [_plan_layer(layer, fmts[layer.name], rank_of(layer, keep)) for layer in planned]
-        if budget == "flops":
-            return flops_total - sum(p.flops_before - p.flops_after for p in plans), plans
-        return dense_total - sum(p.params_before - p.params_after for p in plans), plans
+        plans = [_plan_layer(layer, fmts[layer.name], rank_of(layer, keep)) for layer in task.planned]
+        if task.budget == "flops":
+            return task.flops_total - sum(p.flops_before - p.flops_after for p in plans), plans
+        return task.dense_total - sum(p.params_before - p.params_after for p in plans), plans
 
     lo_total, lo_plans = total(1e-9)  # rank 1 (or the fixed ranks) everywhere
-    if lo_total > target:
-        raise ValueError(f"compression.keep_ratio={keep_ratio} is impossible (compression.budget={budget}): even rank 1 in every "
-                         f"planned layer keeps {lo_total:,} of {cost_total:,} {unit} ({lo_total / cost_total:.3f}); "
-                         "raise keep_ratio, plan more layers (include/exclude) or lower the fixed ranks")
+    if lo_total > task.target:
+        raise ValueError(f"compression.keep_ratio={task.keep_ratio} is impossible (compression.budget={task.budget}): "
+                         f"even rank 1 in every planned layer keeps {lo_total:,} of {task.cost_total:,} {task.unit} "
+                         f"({lo_total / task.cost_total:.3f}); raise keep_ratio, plan more layers (include/exclude) "
+                         "or lower the fixed ranks")
     best = lo_plans
     lo, hi = 0.0, 1.0
-    if free:
+    if task.free:
         for _ in range(40):  # bisection on the shared per-layer keep fraction
             mid = (lo + hi) / 2
             t, plans = total(mid)
-            if t <= target:
+            if t <= task.target:
                 lo, best = mid, plans
             else:
                 hi = mid
         t, plans = total(1.0)
-        if t <= target:
+        if t <= task.target:
             best = plans
-    plan = RankPlan(layers=best, dense_params_total=dense_total, dense_flops_total=flops_total, notes=notes,
-                    budget=budget)
-    return with_errors(plan, weights) if weights is not None else plan
-
-
-# Weight of a matmul flop against the m n min(m, n) unit of a dense factorisation (SVD, eigh): fitted on the
-# measured Z-update times of ResNet-50's planned layers (bench/zupdate.py --json, CPU; bench/README.md).
-_MATMUL_WEIGHT = 0.1
-
-
-def projection_cost(shape: Sequence[int], fmt: str, rank: RankSpec | None = None) -> float:
-    """Relative cost of one Z-update of a layer, for balancing owners (units: m n min(m, n) of one dense SVD).
-
-    svd, tt, cp, lowrank_sparse: an SVD of the ``(C_out, C_in k^2)`` unfolding, ``m n min(m, n)``.
-    tucker2 at ``rank`` ``(r_out, r_in)``: what a warm HOOI sweep (admm/hooi.py, every Z-update after the
-    first) does: ``eigh`` of the two Gram matrices, ``C_out^3 + C_in^3``, plus its matmuls (mode products,
-    Gram matrices, core, reconstruction) at ``_MATMUL_WEIGHT`` per flop. Costing tucker2 as two full SVDs
-    instead made its 3x3 layers look 4-5x dearer than they are beside the svd-planned 1x1 layers: on
-    ResNet-50 the largest of 4 shards took 1.9x the balanced time (bench/README.md).
-    """
-    c_out, c_in, kh, kw = kernel_shape(shape)
-    s = kh * kw
-    m, n = c_out, c_in * s
-    if fmt == "tucker2":
-        r_out, r_in = rank if isinstance(rank, tuple) else (c_out, c_in)
-        matmul = 3 * c_out * c_in * s * (r_out + r_in) + c_out * c_out * r_in * s + c_in * c_in * r_out * s
-        return float(c_out ** 3 + c_in ** 3 + _MATMUL_WEIGHT * matmul)
-    return float(m * n * min(m, n))
-
-
-def assign_owners(costs: Sequence[float], world: int) -> list[int]:
-    """Greedy longest-first: each layer, largest cost first, goes to the least-loaded rank.
-
-    Deterministic (ties broken by rank index), so every rank computes the same map.
-    Returns the owner rank of each layer, in input order.
-    """
-    if world < 1:
-        raise ValueError(f"world size must be >= 1, got {world}")
-    heap = [(0.0, r) for r in range(world)]
-    owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        load, r = heapq.heappop(heap)
-        owners[i] = r
-        heapq.heappush(heap, (load + costs[i], r))
-    return owners
-
-
-def with_owners(plan: RankPlan, world: int) -> RankPlan:
-    """A copy of ``plan`` whose layers carry owners for ``world`` ranks."""
-    owners = assign_owners([projection_cost(p.shape, p.fmt, p.rank) for p in plan.layers], world)
-    layers = [LayerPlan(**{**p.__dict__, "owner": o}) for p, o in zip(plan.layers, owners)]
-    return RankPlan(layers=layers, dense_params_total=plan.dense_params_total,
-                    dense_flops_total=plan.dense_flops_total, extra=dict(plan.extra), allocation=plan.allocation,
-                    notes=list(plan.notes), budget=plan.budget)
+    return RankPlan(layers=best, dense_params_total=task.dense_total, dense_flops_total=task.flops_total,
+                    notes=task.notes, budget=task.budget)

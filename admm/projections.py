@@ -56,7 +56,7 @@ from admm.lowrank_sparse import (
     project_lowrank_sparse,
     top_k,
 )
-from admm.projections_base import RankSpec, _check_format, _computing, _svd_truncate, max_rank, validate_rank
+from admm.projections_base import RankSpec, check_format, computing, max_rank, svd_truncate, validate_rank
 from admm.reshape import (
     from_3way,
     from_matrix,
@@ -122,8 +122,8 @@ def project_svd(weight: Tensor, rank: int) -> Tensor:
     call plus slicing.
     """
     r = validate_rank(weight.shape, "svd", rank)
-    with _computing(weight) as w:
-        z = from_matrix(_svd_truncate(to_matrix(w), r), w.shape)
+    with computing(weight) as w:
+        z = from_matrix(svd_truncate(to_matrix(w), r), w.shape)
     return z.to(weight.dtype)
 
 
@@ -139,7 +139,7 @@ def tucker2_factors(weight: Tensor, rank: Sequence[int], n_iter: int = HOOI_SWEE
     r_out, r_in = validate_rank(weight.shape, "tucker2", rank)  # type: ignore[misc]
     if n_iter < 0 or (init is not None and n_iter < 1):
         raise ValueError(f"tucker2 n_iter must be >= {0 if init is None else 1}, got {n_iter}")
-    with _computing(weight) as w:
+    with computing(weight) as w:
         core, u_out, u_in, _ = hooi_factors(to_3way(w), (r_out, r_in), n_iter, tol, init)
     return core, u_out, u_in
 
@@ -173,7 +173,7 @@ def tt_cores(weight: Tensor, rank: RankSpec) -> list[Tensor]:
     """
     r = validate_rank(weight.shape, "tt", rank)
     layout = tt_layout(weight.shape)
-    with _computing(weight) as w:
+    with computing(weight) as w:
         return list(tensor_train(to_tt(w, layout), rank=list(layout.ranks(r))).factors)
 
 
@@ -203,7 +203,7 @@ def cp_factors(weight: Tensor, rank: int, n_iter: int = CP_N_ITER, tol: float = 
     r = validate_rank(weight.shape, "cp", rank)
     if n_iter < 1:
         raise ValueError(f"cp n_iter must be >= 1, got {n_iter}")
-    with _computing(weight) as w:
+    with computing(weight) as w:
         w3 = to_3way(w)
         if r == max_rank(weight.shape, "cp"):
             return _exact_cp(w3, r)
@@ -253,7 +253,7 @@ def project_cp(weight: Tensor, rank: int, n_iter: int = CP_N_ITER, tol: float = 
 
 def project(weight: Tensor, fmt: str, rank: RankSpec) -> Tensor:
     """Z = Proj_rank(weight) in format ``fmt`` (one of ``FORMATS``); same shape, dtype, device."""
-    _check_format(fmt)
+    check_format(fmt)
     return PROJECTIONS[fmt](weight, rank)
 
 

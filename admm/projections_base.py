@@ -4,7 +4,7 @@ A rank spec (``RankSpec``) is an int for svd/tt/cp, a pair for tucker2
 ``(r_out, r_in)`` and lowrank_sparse ``(r, k)``; tt also takes one rank per bond.
 ``max_rank`` gives the full spec of a format for a weight shape (projecting at it
 returns W); ``validate_rank`` checks a spec and names the field, shape and
-allowed range. ``_computing`` is the dtype / no_grad / tensorly-backend context
+allowed range. ``computing`` is the dtype / no_grad / tensorly-backend context
 every projection runs its arithmetic in. The projections themselves:
 :mod:`admm.projections` (svd, tucker2, tt, cp, and the dispatch by format) and
 :mod:`admm.lowrank_sparse`.
@@ -38,7 +38,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _check_format(fmt: str) -> None:
+def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
@@ -57,7 +57,7 @@ def _ranges(shape: Sequence[int], fmt: str) -> tuple[tuple[int, int], ...]:
     if fmt == "cp":
         # Every I x J x K tensor has CP rank <= min(IJ, IK, JK) (sum of its slices).
         return ((1, min(c_out * c_in, c_out * s, c_in * s)),)
-    _check_format(fmt)
+    check_format(fmt)
     return ((1, matrix_rank), (0, c_out * c_in * s))
 
 
@@ -66,7 +66,7 @@ def max_rank(shape: Sequence[int], fmt: str) -> RankSpec:
 
     For lowrank_sparse it is ``(min(C_out, C_in*k*k), 0)``: a full-rank L needs no S.
     """
-    _check_format(fmt)
+    check_format(fmt)
     highs = tuple(hi for _, hi in _ranges(shape, fmt))
     if fmt == "lowrank_sparse":
         return (highs[0], 0)
@@ -79,7 +79,7 @@ def validate_rank(shape: Sequence[int], fmt: str, rank: object) -> RankSpec:
     Ints for svd/tt/cp, pairs ``(a, b)`` (tuple or list) for tucker2/lowrank_sparse.
     Raises ValueError naming the format, the field, the shape and the allowed range.
     """
-    _check_format(fmt)
+    check_format(fmt)
     if fmt == "tt" and isinstance(rank, (tuple, list)):
         return _validate_tt_bonds(shape, rank)
     fields, ranges = _FIELDS[fmt], _ranges(shape, fmt)
@@ -113,7 +113,7 @@ def _validate_tt_bonds(shape: Sequence[int], rank: Sequence[object]) -> tuple[in
 
 
 @contextmanager
-def _computing(weight: Tensor) -> Iterator[Tensor]:
+def computing(weight: Tensor) -> Iterator[Tensor]:
     """Yield ``weight`` detached in the compute dtype, inside no_grad and tensorly's pytorch backend.
 
     float32/float64 inputs are not copied (callers never write into them);
@@ -127,7 +127,7 @@ def _computing(weight: Tensor) -> Iterator[Tensor]:
         yield weight.detach().to(dtype)
 
 
-def _svd_truncate(matrix: Tensor, r: int) -> Tensor:
+def svd_truncate(matrix: Tensor, r: int) -> Tensor:
     """Best rank-``r`` approximation of ``matrix`` in Frobenius norm (Eckart-Young)."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     return (u[:, :r] * s[:r]) @ vh[:r]

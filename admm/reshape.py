@@ -15,12 +15,12 @@ Every weight is seen as a conv kernel ``(C_out, C_in, kh, kw)``; a Linear weight
   bond left of ``s`` has the rank of the ``C_out x (s*C_in)`` unfolding, the one
   right of it that of ``(C_out*s) x C_in``, so the factored layer is a chain of
   channel contractions, one kxk conv between the two middle bonds, and more
-  channel contractions (:mod:`admm.layers_tt`). The TT-SVD itself is Oseledets
+  channel contractions (:mod:`admm.nn.layers_tt`). The TT-SVD itself is Oseledets
   2011. The spatial mode is dropped when ``s == 1`` (Linear, 1x1 conv), where it
-  would only add a bond that copies its neighbour. (An earlier version paired
-  ``o_j*i_j`` into TT-matrix modes with ``s`` first, Novikov et al. 2015 /
-  Garipov et al. 2016; it fit channel-structured weights worse at equal
-  parameters and its conv cost more FLOPs than the dense one, so it is gone.)
+  would only add a bond that copies its neighbour. Not the TT-matrix layout
+  (``o_j*i_j`` modes with ``s`` first, Novikov et al. 2015 / Garipov et al.
+  2016): it fits channel-structured weights worse at equal parameters, and its
+  conv costs more FLOPs than the dense one.
 
 Index convention (row-major, like ``torch.reshape``): output channel
 ``o = ((o_1 * O_2 + o_2) * O_3 + o_3) ...`` i.e. ``o_1`` varies slowest; the same

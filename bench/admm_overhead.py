@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from admm.component import AdmmComponent
+from admm.admm_component import AdmmComponent
 from admm.config import AdmmConfig, CompressionConfig
 from bench.common import (
     Timing,

@@ -2,7 +2,7 @@
 
 Times one augmented training pass over ``--images`` CIFAR-10 images (no model: the data side alone)
 through :func:`trainer.data.make_loader` (Pillow decode + numpy crop/flip + normalise per item) and
-through :func:`trainer.device_data.make_device_loader` (its one-off decode timed separately), and
+through :func:`trainer.data.device_cache.make_device_loader` (its one-off decode timed separately), and
 prints images/s and their ratio, naming the device.
 
     TDC_DATA_ROOT=../shared/data/cifar10 python -m bench.device_cache --images 10000 [--device cuda]
@@ -16,7 +16,7 @@ import torch
 
 from bench.common import add_json_option, start, sync
 from trainer.data import data_root, load_datasets, make_loader, set_loader_epoch
-from trainer.device_data import make_device_loader
+from trainer.data.device_cache import make_device_loader
 
 
 def _pass(loader, device: torch.device) -> float:

@@ -25,19 +25,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from admm.component import plan_for_model
 from admm.config import CompressionConfig
-from admm.layers_prune import plan_prune
-from admm.surgery import decompose_model
+from admm.model_plan import plan_for_model
+from admm.nn.layers_prune import plan_prune
+from admm.nn.surgery import decompose_model
 from bench.common import add_json_option, device_name, init_process_group, start
 from trainer import checkpoint as ckpt
 from trainer.config import EngineConfig, OptimConfig, RankPruneConfig, WorkerConfig
 from trainer.data import load_datasets, make_loader
 from trainer.engine import Precision, build_engine, prepare_deepspeed_env
-from trainer.feature_decompose import calibration_sample, decompose_by_features
 from trainer.loop import evaluate
 from trainer.models import build_model
-from trainer.rank_prune import RankPruner, planned_shapes, prunable_layers, to_prunable
+from trainer.phases.feature_decompose import calibration_sample, decompose_by_features
+from trainer.phases.rank_prune import RankPruner, planned_shapes, prunable_layers, to_prunable
 from trainer.stateful import restore_model
 
 

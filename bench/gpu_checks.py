@@ -27,10 +27,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from admm.component import AdmmComponent, plan_for_model
+from admm.admm_component import AdmmComponent
 from admm.config import AdmmConfig, CompressionConfig
-from admm.fold import fold_batchnorm
-from admm.surgery import decompose_model
+from admm.model_plan import plan_for_model
+from admm.nn.fold import fold_batchnorm
+from admm.nn.surgery import decompose_model
 from bench.common import (
     Report,
     add_json_option,

@@ -1,7 +1,7 @@
 """Inference speed of decomposed models divided by the dense model's, same process.
 
 For ResNet-50 (default) at two compression levels and each format, the
-factored model (admm.surgery.decompose_model with a plan from the same
+factored model (admm.nn.surgery.decompose_model with a plan from the same
 planner the runs use) is timed against the dense model built from the same
 weights: CPU fp32 at batch 1 and 32; on a GPU bf16 at batch 1 and 256,
 eager and (``--compile``) torch.compile'd. Ratios below 1 are reported as they are.
@@ -24,12 +24,12 @@ import argparse
 
 import torch
 
-from admm.component import plan_for_model
 from admm.config import CompressionConfig
-from admm.fold import fold_batchnorm
-from admm.layers_tt import TTLayer
-from admm.realize import realize
-from admm.surgery import decompose_model
+from admm.model_plan import plan_for_model
+from admm.nn.fold import fold_batchnorm
+from admm.nn.layers_tt import TTLayer
+from admm.nn.realize import realize
+from admm.nn.surgery import decompose_model
 from bench.common import add_json_option, add_malloc_option, apply_malloc_option, classes_for, start
 from trainer.latency import format_row, layer_latency_table, measure_latency
 from trainer.models import build_model

@@ -38,8 +38,8 @@ import torch
 
 from bench.common import add_json_option, pick_device, start, sync
 from trainer.data import IMAGENET_STATS, load_datasets, make_loader, set_loader_epoch
-from trainer.decode import decode_train
-from trainer.pack import PackOptions, pack
+from trainer.data.decode import decode_train
+from trainer.data.shard_writer import PackOptions, pack
 
 # <wnid>/<file>.JPEG folders of real ImageNet images; TDC_IMAGENET_SAMPLE points at another copy.
 SAMPLE = Path(os.environ.get("TDC_IMAGENET_SAMPLE",
@@ -142,8 +142,8 @@ def decode_only(shards: Path, n: int, rounds: int) -> dict[str, float]:
     from torchvision.transforms import functional as F
     from torchvision.transforms.v2 import functional as F2
 
-    from trainer.decode import resized_crop_box
-    from trainer.shards import load_index, read_shard, split_shards
+    from trainer.data.decode import resized_crop_box
+    from trainer.data.shards import load_index, read_shard, split_shards
 
     shard_list = split_shards(shards, load_index(shards), "val")
     blobs = [d for s in shard_list for d, _ in read_shard(s, 0, s.samples)][:n]

@@ -76,7 +76,7 @@ ROWS: list[Row] = [
     *_pair("svd", 0.33, "3x", 0),
     *_pair("tucker2", 0.5, "2x", 0),
     *_pair("tt", 0.33, "3x", 0),
-    # Issue 13's two methods, same protocol (5 epochs from the dense model, ~3x fewer conv parameters).
+    # The two data-aware methods (rank_prune, feature fit), same protocol (5 epochs from the dense model, ~3x fewer conv parameters).
     Row("r20-rankprune-3x-s0", "configs/study/rankprune_r20.yaml", 0, (), "dense-r20-s0"),
     Row("r20-lrs-3x-features-s0", "configs/study/direct_r20.yaml", 0,
         ("compression.format=lowrank_sparse", "compression.keep_ratio=0.33", "decompose.fit=features"), "dense-r20-s0"),

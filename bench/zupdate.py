@@ -1,7 +1,7 @@
 """Z-update wall time of all planned ResNet-50 layers, on one rank and sharded over 2/4/8 owners.
 
 For each format the plan comes from the project's planner
-(admm.component.plan_for_model(build_model('resnet50', 1000),
+(admm.model_plan.plan_for_model(build_model('resnet50', 1000),
 CompressionConfig(format=fmt, keep_ratio=...), world)). Every planned layer's
 projection Z = project(W + U, fmt, rank) is timed once (after one untimed
 warmup projection), on the GPU when there is one, else on the CPU. The
@@ -53,9 +53,9 @@ from typing import Any, Callable
 
 import torch
 
-from admm.component import plan_for_model
 from admm.config import CompressionConfig
-from admm.planner import assign_owners
+from admm.model_plan import plan_for_model
+from admm.owners import assign_owners
 from admm.projections import max_rank, project
 from admm.warm import ProjectionOptions, project_warm
 from bench.common import add_json_option, classes_for, pick_device, start, time_fn

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare_cli.add_parser(sub)
 
-    from launcher import pack as pack_cmd  # `tdcompress pack SRC DST`: ImageFolder -> tar shards
+    from launcher import pack_cli as pack_cmd  # `tdcompress pack SRC DST`: ImageFolder -> tar shards
 
     pack_cmd.add_parser(sub)
 

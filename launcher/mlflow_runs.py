@@ -3,7 +3,7 @@
 The parent carries a descriptive name, the tags users filter on and the flattened config
 (:mod:`launcher.run_record`), MLflow's system metrics while the run lasts, the dense baseline and the
 delta against it, and on success the exported model. Phase runs are created by rank 0 when each phase
-starts and closed when it ends (:mod:`trainer.phase_runs`), so their times are their own and a phase
+starts and closed when it ends (:mod:`trainer.tracking_runs`), so their times are their own and a phase
 that never started has none. Run states follow what happened, also after faults: a run the driver saw
 end is closed as FINISHED, FAILED or KILLED (Ctrl-C, SIGTERM); a phase run a killed worker left RUNNING
 gets the run's status (FINISHED when the checkpoints say it completed); a parent found RUNNING without a
@@ -24,7 +24,7 @@ from launcher import run_record
 from launcher.config import ConfigError, dump_yaml, flatten, to_dict
 from launcher.schema import Config
 from trainer import checkpoint as ckpt
-from trainer import phase_runs, tracking
+from trainer import tracking, tracking_runs
 
 DRIVER_BUFFER = "tracking-buffer-driver.jsonl"  # what the driver's Trackers could not send (workers: rank0)
 
@@ -86,7 +86,7 @@ def open_runs(cfg: Config, run_name: str, run_dir: Path, state: dict[str, Any]) 
             # before continuing: the parent and the phase it was in KILLED, complete phases FINISHED.
             if client.get_run(parent).info.status == "RUNNING":
                 ended = state.get("mlflow_unclosed") or "KILLED"
-                for i, run in sorted(phase_runs.phase_children(uri, parent).items()):
+                for i, run in sorted(tracking_runs.phase_children(uri, parent).items()):
                     if run.info.status == "RUNNING":
                         client.set_terminated(run.info.run_id, _phase_status(i, done, ended))
                 client.set_terminated(parent, ended)
@@ -95,10 +95,10 @@ def open_runs(cfg: Config, run_name: str, run_dir: Path, state: dict[str, Any]) 
                     client.set_tag(parent, "tdcompress.killed_attempts", str(killed))
                     print(f"mlflow: run {run_name} was left RUNNING by a driver that was killed; marked it "
                           "KILLED before resuming", flush=True)
-            # The phases this command runs reopen their own child runs when they start (trainer.phase_runs).
+            # The phases this command runs reopen their own child runs when they start (trainer.tracking_runs).
             client.update_run(parent, status="RUNNING")
             _start_system_metrics(cfg, uri, parent)
-            kids = phase_runs.phase_children(uri, parent)
+            kids = tracking_runs.phase_children(uri, parent)
             return uri, parent, [kids[i].info.run_id if i in kids else None for i in range(len(cfg.phases))]
         exp = tracking.get_or_create_experiment(uri, cfg.tracking.experiment)
         # Phase runs are created by rank 0 when each phase starts: their times are the phases' own.
@@ -224,7 +224,7 @@ def close_runs(info: RunInfo, status: str, tracking_cfg: Any = None) -> None:
         _stop_system_metrics(info.parent_id)
         client = tracking.client(info.tracking_uri)
         done = _phases_done(info.dir)
-        children = phase_runs.phase_children(info.tracking_uri, info.parent_id)
+        children = tracking_runs.phase_children(info.tracking_uri, info.parent_id)
         for i, run in sorted(children.items()):  # left RUNNING by a worker that did not close it (killed)
             if run.info.status == "RUNNING":
                 client.set_terminated(run.info.run_id, _phase_status(i, done, status))

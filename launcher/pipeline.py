@@ -108,7 +108,7 @@ def make_plan(cfg: Config, classes: int, size: int):
     """The rank plan (params/FLOPs before and after), or None when no phase compresses; errors are ConfigErrors."""
     if any(p.kind == "rank_prune" for p in cfg.phases):  # a budget min_rank cannot reach fails here
         from trainer.models import build_model
-        from trainer.rank_prune import check_budget
+        from trainer.phases.rank_prune import check_budget
 
         try:
             check_budget(build_model(cfg.model.name, classes), cfg)
@@ -116,7 +116,7 @@ def make_plan(cfg: Config, classes: int, size: int):
             raise ConfigError(str(e)) from None
     if not any(p.kind in COMPRESSING_PHASES for p in cfg.phases):
         return None
-    from admm.component import plan_for_model
+    from admm.model_plan import plan_for_model
     from trainer.models import build_model
 
     try:

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from admm.planner import RankPlan, with_errors
+from admm.planner import with_errors
+from admm.rank_plan import RankPlan
 from launcher.config import ConfigError
 from launcher.schema import Config
 
@@ -98,7 +99,7 @@ def compare_table(uniform: RankPlan, error: RankPlan, model: nn.Module) -> str:
 
 def plan_command(cfg: Config, config_name: str, weights: str | None, run: str | None) -> int:
     """`tdcompress plan`: the driver's plan, or with weights both allocations compared on them."""
-    from admm.component import plan_for_model
+    from admm.model_plan import plan_for_model
     from launcher.pipeline import make_plan
     from trainer.data import DATASET_SHAPES
 

@@ -27,7 +27,7 @@ def report_run_failure(cfg: Config, error: BaseException) -> bool:
     from trainer.checkpoint import CheckpointError
     from trainer.data import DatasetError
     from trainer.export import ExportError
-    from trainer.phase_runs import error_text
+    from trainer.tracking_runs import error_text
 
     if isinstance(error, (DatasetError, CheckpointError, ExportError)):
         return False

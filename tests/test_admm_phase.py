@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from admm.component import ADMM_GROUP, AdmmComponent, plan_for_model
+from admm.admm_component import ADMM_GROUP, AdmmComponent
 from admm.config import AdmmConfig, CompressionConfig
+from admm.model_plan import plan_for_model
 from launcher import pipeline
 from trainer import checkpoint as ckpt
 from trainer import tracking

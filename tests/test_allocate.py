@@ -5,12 +5,15 @@ import pytest
 import torch
 from torch import nn
 
+from admm.admm_component import AdmmComponent
 from admm.allocate import Ladder, allocate, relative_errors, svd_errors, tucker2_errors
-from admm.component import PLAN_FILE, load_plan, plan_for_model, save_plan
 from admm.config import CompressionConfig
-from admm.inspect import describe_layers
-from admm.planner import RankPlan, error_ladder, select
+from admm.layer_info import describe_layers
+from admm.model_plan import plan_for_model
+from admm.planner import error_ladder, select
 from admm.projections import project_svd, project_tucker2
+from admm.rank_plan import RankPlan
+from trainer.phases.plan_file import PLAN_FILE, load_plan, save_plan
 
 
 def _decaying(shape: tuple[int, ...], decay: float, seed: int) -> torch.Tensor:
@@ -158,8 +161,8 @@ def test_explicit_ranks_are_kept(net):
 
 
 def test_one_by_one_under_tucker2_is_svd_in_table_and_surgery(net):
-    from admm.layers import SVDLayer, Tucker2Layer
-    from admm.surgery import decompose_model, manifest_of
+    from admm.nn.layers import SVDLayer, Tucker2Layer
+    from admm.nn.surgery import decompose_model, manifest_of
 
     plan = plan_for_model(net, _cfg(format="tucker2"))
     fmts = {p.name: p.fmt for p in plan.layers}
@@ -347,17 +350,17 @@ def test_plan_command_shows_the_flops_reached(tmp_path, capsys):
 
 
 def test_admm_component_plans_the_flops_budget_and_stores_it(strided, tmp_path):
-    from admm.component import AdmmComponent
     from admm.config import AdmmConfig
 
     cfg = _cfg(format="svd", allocation="error", budget="flops")
     comp = AdmmComponent.create(strided, cfg, AdmmConfig(), rank=0, world=1, grad_accum=1, log=lambda m, s: None,
-                                out_dir=tmp_path, input_shape=SHAPE)
+                                input_shape=SHAPE)
     assert comp.plan.budget == "flops" and comp.plan.flops_after_total <= 0.4 * comp.plan.dense_flops_total
+    save_plan(tmp_path / PLAN_FILE, comp.plan, cfg)
     stored = load_plan(tmp_path / PLAN_FILE, cfg)
     assert stored is not None and stored.budget == "flops" and stored.flops_after_total == comp.plan.flops_after_total
     # a resume reads the stored plan back (and recounts its FLOPs at the same input shape)
     again = AdmmComponent.create(strided, cfg, AdmmConfig(), rank=0, world=1, grad_accum=1, log=lambda m, s: None,
-                                 out_dir=tmp_path, input_shape=SHAPE)
+                                 input_shape=SHAPE, fixed=stored)
     assert [p.rank for p in again.plan.layers] == [p.rank for p in comp.plan.layers]
     assert again.plan.flops_after_total == comp.plan.flops_after_total

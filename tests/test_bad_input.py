@@ -1,4 +1,4 @@
-"""Hostile but realistic input is refused with a message that names what is wrong (issue 11, item 5)."""
+"""Hostile but realistic input is refused with a message that names what is wrong."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The command line (issue 16): `python -m tdcompress`, bundled configs, help on every argument, exit codes."""
+"""The command line: `python -m tdcompress`, bundled configs, help on every argument, exit codes."""
 from __future__ import annotations
 
 import argparse

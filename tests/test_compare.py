@@ -1,4 +1,4 @@
-"""`tdcompress compare` (issue 16) on real MLflow SQLite stores built with the public client: filters, the
+"""`tdcompress compare` on real MLflow SQLite stores built with the public client: filters, the
 FINISHED-only default, grouping over seeds, Pareto fronts, output formats, and clear errors."""
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from trainer.data import (
     CIFAR10_STATS,
     DatasetError,
     Datasets,
-    ShardSampler,
+    StridedEvalSampler,
     load_datasets,
     make_loader,
     random_crop_flip,
@@ -302,7 +302,7 @@ def test_epoch_changes_order_and_reaches_workers(cifar_root: Path) -> None:
 
 @pytest.mark.parametrize("n, world", [(10, 3), (7, 2), (2, 4)])
 def test_eval_sharding_is_exact(n: int, world: int) -> None:
-    seen = [i for r in range(world) for i in ShardSampler(n, rank=r, world_size=world)]
+    seen = [i for r in range(world) for i in StridedEvalSampler(n, rank=r, world_size=world)]
     assert sorted(seen) == list(range(n))
     ds = load_datasets("synthetic", None, synthetic_eval=n, image_size=4).eval
     total = 0

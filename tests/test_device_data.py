@@ -9,7 +9,7 @@ from launcher import pipeline
 from launcher.config import ConfigError
 from trainer import tracking
 from trainer.data import load_datasets, make_loader, random_crop_flip, set_loader_epoch
-from trainer.device_data import DeviceDataset, DeviceLoader, crop_flip, make_device_loader
+from trainer.data.device_cache import DeviceDataset, DeviceLoader, crop_flip, make_device_loader
 
 PAD, SIDE = 4, 32
 CHI2_8DOF_P001 = 26.12  # chi-square quantile, 8 degrees of freedom, p = 0.001
@@ -46,7 +46,7 @@ def _ids_dataset(n: int, augment: bool) -> DeviceDataset:
 def test_every_image_once_per_epoch():
     from torch.utils.data.distributed import DistributedSampler
 
-    from trainer.data import ShardSampler
+    from trainer.data import StridedEvalSampler
 
     n, world, batch = 96, 2, 8  # divisible: training drops nothing
     data = _ids_dataset(n, augment=True)
@@ -62,7 +62,7 @@ def test_every_image_once_per_epoch():
     assert orders[0] != orders[1]  # a new shuffle each epoch
     odd = _ids_dataset(37, augment=False)  # evaluation: unpadded shards, a short last batch
     seen = [y for rank in range(3) for _, ys in
-            DeviceLoader(odd, ShardSampler(37, rank=rank, world_size=3), 5, drop_last=False, rank=rank)
+            DeviceLoader(odd, StridedEvalSampler(37, rank=rank, world_size=3), 5, drop_last=False, rank=rank)
             for y in ys.tolist()]
     assert sorted(seen) == list(range(37))
 

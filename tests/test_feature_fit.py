@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from admm.feature_fit import FEATURE_FIT_FORMATS, fit_layer, layer_columns, output_error
-from admm.layers import factorize_module
+from admm.nn.layers import factorize_module
 from launcher import pipeline
 from launcher.config import ConfigError
 from trainer import tracking

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from admm.component import plan_for_model
 from admm.config import CompressionConfig
-from admm.fold import apply_folding, fold_batchnorm
-from admm.surgery import apply_manifest, decompose_model, manifest_of
+from admm.model_plan import plan_for_model
+from admm.nn.fold import apply_folding, fold_batchnorm
+from admm.nn.surgery import apply_manifest, decompose_model, manifest_of
 from trainer.models import build_model
 
 

@@ -10,9 +10,10 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import partial_tucker
 
-from admm.component import AdmmComponent, plan_for_model
+from admm.admm_component import AdmmComponent
 from admm.config import AdmmConfig, CompressionConfig
 from admm.hooi import hooi_factors, tucker2_reconstruct
+from admm.model_plan import plan_for_model
 from admm.projections import HOOI_SWEEPS, max_rank, project, project_tucker2
 from admm.reshape import to_3way
 from admm.warm import ProjectionOptions, project_warm

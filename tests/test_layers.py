@@ -1,4 +1,4 @@
-"""Factored layers (admm.layers): exactness against the projections, counts against admm.accounting."""
+"""Factored layers (admm.nn.layers): exactness against the projections, counts against admm.accounting."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from admm.accounting import factored_flops, factored_param_count, factored_params, per_forward_flops
-from admm.layers import FACTORED_LAYERS, FactoredLayer, factorize_module, module_from_spec
+from admm.nn.layers import FACTORED_LAYERS, FactoredLayer, factorize_module
+from admm.nn.surgery import module_from_spec
 from admm.projections import FORMATS, lowrank_sparse_parts, max_rank, project
 
 # (C_out, C_in, kernel, stride, padding, dilation, bias, H)

@@ -7,14 +7,16 @@ the same list. The import direction itself is checked by import-linter
 """
 from __future__ import annotations
 
+import ast
 import typing
 from pathlib import Path
 
 import pytest
 
-from admm.component import AdmmComponent, plan_for_model
+from admm.admm_component import AdmmComponent
 from admm.config import FORMATS, AdmmConfig, CompressionConfig
-from admm.layers import FACTORED_LAYERS
+from admm.model_plan import plan_for_model
+from admm.nn.layers import FACTORED_LAYERS
 from admm.projections import PROJECTIONS
 from trainer.component import Component
 from trainer.config import (
@@ -27,10 +29,12 @@ from trainer.config import (
     ModelConfig,
     PhaseConfig,
 )
-from trainer.data import DATASET_SHAPES
+from trainer.data import DATASETS
 from trainer.faults import FailureInjector
 from trainer.models import MODEL_BUILDERS, build_model
 from trainer.phases import PHASES
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _allowed(cls: type, field: str) -> tuple:
@@ -39,7 +43,7 @@ def _allowed(cls: type, field: str) -> tuple:
 
 @pytest.mark.parametrize("allowed, registry", [
     (_allowed(ModelConfig, "name"), MODEL_BUILDERS),
-    (_allowed(DataConfig, "dataset"), DATASET_SHAPES),
+    (_allowed(DataConfig, "dataset"), DATASETS),
     (_allowed(PhaseConfig, "kind"), PHASES),
     (_allowed(CompressionConfig, "format"), PROJECTIONS),
     (_allowed(CompressionConfig, "format"), FACTORED_LAYERS),
@@ -64,3 +68,43 @@ def test_components_meet_the_contract(tmp_path: Path):
     for comp in (admm, injector):
         assert isinstance(comp, Component), type(comp).__name__
     assert admm.name != injector.name  # their checkpoint keys
+
+
+def _imports_and_calls(path: Path) -> tuple[set[str], set[str]]:
+    """The modules ``path`` imports and the plain names and attributes it calls."""
+    tree = ast.parse(path.read_text())
+    imported: set[str] = set()
+    called: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+            imported.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Call):
+            f = node.func
+            called.add(f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else "")
+    return imported, called
+
+
+def test_admm_runs_no_collectives_and_no_io():
+    """admm is method code: communication and I/O are handed in by the trainer (a comm, a log callable)."""
+    for path in sorted((REPO / "admm").rglob("*.py")):
+        imported, called = _imports_and_calls(path)
+        assert not any(m == "torch.distributed" or m.startswith("torch.distributed.") for m in imported), path
+        assert not {"print", "open", "write_text", "write_bytes", "savefig", "mkdir"} & called, path
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A leading underscore means "this module only": another module that needs the name needs it public.
+
+    Product code only: a test may reach into a module to check one of its helpers.
+    """
+    ours = ("launcher", "cluster", "trainer", "admm", "bench")
+    found = []
+    for path in sorted(p for d in ours for p in (REPO / d).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ours:
+                found += [f"{path.relative_to(REPO)}: {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found

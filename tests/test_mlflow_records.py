@@ -1,4 +1,4 @@
-"""MLflow records a researcher can compare (issue 16): phase runs with their own times and honest states,
+"""MLflow records a researcher can compare: phase runs with their own times and honest states,
 one step axis, names and tags, the dataset input, the dense baseline on the parent, the logged model.
 
 Tiny local-backend runs (tinycnn, real CIFAR-10 subset) into a real SQLite store, read through the public
@@ -12,15 +12,16 @@ import pytest
 import torch
 
 from launcher import pipeline
-from trainer import phase_runs, phases, tracking
+from trainer import tracking, tracking_runs
 from trainer.component import ComponentBase
 from trainer.faults import InjectedFailure
+from trainer.phases import training as training_phase
 
 TWO = "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, {kind: evaluate}]"
 
 
 def _children(uri: str, parent: str) -> dict[int, object]:
-    return phase_runs.phase_children(uri, parent)
+    return tracking_runs.phase_children(uri, parent)
 
 
 def _state(tiny, name: str) -> dict:
@@ -109,8 +110,8 @@ def test_a_run_stopped_in_its_first_phase_is_killed_and_later_phases_never_start
         def on_epoch_end(self, loop_state) -> None:
             raise KeyboardInterrupt  # what Ctrl-C (or SIGTERM turned into it) does in the middle of phase 0
 
-    real = phases.components_for
-    monkeypatch.setattr(phases, "components_for", lambda ctx, index, model: [*real(ctx, index, model), Stop()])
+    real = training_phase.components_for
+    monkeypatch.setattr(training_phase, "components_for", lambda ctx, index, model: [*real(ctx, index, model), Stop()])
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(tiny("run_name=stopped", TWO))
     state = _state(tiny, "stopped")
@@ -129,13 +130,13 @@ def test_a_crash_leaves_the_phase_failed_with_its_error(tiny):
     assert client.get_run(state["parent_id"]).info.status == "FAILED"
     kids = _children(state["tracking_uri"], state["parent_id"])
     assert list(kids) == [0] and kids[0].info.status == "FAILED"
-    assert kids[0].data.tags[phase_runs.ERROR_TAG].startswith("InjectedFailure: injected failure after phase 0")
+    assert kids[0].data.tags[tracking_runs.ERROR_TAG].startswith("InjectedFailure: injected failure after phase 0")
     # The resume reopens the same phase run (its error is gone) and creates the next one when it starts.
     info = pipeline.run(tiny("run_name=crash", TWO, "resume=true"))
     kids = _children(info.tracking_uri, info.parent_id)
     assert [k.info.status for _, k in sorted(kids.items())] == ["FINISHED", "FINISHED"]
     assert kids[0].info.run_id == state["phase_ids"][0]
-    assert phase_runs.ERROR_TAG not in kids[0].data.tags
+    assert tracking_runs.ERROR_TAG not in kids[0].data.tags
 
 
 def test_logged_model_loads_with_torch_alone_and_gives_the_exports_outputs(finished):

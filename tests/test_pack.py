@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from trainer.data import IMAGENET_STATS, DatasetError, load_datasets, make_loader, set_loader_epoch
-from trainer.pack import INDEX, PLAN, PackError, PackOptions, pack, shard_name
-from trainer.shards import Shard, ShardError, epoch_plan, read_shard, stream_slices
+from trainer.data.shard_writer import INDEX, PLAN, PackError, PackOptions, pack, shard_name
+from trainer.data.shards import Shard, ShardError, epoch_plan, read_shard, stream_slices
 
 # TDC_IMAGENET_SAMPLE: another copy (the GPU bundle carries one; bench/gpu_bundle.py)
 SAMPLE = Path(os.environ.get("TDC_IMAGENET_SAMPLE",

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from admm.layers import SVDLayer, module_from_spec
-from admm.layers_prune import PrunableSVDLayer, penalty_grads, plan_prune, svd_params
+from admm.nn.layers import SVDLayer
+from admm.nn.layers_prune import PrunableSVDLayer, penalty_grads, plan_prune, svd_params
+from admm.nn.surgery import module_from_spec
 from launcher import pipeline
 from launcher.config import ConfigError
 from trainer import checkpoint as ckpt
@@ -87,7 +88,7 @@ def test_prune_carries_momentum_into_the_new_engine(stage):
     from trainer.config import EngineConfig, OptimConfig
     from trainer.engine import Precision, build_engine, prepare_deepspeed_env
     from trainer.momentum import read_momentum, write_momentum
-    from trainer.rank_prune import carry_momentum, to_prunable
+    from trainer.phases.rank_prune import carry_momentum, to_prunable
 
     prepare_deepspeed_env()
     init_local_group(gpu=False)

@@ -1,4 +1,4 @@
-"""Exact realizations of factored layers (admm.realize), the per-layer latency table and tuned malloc."""
+"""Exact realizations of factored layers (admm.nn.realize), the per-layer latency table and tuned malloc."""
 from __future__ import annotations
 
 import os
@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from admm.component import plan_for_model
 from admm.config import CompressionConfig
-from admm.fold import apply_folding, fold_batchnorm
-from admm.layers import SVDLayer, factorize_module
-from admm.realize import alternatives, merged_module, realize
-from admm.surgery import apply_manifest, decompose_model, manifest_of
+from admm.model_plan import plan_for_model
+from admm.nn.fold import apply_folding, fold_batchnorm
+from admm.nn.layers import SVDLayer, factorize_module
+from admm.nn.realize import alternatives, merged_module, realize
+from admm.nn.surgery import apply_manifest, decompose_model, manifest_of
 from trainer.latency import factored_input_shapes, layer_latency_table, measure_latency
 from trainer.malloc import TUNABLES, has_glibc, malloc_tuned, tuned_env
 from trainer.models import build_model

@@ -1,4 +1,4 @@
-"""Model surgery (admm.surgery) on the real models: counts, manifest replay, checkpoint round trip."""
+"""Model surgery (admm.nn.surgery) on the real models: counts, manifest replay, checkpoint round trip."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from admm.component import plan_for_model
 from admm.config import CompressionConfig
-from admm.layers import FactoredLayer
+from admm.model_plan import plan_for_model
+from admm.nn.layers import FactoredLayer
+from admm.nn.surgery import apply_manifest, decompose_model, get_submodule, manifest_of, set_submodule
 from admm.projections import project
-from admm.surgery import apply_manifest, decompose_model, get_submodule, manifest_of, set_submodule
 from trainer.models import build_model
 
 

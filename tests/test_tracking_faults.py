@@ -1,4 +1,4 @@
-"""MLflow faults (issue 11): tracking degrades instead of stopping training, and run states tell what happened.
+"""MLflow faults: tracking degrades instead of stopping training, and run states tell what happened.
 
 A real ``mlflow server`` (started and stopped by the test, by pid) goes away mid-run; the other tests
 use the local SQLite store of the ``tiny`` fixture or a port nobody listens on. CPU only, no network.
@@ -19,9 +19,10 @@ import requests
 
 from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import phases, tracking
+from trainer import tracking
 from trainer.component import ComponentBase
 from trainer.faults import InjectedFailure
+from trainer.phases import training as training_phase
 
 TRAIN_PHASES = "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, {kind: admm, epochs: 1, steps_per_epoch: 2}, " \
                "{kind: evaluate}]"
@@ -95,7 +96,7 @@ def _repeated_steps(client, run_id: str) -> dict[str, list[int]]:
 def test_training_outlives_the_tracking_server_and_loses_no_metric(tiny, tmp_path, monkeypatch, capsys):
     """The server dies after the first epoch and comes back two epochs later: training goes on, nothing is lost."""
     server = MlflowServer(tmp_path / "server", _free_port())
-    monkeypatch.setattr(tracking, "RETRY_EVERY_S", 1.0, raising=False)  # (absent before issue 11)
+    monkeypatch.setattr(tracking, "RETRY_EVERY_S", 1.0, raising=False)  # retry soon: the test waits for the retry, not the default interval
     epochs = 5
 
     class Outage(ComponentBase):
@@ -110,8 +111,8 @@ def test_training_outlives_the_tracking_server_and_loses_no_metric(tiny, tmp_pat
             elif loop_state.epoch == 3:
                 server.start()
 
-    real_components = phases.components_for
-    monkeypatch.setattr(phases, "components_for", lambda ctx, index, model: [
+    real_components = training_phase.components_for
+    monkeypatch.setattr(training_phase, "components_for", lambda ctx, index, model: [
         *real_components(ctx, index, model), *([Outage()] if index == 0 else [])])
     try:
         server.start()

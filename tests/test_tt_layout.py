@@ -27,12 +27,13 @@ from admm.accounting import (
     per_forward_flops,
     rank_for_keep_ratio,
 )
-from admm.layers import SVDLayer, TTLayer, Tucker2Layer, factorize_module, module_from_spec
-from admm.planner import LayerInfo, plan_ranks
+from admm.nn.layers import SVDLayer, TTLayer, Tucker2Layer, factorize_module
+from admm.nn.realize import alternatives
+from admm.nn.surgery import apply_manifest, decompose_model, manifest_of, module_from_spec
+from admm.planner import plan_ranks
 from admm.projections import max_rank, project, project_svd, project_tt, tt_cores
-from admm.realize import alternatives
+from admm.rank_plan import LayerInfo
 from admm.reshape import factorize, to_tt, tt_layout
-from admm.surgery import apply_manifest, decompose_model, manifest_of
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

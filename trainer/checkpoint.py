@@ -41,6 +41,8 @@ from typing import Any, BinaryIO, Callable
 import torch
 import torch.distributed as dist
 
+from trainer.ranks import barrier, distributed, rank_and_world
+
 MANIFEST = "manifest.json"
 HASH = "sha256"
 _CKPT_NAME = re.compile(r"ckpt-(\d+)")
@@ -48,23 +50,6 @@ _CKPT_NAME = re.compile(r"ckpt-(\d+)")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged or unreadable; the message names the file and why."""
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _distributed() else 1
 
 
 def _fsync_dir(path: Path) -> None:
@@ -136,21 +121,21 @@ def save_checkpoint(root: str | Path, index: int, *, shared: dict[str, Any], per
         The final checkpoint directory.
     """
     root = Path(root)
-    rank = _rank()
+    rank = rank_and_world()[0]
     final = root / f"ckpt-{index:06d}"
     tmp = root / f"ckpt-{index:06d}.tmp"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
         tmp.mkdir()
-    _barrier()
+    barrier()
     _write_file(tmp / f"rank{rank}.pt", lambda f: torch.save(per_rank, f))
     if rank == 0:
         _write_file(tmp / "shared.pt", lambda f: torch.save(shared, f))
         _write_file(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1, sort_keys=True).encode()))
-    _barrier()  # every rank's file is written and synced
+    barrier()  # every rank's file is written and synced
     if rank == 0:
-        write_manifest(tmp, _world())  # from here on the checkpoint is complete and verifiable
+        write_manifest(tmp, rank_and_world()[1])  # from here on the checkpoint is complete and verifiable
         if final.exists():  # re-saving the same index after a resume (the one there was skipped as damaged)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -162,7 +147,7 @@ def save_checkpoint(root: str | Path, index: int, *, shared: dict[str, Any], per
         stale = [p for p in checkpoint_dirs(root) if _index(p) > index]
         for old in stale + older[keep - 1:]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -265,13 +250,13 @@ def resume_checkpoint(root: str | Path) -> tuple[Path | None, list[tuple[Path, s
     :class:`CheckpointError` on every rank when checkpoints exist but none is intact.
     """
     found: list[Any] = [None]
-    if _rank() == 0:
+    if rank_and_world()[0] == 0:
         try:
             path, skipped = latest_intact_checkpoint(root)
             found[0] = (str(path) if path else None, [(str(p), why) for p, why in skipped], None)
         except Exception as e:  # raised on every rank below, so none waits on the broadcast forever
             found[0] = (None, [], f"{type(e).__name__}: {e}")
-    if _distributed() and _world() > 1:
+    if distributed() and rank_and_world()[1] > 1:
         dist.broadcast_object_list(found, src=0)
     path, raw, error = found[0]
     if error:

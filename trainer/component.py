@@ -4,9 +4,10 @@ A phase runs a list of components. The trainer calls every one of them at
 fixed points, in this order (composer's algorithm events, torchtitan's
 stateful checkpointing):
 
-    prepare(model, weight_decay)   before the engine is built: register gradient
-                                   hooks (they then run before ZeRO's), return
-                                   extra optimizer param groups
+    prepare(model, weight_decay)   before every engine build (a phase that changes
+                                   shapes rebuilds it): register gradient hooks
+                                   (they then run before ZeRO's), return extra
+                                   optimizer param groups
     attach(model, state, optimizer) the engine exists; switch on
     on_step_end(state)             after each optimizer step
     on_epoch_end(state)            after each epoch, before evaluation
@@ -18,7 +19,7 @@ Checkpoints hold each component's ``state_dict()`` per rank under its
 rank order, so a component whose state is sharded over ranks can re-shard
 when the number of workers changed.
 
-``admm.component.AdmmComponent`` implements this structurally (admm imports
+``admm.admm_component.AdmmComponent`` implements this structurally (admm imports
 nothing of the trainer); trainer-side components subclass :class:`ComponentBase`.
 """
 from __future__ import annotations

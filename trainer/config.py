@@ -65,7 +65,7 @@ class DataConfig:
     decode: DecodeWhere = "cpu"
     shuffle_buffer: int = 2048
     # Small CIFAR-style datasets: decode each split once, keep it as uint8 on the training device and
-    # crop/flip/normalise there in batch (trainer/device_data.py); for GPUs, also works on the CPU.
+    # crop/flip/normalise there in batch (trainer/data/device_cache.py); for GPUs, also works on the CPU.
     device_cache: bool = False
 
     def __post_init__(self) -> None:
@@ -176,7 +176,7 @@ class DecomposeConfig:
 
 @dataclass
 class RankPruneConfig:
-    """The rank_prune phase (Sharma et al. 2025; trainer/rank_prune.py): layers as U diag(s) V^T, ranks pruned."""
+    """The rank_prune phase (Sharma et al. 2025; trainer/phases/rank_prune.py): layers as U diag(s) V^T, ranks pruned."""
 
     init: Literal["trained", "random"] = "trained"  # factors from the trained weights, or random orthonormal
     l1: float = 1e-4  # weight of the L1 penalty sum |s| (per layer, on s relative to its largest value)

@@ -14,9 +14,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from admm.fold import apply_folding, fold_batchnorm
-from admm.realize import realize
-from admm.surgery import apply_manifest, manifest_of
+from admm.nn.fold import apply_folding, fold_batchnorm
+from admm.nn.realize import realize
+from admm.nn.surgery import apply_manifest, manifest_of
 from trainer import checkpoint as ckpt
 from trainer.config import MODEL_NAMES
 from trainer.latency import format_row, layer_latency_table
@@ -38,7 +38,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: 
 
     With ``tune_batch > 0`` every factored layer is timed on this machine's CPU at that
     batch (in ``channels_last`` when set) as each exact realization of
-    :mod:`admm.realize` (factored chain, merged, dense), and the fastest is exported;
+    :mod:`admm.nn.realize` (factored chain, merged, dense), and the fastest is exported;
     the table goes into the manifest as ``latency_table`` and each row to ``progress``.
     """
     from safetensors.torch import save_file

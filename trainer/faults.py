@@ -10,10 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from trainer.component import ComponentBase, LoopState
 from trainer.config import FailAt, HoldAt
+from trainer.ranks import barrier
 
 
 class InjectedFailure(RuntimeError):
@@ -32,15 +31,12 @@ class FailureInjector(ComponentBase):
     def on_checkpoint(self, loop_state: LoopState) -> None:
         if self.phase_index != self.at.phase or loop_state.epoch != self.at.epoch:
             return
-        distributed = dist.is_available() and dist.is_initialized()
         # Every rank decides before anyone writes the marker, so all ranks agree on whether to fail.
         fire = not self.marker.exists()
-        if distributed:
-            dist.barrier()
+        barrier()
         if fire and self.rank == 0:
             self.marker.touch()
-        if distributed:
-            dist.barrier()
+        barrier()
         if fire and (self.at.rank is None or self.at.rank == self.rank):
             raise InjectedFailure(f"injected failure after phase {self.at.phase} epoch {self.at.epoch} "
                                   f"on rank {self.rank} (debug.fail_at)")
@@ -64,10 +60,8 @@ class HoldGate(ComponentBase):
     def on_checkpoint(self, loop_state: LoopState) -> None:
         if self.phase_index != self.at.phase or loop_state.epoch != self.at.epoch:
             return
-        distributed = dist.is_available() and dist.is_initialized()
         hold = not self.held.exists()  # decided by every rank before rank 0 writes the marker
-        if distributed:
-            dist.barrier()
+        barrier()
         if not hold:
             return
         if self.rank == 0:

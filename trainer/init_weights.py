@@ -20,15 +20,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
-
-if TYPE_CHECKING:
-    from trainer.context import WorkerContext
 
 InitKind = Literal["checkpoint", "file"]
 _WRAPPERS = ("state_dict", "model", "weights")  # keys under which weight files commonly nest the state_dict
@@ -195,26 +192,3 @@ def apply_init(model: nn.Module, source: InitSource) -> nn.Module:
     check_compatible(model, state, source.describe())
     model.load_state_dict(state)
     return model
-
-
-def report_init_accuracy(ctx: WorkerContext, model: nn.Module) -> dict[str, float]:
-    """Evaluate the freshly initialised model once; logged as ``init_top1``/``init_top5``/``init_eval_loss``
-    on the parent run and the first phase's run (step 0): the dense baseline the compressed run started from.
-    Its size too, ``init_params`` (all parameters) and ``init_flops`` (per image, FlopCounterMode, as the
-    evaluate phase counts them), so a run whose first phase compresses without a decompose phase (rank_prune)
-    still gets its compression ratios against the model it started from.
-    """
-    from trainer.decompose import measured_flops
-    from trainer.engine import resolve_precision
-    from trainer.loop import evaluate
-
-    out = evaluate(model, ctx.eval_loader, device=ctx.device, precision=resolve_precision(ctx.cfg.engine, ctx.device))
-    metrics = {"init_top1": out["top1"], "init_top5": out["top5"], "init_eval_loss": out["eval_loss"],
-               "init_params": float(sum(p.numel() for p in model.parameters())),
-               "init_flops": float(measured_flops(model, (1, 3, ctx.image_size, ctx.image_size)))}
-    for t in (ctx.parent, ctx.phase_trackers[0]):
-        t.metrics(metrics, 0)
-    if ctx.rank == 0:
-        print(f"[init] the initial model: top1 {out['top1']:.2f}% top5 {out['top5']:.2f}% on "
-              f"{int(out['eval_images'])} images", flush=True)
-    return metrics

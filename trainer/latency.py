@@ -1,6 +1,6 @@
 """Inference latency: of a whole model, and per factored layer for each exact realization.
 
-The per-layer table drives :func:`admm.realize.realize`: every factored layer is
+The per-layer table drives :func:`admm.nn.realize.realize`: every factored layer is
 timed on the input shape it sees in the model (captured with a forward hook), as
 each of its realizations (factored chain, merged, dense), on the device, batch
 and memory format the model will be served with. A layer keeps its factored
@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from admm.layers_base import FactoredLayer
-from admm.realize import alternatives
+from admm.nn.layers_base import FactoredLayer
+from admm.nn.realize import alternatives
 
 
 def _sync(device: torch.device) -> Callable[[], None]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -21,12 +20,10 @@ from torch import nn
 
 from trainer.component import Component, LoopState
 from trainer.engine import Precision
+from trainer.logs import get_logger
+from trainer.ranks import distributed, rank_and_world
 
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+logger = get_logger(__name__)
 
 
 @torch.no_grad()
@@ -44,7 +41,7 @@ def average_batchnorm_stats(model: nn.Module) -> int:
 
     Returns the number of buffers averaged (0 on one rank).
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if rank_and_world()[1] == 1:
         return 0
     buffers = [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                for t in (m.running_mean, m.running_var) if t is not None]
@@ -78,7 +75,7 @@ def train_epoch(engine, loader: Iterable, state: LoopState, *, device: torch.dev
     Returns:
         Mean training loss of the epoch, images/s (all ranks) and the last lr.
     """
-    rank, world = rank_and_world()
+    world = rank_and_world()[1]
     engine.train()
     accum = engine.gradient_accumulation_steps()
     total_loss = torch.zeros((), device=device)
@@ -112,13 +109,11 @@ def train_epoch(engine, loader: Iterable, state: LoopState, *, device: torch.dev
                                          f"{state.step}; lower the learning rate (optim.lr or phases.N.lr) "
                                          "or enable optim.grad_clip")
             log(metrics, state.step)
-            if rank == 0:
-                done = state.epoch * state.steps_per_epoch + n_steps
-                left = state.epochs * state.steps_per_epoch - done
-                eta = (now - t_start) / n_steps * left
-                print(f"[{state.phase}] epoch {state.epoch + 1}/{state.epochs} step {n_steps}/{state.steps_per_epoch}"
-                      f" loss {metrics['train_loss']:.4f} lr {metrics['lr']:.4g} {ips:,.0f} img/s"
-                      f" eta {_fmt_time(eta)}", flush=True, file=sys.stdout)
+            done = state.epoch * state.steps_per_epoch + n_steps
+            left = state.epochs * state.steps_per_epoch - done
+            eta = (now - t_start) / n_steps * left
+            logger.info(f"[{state.phase}] epoch {state.epoch + 1}/{state.epochs} step {n_steps}/{state.steps_per_epoch}"
+                     f" loss {metrics['train_loss']:.4f} lr {metrics['lr']:.4g} {ips:,.0f} img/s eta {_fmt_time(eta)}")
             window_loss.zero_()
             window_steps = images = 0
             t_window = now
@@ -151,7 +146,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, precis
             sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
                                  hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
                                  torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(sums)
     model.train(was_training)
     loss, top1, top5, n = sums.tolist()

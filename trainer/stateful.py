@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from admm.surgery import apply_manifest, manifest_of
+from admm.nn.surgery import apply_manifest, manifest_of
 from trainer import checkpoint as ckpt
 
 Scope = Literal["shared", "rank", "sharded"]

@@ -13,20 +13,24 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
-from trainer import phase_runs
+from trainer import tracking_runs
 from trainer.config import COMPRESSING_PHASES, DataConfig
 from trainer.context import WorkerContext, WorkerJob
 from trainer.data import load_datasets, make_loader
 from trainer.engine import prepare_deepspeed_env
-from trainer.init_weights import apply_init, report_init_accuracy
-from trainer.loop import rank_and_world
+from trainer.init_weights import apply_init
+from trainer.logs import get_logger
 from trainer.models import build_model
-from trainer.phases import run_phase, step_offset
+from trainer.phases import run_phase
+from trainer.phases.init_report import report_init_accuracy
+from trainer.phases.training import step_offset
+from trainer.ranks import barrier, rank_and_world
 from trainer.stateful import restore_model
 from trainer.tracking import Tracker
+
+logger = get_logger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -35,7 +39,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(use_gpu: str) -> torch.device:
+def worker_device(use_gpu: str) -> torch.device:
     """``use_gpu``: "yes" (fail without CUDA), "no", or "auto" (CUDA when this worker sees one)."""
     if use_gpu == "yes" and not torch.cuda.is_available():
         raise RuntimeError("cluster.use_gpu is 'yes' but this worker sees no CUDA device")
@@ -49,7 +53,7 @@ def pick_device(use_gpu: str) -> torch.device:
 def build_context(job: WorkerJob) -> WorkerContext:
     cfg = job.config
     rank, world = rank_and_world()
-    device = pick_device(job.use_gpu)
+    device = worker_device(job.use_gpu)
     d = cfg.data
     sets = load_datasets(d.dataset, d.root, augment=d.augment, seed=cfg.seed, train_subset=d.train_subset,
                          eval_subset=d.eval_subset, download=d.download, synthetic_train=d.synthetic_train,
@@ -61,8 +65,8 @@ def build_context(job: WorkerJob) -> WorkerContext:
     eval_loader = make_loader(sets.eval, max(1, d.eval_batch_size // world), rank=rank, world_size=world,
                               shuffle=False, seed=cfg.seed, drop_last=False, num_workers=d.loader_workers,
                               device=device)
-    if d.device_cache:  # decode each split once, keep it on the device, augment there (trainer/device_data.py)
-        from trainer.device_data import device_loaders
+    if d.device_cache:  # decode each split once, keep it on the device, augment there (trainer/data/device_cache.py)
+        from trainer.data.device_cache import device_loaders
 
         train_loader, eval_loader = device_loaders(sets.train, sets.eval, micro, max(1, d.eval_batch_size // world),
                                                    rank=rank, world_size=world, seed=cfg.seed, device=device)
@@ -70,7 +74,7 @@ def build_context(job: WorkerJob) -> WorkerContext:
     # What the tracking server does not take waits in this file (shared by these Trackers) until it answers.
     buffer = Path(job.run_dir) / "tracking-buffer-rank0.jsonl"
     parent = Tracker(job.tracking_uri, job.parent_run_id if lead else None, buffer=buffer)
-    # No-ops until their phase starts: _tracked_phase opens each phase's MLflow run then (trainer.phase_runs).
+    # No-ops until their phase starts: _tracked_phase opens each phase's MLflow run then (trainer.tracking_runs).
     phases = [Tracker(None, None) for _ in cfg.phases]
     if lead:
         parent.tags({"device": describe_device(device, world)})
@@ -112,7 +116,7 @@ def _tracked_phase(job: WorkerJob, ctx: WorkerContext, index: int, model: torch.
     """
     kind = ctx.cfg.phases[index].kind
     lead = ctx.rank == 0 and bool(job.tracking_uri and job.parent_run_id)
-    run_id = (phase_runs.start_phase_run(job.tracking_uri, job.parent_run_id, index, kind, Path(job.run_dir).name)
+    run_id = (tracking_runs.start_phase_run(job.tracking_uri, job.parent_run_id, index, kind, Path(job.run_dir).name)
               if lead else None)
     tracker = Tracker(job.tracking_uri, run_id, buffer=Path(job.run_dir) / "tracking-buffer-rank0.jsonl")
     tracker.step_offset = step_offset(ctx, index)
@@ -122,13 +126,13 @@ def _tracked_phase(job: WorkerJob, ctx: WorkerContext, index: int, model: torch.
     except BaseException as e:
         tracker.flush()
         interrupted = isinstance(e, KeyboardInterrupt)
-        phase_runs.end_phase_run(job.tracking_uri, run_id, "KILLED" if interrupted else "FAILED",
+        tracking_runs.end_phase_run(job.tracking_uri, run_id, "KILLED" if interrupted else "FAILED",
                                  error=None if interrupted else e)
         raise
     if kind == "pretrain" and "top1" in out:  # the dense baseline the compressed model is compared against
         ctx.parent.metrics({"dense_top1": out["top1"], "dense_top5": out["top5"]}, 0)
     tracker.flush()
-    phase_runs.end_phase_run(job.tracking_uri, run_id, "FINISHED")
+    tracking_runs.end_phase_run(job.tracking_uri, run_id, "FINISHED")
     return model, out
 
 
@@ -153,9 +157,8 @@ def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None
     # The newest checkpoint that verifies (rank 0 checks, all ranks agree); damaged newer ones are
     # skipped, so a restart never retries the same bad file. None intact at all: CheckpointError.
     last, skipped = ckpt.resume_checkpoint(ctx.ckpt_root)
-    if ctx.rank == 0:
-        for path, why in skipped:
-            print(f"[resume] skipped {path}: {why}", flush=True)
+    for path, why in skipped:
+        logger.info(f"[resume] skipped {path}: {why}")
     if last is not None:
         meta = ckpt.read_meta(last)
         ctx.ckpt_index = meta["index"] + 1
@@ -163,16 +166,14 @@ def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None
         start_phase = meta["phase_index"] + (1 if meta["phase_done"] else 0)
         if not meta["phase_done"]:
             resume = last
-        if ctx.rank == 0:
-            print(f"[resume] from {last} (phase {meta['phase_index']} '{meta['phase']}', epoch {meta['epoch']}, "
-                  f"done={meta['phase_done']}, world size {meta['world_size']} -> {ctx.world})", flush=True)
+        logger.info(f"[resume] from {last} (phase {meta['phase_index']} '{meta['phase']}', epoch {meta['epoch']}, "
+                    f"done={meta['phase_done']}, world size {meta['world_size']} -> {ctx.world})")
 
     # model.init: only a fresh start takes the initial weights; a resumed run's checkpoint already has its own.
     init = job.init if last is None else None
     if init is not None:
         model = apply_init(model, init)
-        if ctx.rank == 0:
-            print(f"[init] model weights from {init.describe()}", flush=True)
+        logger.info(f"[init] model weights from {init.describe()}")
     model = model.to(ctx.device)
     if init is not None and cfg.phases[0].kind in (*COMPRESSING_PHASES, "rank_prune"):
         report_init_accuracy(ctx, model)  # the dense baseline this compressed run starts from
@@ -181,6 +182,5 @@ def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None
         model, out = _tracked_phase(job, ctx, index, model, resume if index == start_phase else None)
         results[f"{index}:{cfg.phases[index].kind}"] = out
     ctx.parent.flush()  # send what an unreachable tracking server did not take (the buffer all Trackers share)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()
     return results

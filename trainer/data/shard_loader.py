@@ -5,7 +5,7 @@ turns it into a :class:`ShardLoader` for one rank. Loader processes decode and c
 (``(B, H, W, 3)``), or with ``decode="gpu"`` hand the encoded bytes on; the loader normalises
 (and on the GPU decodes) on the training device, so a batch comes out as float32
 ``(B, 3, H, W)`` there (channels_last on a GPU) and int64 labels ``(B,)`` on the CPU.
-Which samples each rank and worker reads, and in what order: :mod:`trainer.shards`.
+Which samples each rank and worker reads, and in what order: :mod:`trainer.data.shards`.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.data import IMAGENET_STATS, DatasetError, Datasets
-from trainer.decode import (
+from trainer.data.common import IMAGENET_STATS, DatasetError, Datasets
+from trainer.data.decode import (
     decode_batch_gpu,
     decode_eval,
     decode_train,
@@ -28,7 +28,7 @@ from trainer.decode import (
     normalize_on_device,
     resized_crop_box,
 )
-from trainer.shards import (
+from trainer.data.shards import (
     Shard,
     ShardError,
     buffer_order,
@@ -81,7 +81,7 @@ class ShardSplit:
 
 
 class _RankStream(IterableDataset):
-    """The batches of one rank: each loader worker yields its own contiguous share (see trainer.shards)."""
+    """The batches of one rank: each loader worker yields its own contiguous share (see trainer.data.shards)."""
 
     def __init__(self, split: ShardSplit, batch: int, rank: int, world: int, workers: int, *, train: bool,
                  shuffle: bool) -> None:

@@ -1,4 +1,4 @@
-"""The decompose phase: replace planned layers by factored modules (admm.surgery) and measure what that costs.
+"""The decompose phase: replace planned layers by factored modules (admm.nn.surgery) and measure what that costs.
 
 The papers' key point is the accuracy right after decomposition: after ADMM the
 dense model is already close to low rank, so decomposing loses little, while
@@ -13,12 +13,17 @@ import time
 import torch
 from torch import nn
 
-from admm.component import PLAN_FILE, load_plan, plan_for_model
-from admm.surgery import decompose_model
+from admm.model_plan import plan_for_model
+from admm.nn.surgery import decompose_model
 from trainer.context import WorkerContext
 from trainer.engine import resolve_precision
-from trainer.feature_decompose import calibration_sample, decompose_by_features
+from trainer.logs import get_logger
 from trainer.loop import evaluate
+from trainer.phases.feature_decompose import calibration_sample, decompose_by_features
+from trainer.phases.plan_file import PLAN_FILE, load_plan
+from trainer.ranks import TorchComm
+
+logger = get_logger(__name__)
 
 
 def measured_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -49,7 +54,7 @@ def decompose_model_phase(ctx: WorkerContext, index: int, model: nn.Module) -> t
     # weights ADMM has moved; without an ADMM phase before, a plan from the weights decomposed now.
     admm_dirs = [ctx.run_dir / f"phase{k}" for k in range(index) if cfg.phases[k].kind == "admm"]
     stored = load_plan(admm_dirs[-1] / PLAN_FILE, cfg.compression) if admm_dirs else None
-    plan = plan_for_model(model, cfg.compression, ctx.world, input_shape=shape, fixed=stored)
+    plan = plan_for_model(model, cfg.compression, ctx.world, input_shape=shape, fixed=stored, comm=TorchComm(ctx.device))
 
     dense = evaluate(model, ctx.eval_loader, device=ctx.device, precision=precision)
     dense_params, dense_flops = count_params(model), measured_flops(model, shape)
@@ -80,9 +85,9 @@ def decompose_model_phase(ctx: WorkerContext, index: int, model: nn.Module) -> t
     if ctx.rank == 0:
         tracker.text(plan.table(), "rank_plan.txt")
         formats = "/".join(sorted({p.fmt for p in plan.layers}))
-        print(f"[decompose] {len(plan.layers)} layers factored ({formats}, {plan.allocation} ranks): params "
+        logger.info(f"[decompose] {len(plan.layers)} layers factored ({formats}, {plan.allocation} ranks): params "
               f"{dense_params:,} -> {params:,} ({out['compression']:.2f}x), FLOPs/image {dense_flops / 1e6:.1f}M -> "
               f"{flops / 1e6:.1f}M ({out['flops_reduction']:.2f}x); top1 {dense['top1']:.2f}% -> "
               f"{after['top1']:.2f}% right after decomposition ({cfg.decompose.fit} fit, "
-              f"{out['fit_seconds']:.1f}s)", flush=True)
+              f"{out['fit_seconds']:.1f}s)")
     return model, out

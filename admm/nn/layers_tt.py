@@ -29,7 +29,7 @@ CPU: 1.06x / 0.91x dense at batch 1 / 8 against 1.18x / 0.94x cached). With one 
 the per-core matmuls are skinny (4-64 columns) and cost more MACs than the matrix: merged, a
 3x3 layer is one 1x1 matmul, the kxk conv, one 1x1 matmul, and the out-chain's digit permute
 goes away. (Measured, bench/README.md: ResNet-50 at 2x fewer parameters, CPU, 2.1x / 2.3x faster
-than per-core chains at batch 1 / 8.) :func:`admm.realize.merged_module` gives the same map as a Tucker-2
+than per-core chains at batch 1 / 8.) :func:`admm.nn.realize.merged_module` gives the same map as a Tucker-2
 or svd layer (the two chains contracted into matrices) for the latency table.
 """
 
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from admm.accounting import tt_chain_costs
-from admm.layers_base import FactoredLayer, assign
+from admm.nn.layers_base import FactoredLayer, assign
 from admm.projections import tt_cores
 from admm.reshape import TTLayout, from_tt, tt_layout
 

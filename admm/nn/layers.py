@@ -16,7 +16,7 @@ cp              ``(R, C_in, 1, 1)``, depthwise ``(R, 1, kh, kw)``,          ALS 
 lowrank_sparse  the svd pair of L, plus ``sparse_values (k,)`` (parameter)  lowrank_sparse_parts
                 at ``sparse_index (k,)`` (int64 buffer, flat indices into
                 the dense kernel) (Yu et al. 2017)
-tt              ``cores.j`` (see :mod:`admm.layers_tt`)                     TT-SVD (= project_tt)
+tt              ``cores.j`` (see :mod:`admm.nn.layers_tt`)                     TT-SVD (= project_tt)
 ==============  ==========================================================  =======================
 
 Linear layers hold the same factors without the trailing ``1, 1``; cp's
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from admm.layers_base import FactoredLayer, Geometry, Padding, assign
-from admm.layers_tt import TTLayer
+from admm.nn.layers_base import FactoredLayer, Geometry, Padding, assign
+from admm.nn.layers_tt import TTLayer
 from admm.projections import RankSpec, cp_factors, lowrank_sparse_parts, max_rank, tucker2_factors
 from admm.reshape import to_3way, to_matrix
 
@@ -50,7 +50,6 @@ __all__ = [
     "TTLayer",
     "Tucker2Layer",
     "factorize_module",
-    "module_from_spec",
 ]
 
 
@@ -300,7 +299,7 @@ FACTORED_LAYERS: dict[str, type[FactoredLayer]] = {
 }
 
 
-def _layer_class(fmt: str) -> type[FactoredLayer]:
+def layer_class(fmt: str) -> type[FactoredLayer]:
     try:
         return FACTORED_LAYERS[fmt]
     except KeyError:
@@ -310,14 +309,4 @@ def _layer_class(fmt: str) -> type[FactoredLayer]:
 def factorize_module(module: nn.Conv2d | nn.Linear, fmt: str, rank: RankSpec,
                      weight: Tensor | None = None) -> FactoredLayer:
     """The factored layer of ``fmt`` at ``rank`` for a dense ``module`` (factors from ``weight`` if given)."""
-    return _layer_class(fmt).from_dense(module, rank, weight=weight)
-
-
-def module_from_spec(spec: dict[str, Any], *, device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None) -> FactoredLayer:
-    """Rebuild a factored layer (zero factors) from :meth:`FactoredLayer.spec`, ready for ``load_state_dict``."""
-    if spec.get("parametrization") == "usv":  # svd mid-way through rank pruning (admm.layers_prune)
-        from admm.layers_prune import PrunableSVDLayer
-
-        return PrunableSVDLayer.empty(spec, device=device, dtype=dtype)
-    return _layer_class(str(spec.get("format"))).empty(spec, device=device, dtype=dtype)
+    return layer_class(fmt).from_dense(module, rank, weight=weight)

@@ -5,7 +5,7 @@ A factored layer replaces one ``nn.Conv2d`` (groups == 1, zero padding) or
 (channels, kernel size, stride, padding, dilation) and its bias, and holds the
 factors of one format of :mod:`admm.projections` as raw ``nn.Parameter``\\ s
 applied with ``torch.nn.functional``. Raw parameters rather than ``nn.Conv2d``
-children on purpose: :func:`admm.inspect.describe_layers` plans every
+children on purpose: :func:`admm.layer_info.describe_layers` plans every
 ``nn.Conv2d``/``nn.Linear`` it finds, and the factors of a decomposed model must
 not look like fresh dense layers to compress.
 
@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
-from admm.projections_base import RankSpec, _computing, validate_rank
+from admm.projections_base import RankSpec, computing, validate_rank
 
 __all__ = ["FactoredLayer", "Geometry", "Padding", "assign"]
 
@@ -70,7 +70,7 @@ class Geometry:
 
         Raises:
             ValueError: a conv with ``groups != 1`` (grouped/depthwise convs are never
-                planned: :func:`admm.inspect.describe_layers` skips them, and the
+                planned: :func:`admm.layer_info.describe_layers` skips them, and the
                 formats factor a full ``C_out x C_in`` kernel) or a padding mode other
                 than ``'zeros'`` (the factor chains pad with zeros).
             TypeError: any other module type.
@@ -187,7 +187,7 @@ class FactoredLayer(nn.Module):
             raise ValueError(f"weight of shape {tuple(source.shape)} does not fit the layer's "
                              f"{geometry.weight_shape}")
         layer = cls(geometry, rank, device=module.weight.device, dtype=module.weight.dtype)
-        with _computing(source) as w, torch.no_grad():
+        with computing(source) as w, torch.no_grad():
             layer._init_factors(w)
             if module.bias is not None:
                 layer.bias.copy_(module.bias)

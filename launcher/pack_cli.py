@@ -1,4 +1,4 @@
-"""`tdcompress pack SRC DST`: an ImageFolder tree -> tar shards + index.json (trainer/pack.py)."""
+"""`tdcompress pack SRC DST`: an ImageFolder tree -> tar shards + index.json (trainer/data/shard_writer.py)."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.pack import PackError, PackOptions, pack
+    from trainer.data.shard_writer import PackError, PackOptions, pack
 
     try:
         options = PackOptions(max_side=args.max_side, quality=args.quality, shard_bytes=int(args.shard_mb * 2**20),

@@ -1,13 +1,13 @@
 """The rank_prune phase (Sharma et al. 2025): train layers as U diag(s) V^T and cut their ranks as they train.
 
 Every layer the compression section selects (``include``/``exclude``/``min_channels``)
-becomes an :class:`admm.layers_prune.PrunableSVDLayer` at full rank, from the
+becomes an :class:`admm.nn.layers_prune.PrunableSVDLayer` at full rank, from the
 trained weights (``rank_prune.init: trained``) or random (``random``). Training
 adds, as gradients (tensor hooks: they run before DeepSpeed's data-parallel
 average, identically on every rank, so the average keeps them), an L1 term on
 ``s`` and an orthogonality term on ``U`` and ``V``. At the end of every
 ``rank_prune.interval``-th epoch the weak singular directions are cut
-(:func:`admm.layers_prune.plan_prune`; with ``rank_prune.keep_ratio`` on a
+(:func:`admm.nn.layers_prune.plan_prune`; with ``rank_prune.keep_ratio`` on a
 linear path to that budget). Shapes change then, so the engine is rebuilt
 around the pruned model: the learning-rate schedule continues where it was,
 and the SGD momentum carries over (:func:`carry_momentum`; any ZeRO stage,
@@ -30,18 +30,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from admm.inspect import describe_layers
-from admm.layers_prune import FACTOR_DIM, PrunableSVDLayer, penalty_grads, plan_prune, svd_params
+from admm.layer_info import describe_layers
+from admm.nn.layers_prune import FACTOR_DIM, PrunableSVDLayer, penalty_grads, plan_prune, svd_params
+from admm.nn.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 from admm.planner import select
 from admm.projections import max_rank
-from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
-from trainer.component import ComponentBase, LoopState
+from trainer.component import Component, ComponentBase
 from trainer.config import RankPruneConfig, WorkerConfig
-from trainer.context import WorkerContext
-from trainer.data import set_loader_epoch
-from trainer.engine import build_engine, resolve_precision
-from trainer.loop import average_batchnorm_stats, evaluate, train_epoch
 from trainer.momentum import read_momentum, write_momentum
+from trainer.phases.checkpoint import registry_for
+from trainer.phases.training import TrainingPhase, TrainingRun
+from trainer.plots import plot_series
 
 
 def planned_shapes(model: nn.Module, cfg: WorkerConfig) -> dict[str, tuple[int, ...]]:
@@ -127,6 +126,17 @@ class RankPruner(ComponentBase):
         self.history: list[dict[str, Any]] = []  # one entry per epoch: {"epoch", "ranks", "params_factored"}
         self._handles: list[Any] = []
 
+    def prepare(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """Hook the penalties onto the factors; their param group takes no weight decay (called at every
+        engine build: a prune replaces the factors).
+
+        The L1 term on s is the factors' shrinkage and the orthogonality term holds U and V, so weight
+        decay would only fight them.
+        """
+        self.hook_gradients(model)
+        return [{"params": [p for m in prunable_layers(model).values() for p in (m.u, m.s, m.v)],
+                 "weight_decay": 0.0}]
+
     def hook_gradients(self, model: nn.Module) -> None:
         """(Re-)register the penalty hooks on the current parameters of every prunable layer."""
         self.unhook()
@@ -196,102 +206,63 @@ class RankPruner(ComponentBase):
         self.history = json.loads(shards[0]["history"])  # identical on every rank
 
     def plot(self, path: Path) -> Path | None:
-        """Each layer's rank by epoch (PNG)."""
+        """Each layer's rank by epoch (PNG); None before the first epoch is recorded."""
         if not self.history:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-        epochs = [h["epoch"] for h in self.history]
-        for name in self.history[0]["ranks"]:
-            ax.plot(epochs, [h["ranks"].get(name, float("nan")) for h in self.history], marker=".", label=name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("rank")
-        ax.set_title("rank_prune: rank per layer")
-        ax.legend(fontsize=5, ncol=2)
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        series = {n: [h["ranks"].get(n, float("nan")) for h in self.history] for n in self.history[0]["ranks"]}
+        return plot_series(path, series, x=[h["epoch"] for h in self.history], xlabel="epoch", ylabel="rank",
+                           title="rank_prune: rank per layer")
 
 
-def run_rank_prune(ctx: WorkerContext, index: int, model: nn.Module, resume) -> tuple[nn.Module, dict[str, float]]:
-    """Run phase ``index`` (kind rank_prune); ``resume`` is a checkpoint inside it or None."""
-    from trainer.phases import _check_zero_stage, components_for, registry_for, save, training_steps_per_epoch
+class RankPrunePhase(TrainingPhase):
+    """Trains the planned layers as U diag(s) V^T and cuts their ranks at the end of every prune epoch."""
 
-    cfg, phase, rp = ctx.cfg, ctx.cfg.phases[index], ctx.cfg.rank_prune
-    tracker = ctx.phase_trackers[index]
-    precision = resolve_precision(cfg.engine, ctx.device)
-    per_epoch = training_steps_per_epoch(ctx, index)
-    if not prunable_layers(model):  # a fresh start (a resume rebuilt them from the checkpoint's manifest)
-        shapes = planned_shapes(model, cfg)
-        model = to_prunable(model, shapes, rp.init, cfg.seed)
-    else:
-        shapes = {n: m.geometry.weight_shape for n, m in prunable_layers(model).items()}
-    state = LoopState(phase=phase.kind, epochs=phase.epochs, steps_per_epoch=per_epoch)
-    pruner = RankPruner(rp, shapes, phase.epochs, cfg.optim.grad_accum)
-    components = components_for(ctx, index, model)
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        cfg = self.ctx.cfg
+        if prunable_layers(model):  # a resume rebuilt them from the checkpoint's manifest
+            shapes = {n: m.geometry.weight_shape for n, m in prunable_layers(model).items()}
+        else:
+            shapes = planned_shapes(model, cfg)
+            model = to_prunable(model, shapes, cfg.rank_prune.init, cfg.seed)
+        phase = cfg.phases[self.index]
+        self.pruner = RankPruner(cfg.rank_prune, shapes, phase.epochs, cfg.optim.grad_accum)
+        return model
 
-    def build():
-        # The usv factors get no weight decay: the L1 term on s is their shrinkage, the orthogonality term holds U, V.
-        params = [p for m in prunable_layers(model).values() for p in (m.u, m.s, m.v)]
-        eng = build_engine(model, cfg.optim, cfg.engine, batch_size=cfg.data.batch_size, lr=phase.lr or cfg.optim.lr,
-                           total_steps=per_epoch * phase.epochs, steps_per_epoch=per_epoch, world_size=ctx.world,
-                           precision=precision, extra_groups=[{"params": params, "weight_decay": 0.0}])
-        pruner.hook_gradients(eng.module)
-        return eng, registry_for(ctx, eng.module, state, eng, [*components, pruner])
+    def components(self, model: nn.Module) -> list[Component]:
+        return [*super().components(model), self.pruner]
 
-    engine, reg = build()
-    if resume is not None:
-        _check_zero_stage(ctx, resume)
-        reg.load(resume, ctx.device, exclude=("model",))
-    for c in components:
-        c.attach(engine.module, state, optimizer=engine.optimizer)
-    out: dict[str, float] = {}
-    if not pruner.history:
-        tracker.metrics(pruner.record(model, 0), state.step)
-    while state.epoch < phase.epochs:
-        set_loader_epoch(ctx.train_loader, state.epoch)
-        stats = train_epoch(engine, ctx.train_loader, state, device=ctx.device, precision=precision,
-                            label_smoothing=cfg.optim.label_smoothing, hooks=components, log_every=cfg.log_every,
-                            log=tracker.metrics)
-        done = state.epoch == phase.epochs
+    def begin(self, run: TrainingRun) -> None:
+        if not self.pruner.history:  # a fresh start: the full ranks are the curve's first point
+            run.tracker.metrics(self.pruner.record(run.model, 0), run.state.step)
+
+    def end_epoch(self, run: TrainingRun) -> dict[str, float]:
+        pruner, state, done = self.pruner, run.state, run.done
         # Read before the prune replaces the factors (ZeRO 1/2: a collective, so on every rank alike).
-        momentum = read_momentum(engine) if pruner.is_prune_epoch(state.epoch) and not done else {}
-        kept = pruner.prune(model, state.epoch)
+        momentum = read_momentum(run.engine) if pruner.is_prune_epoch(state.epoch) and not done else {}
+        kept = pruner.prune(run.model, state.epoch)
         if kept and not done:
             # New shapes: a new engine and optimizer, the momentum and the schedule where they were.
-            sched = engine.lr_scheduler.state_dict()
-            engine, reg = build()
-            write_momentum(engine, carry_momentum(momentum, kept))
-            engine.lr_scheduler.load_state_dict(sched)
-            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            sched = run.engine.lr_scheduler.state_dict()
+            run.build()
+            write_momentum(run.engine, carry_momentum(momentum, kept))
+            run.engine.lr_scheduler.load_state_dict(sched)
+            for group, lr in zip(run.engine.optimizer.param_groups, run.engine.lr_scheduler.get_last_lr()):
                 group["lr"] = lr
-        average_batchnorm_stats(model)
-        pruned = pruner.record(model, state.epoch)
+        pruned = pruner.record(run.model, state.epoch)
         if done:  # the phase ends with a plain svd model: finetune, evaluate and export follow as after decompose
             pruner.unhook()
-            model = to_svd(model)
-            reg = registry_for(ctx, model, state, None, [*components, pruner])
-        out = {**stats, **evaluate(model, ctx.eval_loader, device=ctx.device, precision=precision),
-               "params": float(sum(p.numel() for p in model.parameters())), **pruned}
-        tracker.metrics({**out, "epoch": state.epoch}, state.step)
-        tracker.best_of("top1", out["top1"], state.step)
-        if ctx.rank == 0:
-            ranks = pruner.history[-1]["ranks"]
-            print(f"[rank_prune] epoch {state.epoch}/{phase.epochs} train_loss {out['epoch_train_loss']:.4f} top1 "
-                  f"{out['top1']:.2f}% factored params {int(out['params_factored']):,} "
-                  f"({out['factored_keep_ratio']:.3f} of dense), ranks {sorted(ranks.values())}", flush=True)
-        save(ctx, index, reg, state, done, model)
-        for c in components:
-            c.on_checkpoint(state)
-    if ctx.rank == 0:
-        path = pruner.plot(ctx.run_dir / f"phase{index}-ranks.png")
-        if path is not None:
-            tracker.artifact(path)
-    for c in components:
-        out.update(c.detach())
-    return model, out
+            run.model = to_svd(run.model)
+            run.reg = registry_for(self.ctx, run.model, state, None, run.components)
+        return {"params": float(sum(p.numel() for p in run.model.parameters())), **pruned}
+
+    def progress(self, run: TrainingRun, out: dict[str, float]) -> str:
+        s, ranks = run.state, self.pruner.history[-1]["ranks"]
+        return (f"[rank_prune] epoch {s.epoch}/{s.epochs} train_loss {out['epoch_train_loss']:.4f} top1 "
+                f"{out['top1']:.2f}% factored params {int(out['params_factored']):,} "
+                f"({out['factored_keep_ratio']:.3f} of dense), ranks {sorted(ranks.values())}")
+
+    def finish(self, run: TrainingRun) -> None:
+        if self.ctx.rank == 0:
+            path = self.pruner.plot(self.artifact_path("ranks.png"))
+            if path is not None:
+                run.tracker.artifact(path)

@@ -1,6 +1,6 @@
 """The ADMM phase as a trainer component: owner-sharded Z/U updates and a nearly free penalty.
 
-Owner sharding: every planned layer has one owner rank (``planner.with_owners``).
+Owner sharding: every planned layer has one owner rank (``admm.owners.with_owners``).
 Only the owner keeps Z and U and runs the projection. The penalty gradient
 rho (W - Z + U) is added by a gradient hook on the owner's weight, scaled by
 the world size, *before* DeepSpeed's data-parallel average; the other ranks
@@ -32,103 +32,21 @@ of backward anyway; a smaller bucket or overlap_comm would not wait.)
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any, Callable
 
-import torch.distributed as dist
+import torch
 from torch import nn
 
+from admm.comm import SINGLE, Comm
 from admm.config import AdmmConfig, CompressionConfig
-from admm.inspect import describe_layers
-from admm.planner import RankPlan, plan_ranks, select, with_owners
+from admm.model_plan import plan_for_model
+from admm.rank_plan import RankPlan
 from admm.state import AdmmState, LayerState, UpdateStats
 from admm.warm import ProjectionOptions
 
 # Marks the optimizer param group of the ADMM-penalized weights (a plain key: DeepSpeed keeps it).
 ADMM_GROUP = "tdc_admm"
-
-
-# The plan an ADMM phase fixed from its starting weights, in its phase directory: a resume and the
-# decompose phase use these ranks instead of planning again from weights that have moved since.
-PLAN_FILE = "rank_plan.json"
-
-
-def plan_for_model(model: nn.Module, compression: CompressionConfig, world: int = 1,
-                   input_shape: tuple[int, ...] | None = None, allocation: str | None = None,
-                   fixed: RankPlan | None = None) -> RankPlan:
-    """Plan ranks (and owners for ``world`` ranks) for ``model`` from a CompressionConfig.
-
-    ``allocation`` overrides ``compression.allocation`` (the driver has no trained weights and asks for
-    "uniform"); "error" plans from the model's current weights. ``fixed``: take every layer's format
-    and ranks from this earlier plan (recounting params and FLOPs at ``input_shape``). When a process
-    group of ``world`` > 1 ranks is up, every rank gets rank 0's plan (broadcast), so float differences
-    between hosts can never split the ranks' plans. ``compression.budget=flops`` needs ``input_shape``
-    (N, C, H, W): the FLOPs of a conv depend on its output size, which one forward pass records.
-    """
-    if compression.budget == "flops" and input_shape is None and fixed is None:
-        raise ValueError("compression.budget=flops: planning a FLOPs budget needs the model's input shape "
-                         "(plan_for_model(..., input_shape=(1, C, H, W))); budget=params needs none")
-    layers = describe_layers(model, input_shape)
-    planned = select(layers, compression.include, compression.exclude, compression.min_channels)
-    if not planned:
-        raise ValueError("compression: no layer matches include/exclude/min_channels; nothing to compress")
-    allocation = allocation or compression.allocation
-    if fixed is not None:
-        mine = {layer.name for layer in planned}
-        if {p.name for p in fixed.layers} != mine:
-            theirs = sorted(p.name for p in fixed.layers)
-            raise ValueError(f"compression: the stored plan covers other layers ({theirs}) than this config plans "
-                             f"({sorted(mine)})")
-        plan = plan_ranks(layers, planned, compression.format, 1.0, {p.name: p.rank for p in fixed.layers},
-                          sparse_fraction=compression.sparse_fraction)
-        errors = {p.name: p.error for p in fixed.layers}
-        plan = dataclasses.replace(plan, allocation=fixed.allocation, notes=list(fixed.notes), budget=fixed.budget,
-                                   layers=[dataclasses.replace(p, error=errors[p.name]) for p in plan.layers])
-    else:
-        modules = dict(model.named_modules())
-        weights = {layer.name: modules[layer.name].weight for layer in planned} if allocation == "error" else None
-        plan = plan_ranks(layers, planned, compression.format, compression.keep_ratio, compression.ranks,
-                          sparse_fraction=compression.sparse_fraction, rank_multiple=compression.rank_multiple,
-                          allocation=allocation, weights=weights, min_rank_ratio=compression.min_rank_ratio,
-                          max_keep=compression.max_keep, budget=compression.budget)
-    if world > 1 and dist.is_available() and dist.is_initialized():  # every rank calls this: a collective
-        box = [plan]
-        dist.broadcast_object_list(box, src=0)
-        plan = box[0]
-    return with_owners(plan, world)
-
-
-def _compression_key(compression: CompressionConfig) -> str:
-    return json.dumps(dataclasses.asdict(compression), sort_keys=True)
-
-
-def save_plan(path: Path, plan: RankPlan, compression: CompressionConfig) -> None:
-    """Write ``plan`` (with the compression config it was made for) to ``path`` atomically, and its table beside it.
-
-    (tmp file + rename here, not trainer.checkpoint's helper: admm imports nothing of the trainer.)
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for target, text in ((path, json.dumps({"compression": json.loads(_compression_key(compression)),
-                                            "plan": plan.to_json()}, indent=1)),
-                         (path.with_suffix(".txt"), plan.table() + "\n")):
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, target)
-
-
-def load_plan(path: Path, compression: CompressionConfig) -> RankPlan | None:
-    """The plan ``save_plan`` wrote at ``path`` for this same compression config; None when absent or
-    made for another config (a resume with ``allow_config_change``: the phase plans anew)."""
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    if json.dumps(data.get("compression"), sort_keys=True) != _compression_key(compression):
-        return None
-    return RankPlan.from_json(data["plan"])
-
 
 
 class AdmmComponent:
@@ -142,15 +60,16 @@ class AdmmComponent:
     name = "admm"  # the key of this component's state in checkpoints
 
     def __init__(self, plan: RankPlan, admm_cfg: AdmmConfig, *, rank: int, world: int, grad_accum: int,
-                 log: Callable[[dict[str, float], int], None], out_dir: Path | None = None,
-                 artifact: Callable[[Path], None] | None = None, decomp_error: bool = True) -> None:
+                 log: Callable[[dict[str, float], int], None], comm: Comm = SINGLE,
+                 say: Callable[[str], None] | None = None, decomp_error: bool = True) -> None:
         self.plan, self.cfg = plan, admm_cfg
         self.rank, self.world, self.grad_accum = rank, world, grad_accum
         self.owned = [p for p in plan.layers if p.owner == rank]
         self.state = AdmmState(rho=admm_cfg.rho, options=ProjectionOptions(
             hooi_sweeps=admm_cfg.hooi_sweeps, hooi_tol=admm_cfg.hooi_tol,
             cp_sweeps=admm_cfg.cp_sweeps, cp_tol=admm_cfg.cp_tol))
-        self.log, self.out_dir, self.artifact = log, out_dir, artifact
+        # log: rank 0's metrics (a tracker); say: rank 0's progress lines (None: silent); comm: the group.
+        self.log, self.say, self.comm = log, say, comm
         self.decomp_error = decomp_error
         self.history: list[dict[str, float]] = []  # rank 0: per-layer primal residuals per update
         self._handles: list[Any] = []  # the gradient hooks, from prepare() until detach()
@@ -162,26 +81,15 @@ class AdmmComponent:
     @classmethod
     def create(cls, model: nn.Module, compression: CompressionConfig, admm_cfg: AdmmConfig, *, rank: int,
                world: int, grad_accum: int, log: Callable[[dict[str, float], int], None],
-               artifact: Callable[[Path], None] | None = None, out_dir: Path | None = None,
-               input_shape: tuple[int, ...] | None = None) -> "AdmmComponent":
-        """Plan ``model``'s ranks and owners for ``world`` ranks and build the component of ``rank``.
+               input_shape: tuple[int, ...] | None = None, fixed: RankPlan | None = None, comm: Comm = SINGLE,
+               say: Callable[[str], None] | None = None) -> "AdmmComponent":
+        """Plan ``model``'s ranks and owners for ``world`` ranks (or take ``fixed``'s) and build the component
+        of ``rank``.
 
         ``input_shape`` (1, C, H, W): the model's input, for the plan's FLOPs (needed by ``budget=flops``).
-
-        With ``out_dir`` the plan is fixed once: the first start plans from the weights it has (with
-        ``compression.allocation=error``, the trained ones) and rank 0 writes it to ``out_dir/PLAN_FILE``
-        (+ ``.txt``, logged as an artifact); a resume reads it back, and so does the decompose phase.
         """
-        stored = load_plan(out_dir / PLAN_FILE, compression) if out_dir is not None else None
-        plan = plan_for_model(model, compression, world, input_shape=input_shape, fixed=stored)
-        if stored is None and out_dir is not None and rank == 0:
-            save_plan(out_dir / PLAN_FILE, plan, compression)
-            print(f"[admm] rank plan ({plan.allocation} allocation) from the weights this phase starts from:\n"
-                  f"{plan.table()}", flush=True)
-            if artifact is not None:
-                artifact((out_dir / PLAN_FILE).with_suffix(".txt"))
-        return cls(plan, admm_cfg, rank=rank, world=world,
-                   grad_accum=grad_accum, log=log, out_dir=out_dir, artifact=artifact)
+        plan = plan_for_model(model, compression, world, input_shape=input_shape, fixed=fixed, comm=comm)
+        return cls(plan, admm_cfg, rank=rank, world=world, grad_accum=grad_accum, log=log, comm=comm, say=say)
 
     # -- attach / detach ---------------------------------------------------------------
     def penalized_params(self, model: nn.Module) -> list[nn.Parameter]:
@@ -258,7 +166,7 @@ class AdmmComponent:
             g["weight_decay"] = g["base_weight_decay"] + rho
 
     def detach(self, keep_hooks: bool = False) -> dict[str, float]:
-        """Switch the penalty off, remove the hooks; write the residual plot; return the last global metrics.
+        """Switch the penalty off, remove the hooks; return the last global metrics.
 
         ``keep_hooks``: leave the (inactive) hooks registered, so that a later ``attach``
         switches the penalty back on without ``prepare`` (benchmarks toggle ADMM this way).
@@ -270,10 +178,6 @@ class AdmmComponent:
             self._handles.clear()
         self._sync_decay(0.0)
         self._decay_groups = []
-        if self.rank == 0 and self.history and self.out_dir is not None:
-            path = self._plot()
-            if self.artifact is not None:
-                self.artifact(path)
         return dict(self._last)
 
     # -- loop hooks --------------------------------------------------------------------
@@ -300,20 +204,31 @@ class AdmmComponent:
         return metrics
 
     def _publish(self, stats: dict[str, UpdateStats], step: int, label: str) -> dict[str, float]:
-        """Gather every owner's scalar residuals to rank 0, which logs and prints them."""
-        gathered: list[dict[str, UpdateStats]] = [stats]
+        """Sum every owner's scalar residuals over the ranks (one all-reduce); rank 0 logs and says them."""
         if self.world > 1:
-            gathered = [None] * self.world  # type: ignore[list-item]
-            dist.all_gather_object(gathered, stats)
-        metrics = self._metrics({k: v for d in gathered for k, v in d.items()})
+            stats = self._all_owners(stats)
+        metrics = self._metrics(stats)
         self._last = {k: v for k, v in metrics.items() if "/" not in k}
         if self.rank == 0:
             self.history.append({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("primal/")})
             self.log(metrics, step)
-            decomp = f" decomp_err {metrics['admm_decomp_err']:.4f}" if "admm_decomp_err" in metrics else ""
-            print(f"[admm] {label}: primal ||W-Z||/||W|| {metrics['admm_primal']:.4f} "
-                  f"dual {metrics['admm_dual']:.3g}{decomp} rho {metrics['rho']:.3g}", flush=True)
+            if self.say is not None:
+                decomp = f" decomp_err {metrics['admm_decomp_err']:.4f}" if "admm_decomp_err" in metrics else ""
+                self.say(f"[admm] {label}: primal ||W-Z||/||W|| {metrics['admm_primal']:.4f} "
+                         f"dual {metrics['admm_dual']:.3g}{decomp} rho {metrics['rho']:.3g}")
         return metrics
+
+    def _all_owners(self, stats: dict[str, UpdateStats]) -> dict[str, UpdateStats]:
+        """Every planned layer's stats, from this rank's owned ones: each rank fills its owned rows of one
+        table and the rows of the others stay 0, so the sum over ranks is exact. Ordered by owner rank, then
+        plan order, so sums over layers add in the same order on every rank."""
+        layers = sorted(self.plan.layers, key=lambda p: p.owner)
+        table = torch.zeros(len(layers), 4, dtype=torch.float64)
+        for i, p in enumerate(layers):
+            if p.name in stats:
+                table[i] = torch.tensor(dataclasses.astuple(stats[p.name]), dtype=torch.float64)
+        self.comm.all_reduce(table)
+        return {p.name: UpdateStats(*row) for p, row in zip(layers, table.tolist())}
 
     def _metrics(self, stats: dict[str, UpdateStats]) -> dict[str, float]:
         rho = self.state.rho
@@ -330,28 +245,6 @@ class AdmmComponent:
         if all(s.decomp_sq >= 0 for s in stats.values()):
             out["admm_decomp_err"] = math.sqrt(sum(s.decomp_sq for s in stats.values())) / w_all
         return out
-
-    def _plot(self) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-        for name in self.history[0]:
-            ax.plot([h[name] for h in self.history], lw=1, alpha=0.8, label=name)
-        ax.set_yscale("log")
-        ax.set_xlabel("Z-update")
-        ax.set_ylabel("||W - Z|| / ||W||")
-        ax.set_title("ADMM primal residual per layer")
-        if len(self.history[0]) <= 24:
-            ax.legend(fontsize=5, ncol=2)
-        fig.tight_layout()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / "admm_primal_residuals.png"
-        fig.savefig(path)
-        plt.close(fig)
-        return path
 
     # -- checkpoint ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

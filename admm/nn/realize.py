@@ -22,7 +22,7 @@ shape, so :mod:`trainer.latency` measures them and this module only builds them:
     more FLOPs, but a single pass over the activations.
 
 :func:`realize` swaps the chosen modules into a model and keeps its surgery
-manifest (:func:`admm.surgery.manifest_of`) in step: a ``dense`` layer leaves the manifest
+manifest (:func:`admm.nn.surgery.manifest_of`) in step: a ``dense`` layer leaves the manifest
 (a plain layer needs no rebuilding), a ``merged`` one is recorded as svd (tt: tucker2 or svd).
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from admm.layers import SVDLayer, TTLayer, Tucker2Layer
-from admm.layers_base import FactoredLayer, assign
-from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
+from admm.nn.layers import SVDLayer, TTLayer, Tucker2Layer
+from admm.nn.layers_base import FactoredLayer, assign
+from admm.nn.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 
 __all__ = ["REALIZATIONS", "alternatives", "dense_module", "merged_module", "realize"]
 

@@ -4,24 +4,34 @@ Works on the unwrapped ``nn.Module`` (before a DeepSpeed engine is built around
 it). The surgery manifest ``{dotted layer name: FactoredLayer.spec()}`` is a
 plain JSON-able dict stored on the model (read it with :func:`manifest_of`); checkpoints
 save it, and :func:`apply_manifest` replays it on a freshly built dense model
-before ``load_state_dict`` (trainer.phases.restore_model, trainer.export).
+before ``load_state_dict`` (trainer.stateful.restore_model, trainer.export).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
-from admm.layers import FactoredLayer, Geometry, factorize_module, module_from_spec
+from admm.nn.layers import FactoredLayer, Geometry, factorize_module, layer_class
+from admm.nn.layers_prune import PrunableSVDLayer
 
 if TYPE_CHECKING:  # keep apply_manifest's import light for torch-only export loading
-    from admm.planner import RankPlan
+    from admm.rank_plan import RankPlan
 
-__all__ = ["apply_manifest", "decompose_model", "get_submodule", "manifest_of", "set_submodule",
-           "set_manifest"]
+__all__ = ["apply_manifest", "decompose_model", "get_submodule", "manifest_of", "module_from_spec",
+           "set_submodule", "set_manifest"]
 
 _MANIFEST_ATTR = "tdc_manifest"
+
+
+def module_from_spec(spec: dict[str, Any], *, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> FactoredLayer:
+    """Rebuild a factored layer (zero factors) from :meth:`FactoredLayer.spec`, ready for ``load_state_dict``."""
+    if spec.get("parametrization") == "usv":  # svd mid-way through rank pruning
+        return PrunableSVDLayer.empty(spec, device=device, dtype=dtype)
+    return layer_class(str(spec.get("format"))).empty(spec, device=device, dtype=dtype)
 
 
 def manifest_of(model: nn.Module) -> dict[str, dict[str, Any]]:

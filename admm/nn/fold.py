@@ -17,8 +17,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from admm.layers_base import FactoredLayer
-from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
+from admm.nn.layers_base import FactoredLayer
+from admm.nn.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 
 # Factored formats whose output channels are scaled by one factor: the last one, (C_out, r, 1, 1).
 LAST_FACTOR_FORMATS = ("svd", "tucker2", "cp", "lowrank_sparse")

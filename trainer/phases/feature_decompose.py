@@ -23,9 +23,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from admm.feature_fit import fit_layer, layer_columns
-from admm.planner import RankPlan
-from admm.surgery import get_submodule, manifest_of, set_manifest, set_submodule
-from trainer.data import set_loader_epoch
+from admm.nn.surgery import get_submodule, manifest_of, set_manifest, set_submodule
+from admm.rank_plan import RankPlan
+from trainer.data.loaders import set_loader_epoch
+from trainer.ranks import rank_and_world
 
 # Images per chunk of the moment computation: bounds the unfolded patch matrix (n x pixels, float64).
 _MAX_COLUMN_ELEMENTS = 2**25
@@ -36,7 +37,8 @@ class _StopForward(Exception):
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """More than one rank (one rank needs no collective)."""
+    return rank_and_world()[1] > 1
 
 
 def calibration_sample(loader, micro_batches: int) -> list[Tensor]:
@@ -127,6 +129,6 @@ def decompose_by_features(model: nn.Module, plan: RankPlan, batches: list[Tensor
         set_submodule(model, p.name, layer)
         manifest[p.name] = layer.spec()
     set_manifest(model, manifest)
-    world = dist.get_world_size() if _distributed() else 1
+    world = rank_and_world()[1]
     return model, {"fit_seconds": time.perf_counter() - t0,
                    "calibration_images": float(sum(len(x) for x in batches) * world)}

@@ -1,4 +1,4 @@
-"""Reading packed tar shards (:mod:`trainer.pack`): per-rank, per-loader-worker slices, shuffled per epoch.
+"""Reading packed tar shards (:mod:`trainer.data.shard_writer`): per-rank, per-loader-worker slices, shuffled per epoch.
 
 The epoch plan (pure, :func:`epoch_plan`): the split's shards are put in a new order each epoch
 (seeded by ``(seed, epoch)``) and read as one stream of N samples. Training uses the first
@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from trainer.data import DatasetError
+from trainer.data.common import DatasetError
 
 _EPOCH_TAG = 0x5EA5  # keeps this seed stream apart from the others drawn from the same seed
 

@@ -7,7 +7,7 @@ cropped (4-pixel zero padding) and flipped, and normalised there in a few batche
 removes the CPU from the step; the same code runs on the CPU (the tests use it).
 
 The order of images is the CPU path's: the loader takes its indices from the same samplers as
-:func:`trainer.data.make_loader` (``DistributedSampler`` for training, ``ShardSampler`` for
+:func:`trainer.data.make_loader` (``DistributedSampler`` for training, ``StridedEvalSampler`` for
 evaluation), so rank r's batch s holds the same images in both paths. The augmentation draws
 differ (one seeded device generator per rank and epoch instead of one numpy generator per item)
 but follow the same distribution: crop offsets uniform over -pad..pad on each axis, flip with
@@ -29,7 +29,9 @@ from torch.utils.data import Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from trainer.config import DEVICE_CACHE_DATASETS
-from trainer.data import CifarTransform, DatasetError, ImageDataset, ShardSampler
+from trainer.data.common import DatasetError
+from trainer.data.images import CifarTransform, ImageDataset
+from trainer.data.loaders import StridedEvalSampler
 
 _AUG_TAG = 0xDE7CA  # keeps this seed stream apart from the others drawn from the run's seed
 
@@ -154,7 +156,7 @@ def make_device_loader(ds: ImageDataset, batch_size: int, *, rank: int, world_si
         sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=shuffle,  # type: ignore
                                      seed=seed, drop_last=drop_last)
     else:
-        sampler = ShardSampler(len(data), rank=rank, world_size=world_size)
+        sampler = StridedEvalSampler(len(data), rank=rank, world_size=world_size)
     return DeviceLoader(data, sampler, batch_size, drop_last=drop_last, rank=rank)
 
 

@@ -9,7 +9,7 @@ lives in ``s`` alone, which makes ``|s_i|`` a fair pruning score). Parameters:
     u (C_out, r)    s (r,)    v (r, C_in*kh*kw)    bias (C_out,) iff the dense layer had one
 
 Its spec is svd's plus ``"parametrization": "usv"``, so a checkpoint taken
-mid-phase rebuilds it (:func:`admm.layers.module_from_spec`) at the pruned
+mid-phase rebuilds it (:func:`admm.nn.surgery.module_from_spec`) at the pruned
 rank. :meth:`PrunableSVDLayer.to_svd` gives the plain :class:`SVDLayer` the
 decompose phase would build, for fine-tuning and export.
 
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from admm.layers import SVDLayer
-from admm.layers_base import FactoredLayer, Geometry, assign
+from admm.nn.layers import SVDLayer
+from admm.nn.layers_base import FactoredLayer, Geometry, assign
 from admm.reshape import to_matrix
 
 __all__ = ["FACTOR_DIM", "PARAMETRIZATION", "PrunableSVDLayer", "penalty_grads", "plan_prune", "svd_params"]
