@@ -91,9 +91,11 @@ def _scores(out: str) -> tuple[str, str, str]:
     return match.groups()
 
 
+@pytest.mark.slow  # trains 40 steps and evaluates 2,000 images four times: ~1 min on an idle 2-core CPU
 def test_quickstart_model_in_onnxruntime_matches_torch_on_2000_real_images(tiny, tmp_path, capsys):
-    """A trained and decomposed ResNet-20 exported with --format onnx: onnxruntime's logits on 2,000 real
-    CIFAR-10 test images are torch's within 1e-4 relative, and evaluate reports the same top-1/top-5."""
+    """A trained, decomposed and fine-tuned ResNet-20 (the quickstart's phases, shortened) exported with
+    --format onnx: onnxruntime's logits on 2,000 real CIFAR-10 test images are torch's within 1e-4 relative,
+    and evaluate reports the same top-1/top-5."""
     from launcher import pipeline
     from launcher.cli import main
     from trainer.data import load_datasets, make_loader
@@ -101,7 +103,8 @@ def test_quickstart_model_in_onnxruntime_matches_torch_on_2000_real_images(tiny,
 
     cfg = tiny("model.name=resnet20", "data.train_subset=2048", "compression.format=tucker2",
                "compression.keep_ratio=0.5",
-               "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 24}, {kind: decompose}]")
+               "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 32}, {kind: decompose},"
+               " {kind: finetune, epochs: 1, steps_per_epoch: 8}]")
     info = pipeline.run(cfg)
     out = tmp_path / "export"
     assert main(["export", str(info.dir), "--out", str(out), "--format", "onnx"]) == 0
@@ -111,16 +114,18 @@ def test_quickstart_model_in_onnxruntime_matches_torch_on_2000_real_images(tiny,
     torch_model, manifest = load_exported(out)
     ort_model, _ = load_onnx(out)
     sets = load_datasets("packed", cfg.data.root, augment=False, eval_subset=2000)
-    worst, agree, n = 0.0, 0, 0
+    worst, agree, n, classes = 0.0, 0, 0, set()
     for x, _ in make_loader(sets.eval, 500, rank=0, world_size=1, shuffle=False, seed=0, drop_last=False):
         with torch.no_grad():
             ref = torch_model(x)
         got = ort_model(x)
         worst = max(worst, float((got - ref).abs().max() / ref.abs().max()))
         agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        classes |= set(ref.argmax(1).tolist())
         n += len(x)
     assert n == 2000 and worst <= 1e-4, worst
     assert agree == n
+    assert len(classes) >= 4, classes  # varied predictions, not one class everywhere: the comparison means something
 
     common = [str(out), "--data-root", cfg.data.root, "--limit", "2000", "--latency-batches", "1,8"]
     assert main(["evaluate", *common]) == 0
@@ -128,8 +133,6 @@ def test_quickstart_model_in_onnxruntime_matches_torch_on_2000_real_images(tiny,
     assert main(["evaluate", *common, "--runtime", "onnxruntime"]) == 0
     ort_out = capsys.readouterr().out
     assert _scores(ort_out) == _scores(torch_out) and _scores(ort_out)[2] == "2000"
-    top1 = float(_scores(ort_out)[0])
-    assert top1 > 15, top1  # trained above chance (10%): the comparison is between real predictions
     assert "runtime onnxruntime" in ort_out and "latency batch 8:" in ort_out and "onnxruntime)" in ort_out
     assert main(["evaluate", str(out), "--runtime", "onnxruntime", "--compile", "--no-data"]) == 2
 
