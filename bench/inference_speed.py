@@ -4,7 +4,9 @@ For ResNet-50 (default) at two compression levels and each format, the
 factored model (admm.nn.surgery.decompose_model with a plan from the same
 planner the runs use) is timed against the dense model built from the same
 weights: CPU fp32 at batch 1 and 32; on a GPU bf16 at batch 1 and 256,
-eager and (``--compile``) torch.compile'd. Ratios below 1 are reported as they are.
+eager, (``--compile``) torch.compile'd and (``--onnx``) in onnxruntime (the model exported by
+trainer.export_onnx, CPU execution provider, all graph optimisations, torch's thread count).
+Ratios below 1 are reported as they are; ``of FLOPs`` is the speed-up divided by the FLOPs ratio.
 
 Both models always get the same treatment: BN folded into the convs (``--no-fold``
 to keep BN), channels_last (``--contiguous`` for NCHW), and on Linux/glibc the
@@ -17,10 +19,13 @@ core by core (``TTLayer.merge_chains = False``, the forward before the merged ch
 timed in the same dense-factored-...-dense window.
 
     python -m bench.inference_speed --formats tucker2,svd --tune
+    python -m bench.inference_speed --formats svd,tucker2 --keep 0.5,0.33 --compile --onnx
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -29,8 +34,10 @@ from admm.model_plan import plan_for_model
 from admm.nn.fold import fold_batchnorm
 from admm.nn.layers_tt import TTLayer
 from admm.nn.realize import realize
-from admm.nn.surgery import decompose_model
+from admm.nn.surgery import decompose_model, manifest_of
 from bench.common import add_json_option, add_malloc_option, apply_malloc_option, classes_for, start
+from trainer.export import FORMAT_VERSION
+from trainer.export_onnx import OnnxRuntimeModel, export_onnx, make_session
 from trainer.latency import format_row, layer_latency_table, measure_latency
 from trainer.models import build_model
 
@@ -53,6 +60,7 @@ def main() -> None:
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--repeats", type=int, default=20 if gpu else 7)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    p.add_argument("--onnx", action="store_true", help="also time the models exported to ONNX, in onnxruntime (CPU)")
     p.add_argument("--no-fold", dest="fold", action="store_false", help="keep BatchNorm (default: folded in both)")
     p.add_argument("--contiguous", dest="channels_last", action="store_false", help="NCHW instead of channels_last")
     add_malloc_option(p)
@@ -73,11 +81,25 @@ def main() -> None:
     if args.fold:
         fold_batchnorm(dense)
     batches = [int(b) for b in args.batches.split(",")]
-    modes = ["eager", "compiled"] if args.compile else ["eager"]
+    modes = ["eager"] + (["compiled"] if args.compile else []) + (["onnxruntime"] if args.onnx else [])
+    onnx_dir = tempfile.TemporaryDirectory(prefix="tdc-bench-onnx-")
+    sessions: dict[torch.nn.Module, torch.nn.Module] = {}
+
+    def in_onnxruntime(model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` exported to ONNX (checked against torch) and loaded in onnxruntime, once per model."""
+        if model not in sessions:
+            path = Path(onnx_dir.name) / f"m{len(sessions)}.onnx"
+            manifest = {"format_version": FORMAT_VERSION, "model": args.model, "num_classes": classes,
+                        "image_size": args.image, "dataset": None, "surgery": manifest_of(model), "folded_bn": []}
+            export_onnx(model.to(memory_format=torch.contiguous_format), manifest, path)
+            sessions[model] = OnnxRuntimeModel(make_session(path))
+        return sessions[model]
 
     compiled: dict[torch.nn.Module, torch.nn.Module] = {}  # keyed by the module itself: ids can be reused
 
     def run(model: torch.nn.Module, b: int, mode: str) -> float:
+        if mode == "onnxruntime":  # NCHW input: onnxruntime chooses its own blocked layouts inside
+            return timed(in_onnxruntime(model), (b, 3, args.image, args.image), device, False, args.repeats, False)
         if mode == "compiled":
             if model not in compiled:
                 compiled[model] = torch.compile(model, dynamic=False)  # one graph per batch size
@@ -136,14 +158,17 @@ def main() -> None:
                            "flops_x": plan.dense_flops_total / max(1, plan.flops_after_total),
                            "dense_ms": 1e3 * base, "dense_spread": abs(d1 - d2) / min(d1, d2),
                            "factored_ms": 1e3 * t, "speedup": base / t}
+                    row["of_flops"] = row["speedup"] / row["flops_x"]
                     line = (f"{fmt:8s} keep {keep:.2f} x{multiple:<2d} params {row['params_x']:.2f}x "
-                            f"FLOPs {row['flops_x']:.2f}x  batch {b:3d} {m:8s} dense {row['dense_ms']:7.1f} ms "
+                            f"FLOPs {row['flops_x']:.2f}x  batch {b:3d} {m:11s} dense {row['dense_ms']:7.1f} ms "
                             f"(A/A {100 * row['dense_spread']:2.0f}%)  factored {row['factored_ms']:7.1f} ms "
-                            f"({row['speedup']:.2f}x)")
+                            f"({row['speedup']:.2f}x, {row['of_flops']:.2f} of FLOPs)")
                     if tt is not None:
                         kinds = sorted(set(choices.values()))
-                        row.update(tuned_ms=1e3 * tt, tuned_speedup=base / tt, choices=choices)
-                        line += (f"  tuned {row['tuned_ms']:7.1f} ms ({row['tuned_speedup']:.2f}x; "
+                        row.update(tuned_ms=1e3 * tt, tuned_speedup=base / tt, choices=choices,
+                                   tuned_of_flops=base / tt / row["flops_x"])
+                        line += (f"  tuned {row['tuned_ms']:7.1f} ms ({row['tuned_speedup']:.2f}x, "
+                                 f"{row['tuned_of_flops']:.2f} of FLOPs; "
                                  f"{len(choices)} layers changed{': ' + ', '.join(kinds) if kinds else ''})")
                     if pc is not None:
                         row.update(per_core_ms=1e3 * pc, per_core_speedup=base / pc)

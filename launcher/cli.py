@@ -5,7 +5,9 @@
     tdcompress plan CONFIG [key=value ...]           print the rank plan (layers, ranks, params, FLOPs)
     tdcompress export RUN_DIR [--tune-batch N]       safetensors + manifest of the run's model
                                                      (N: per-layer latency table picks each layer's realization)
+    tdcompress export RUN_DIR --format onnx          ... and model.onnx (checked against torch in onnxruntime)
     tdcompress evaluate EXPORT_DIR [--compile]       top-1/top-5 and latency, torch alone
+    tdcompress evaluate EXPORT_DIR --runtime onnxruntime   the same, from model.onnx in onnxruntime
     tdcompress compare [RUN ...]                     runs side by side (MLflow) + accuracy-vs-compression plot
     tdcompress pack SRC DST [--max-side PX ...]      ImageFolder tree -> tar shards (data.dataset=shards)
     tdcompress submit CONFIG [key=value ...]         run it as a Ray Job (--address http://HEAD:8265)
@@ -63,7 +65,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
               f"{'channels_last' if args.channels_last else 'contiguous'}) to export the fastest:", flush=True)
     out = export_run(args.run, args.out, tune_batch=args.tune_batch, channels_last=args.channels_last,
                      progress=lambda line: print(f"  {line}", flush=True))
-    print(f"exported {args.run} -> {out} (model.safetensors, manifest.json)")
+    files = "model.safetensors, manifest.json"
+    if args.format == "onnx":
+        from trainer.export_onnx import OPSET, TOLERANCE, write_onnx
+
+        path, error = write_onnx(out)
+        files += f", {path.name}"
+        print(f"onnx: opset {OPSET}, dynamic batch, onnx.checker passed; onnxruntime vs torch logits "
+              f"{error:.1e} relative (allowed {TOLERANCE:.0e})")
+    print(f"exported {args.run} -> {out} ({files})")
     return 0
 
 
@@ -78,13 +88,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.loop import evaluate
     from trainer.malloc import malloc_tuned
 
-    model, manifest = load_exported(args.export)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    onnx = args.runtime == "onnxruntime"
+    if onnx and args.compile:
+        print("tdcompress: --compile applies to --runtime torch, not onnxruntime", file=sys.stderr)
+        return 2
+    if onnx:
+        from trainer.export_onnx import load_onnx
+
+        model, manifest = load_onnx(args.export)
+        layout = "NCHW input"  # onnxruntime picks its own blocked layouts inside
+    else:
+        model, manifest = load_exported(args.export)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        layout = "channels_last" if args.channels_last else "contiguous"
     size = manifest["image_size"]
-    params = sum(p.numel() for p in model.parameters())
-    print(f"{manifest['model']} ({len(manifest.get('surgery') or {})} factored layers), {params:,} parameters; "
-          f"{'channels_last' if args.channels_last else 'contiguous'}, malloc tuned: {malloc_tuned()}")
+    params = model.weights if onnx else sum(p.numel() for p in model.parameters())
+    print(f"{manifest['model']} ({len(manifest.get('surgery') or {})} factored layers), {params:,} "
+          f"{'weights in the graph' if onnx else 'parameters'}; "
+          f"runtime {args.runtime}, {layout}, malloc tuned: {malloc_tuned()}")
     dataset = args.dataset or manifest.get("dataset")
     if dataset and not args.no_data:
         sets = load_datasets(dataset, args.data_root, augment=False,
@@ -92,14 +114,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         loader = make_loader(sets.eval, args.batch, rank=0, world_size=1, shuffle=False, seed=0, drop_last=False)
         res = evaluate(model, loader, device=torch.device("cpu"), precision=Precision(False, False))
         print(f"top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  on {int(res['eval_images'])} {dataset} images")
-    timed, mode = model, "eager"
+    timed, mode = model, "onnxruntime" if onnx else "eager"
     if args.compile:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # inference: constant-fold the weights into prepacked oneDNN convs
         timed, mode = torch.compile(model, dynamic=False), "compiled"
     for batch in args.latency_batches:
-        sec = measure_latency(timed, (batch, 3, size, size), channels_last=args.channels_last)
+        sec = measure_latency(timed, (batch, 3, size, size), channels_last=args.channels_last and not onnx)
         print(f"latency batch {batch}: {sec * 1e3:.2f} ms ({batch / sec:,.0f} img/s, CPU, "
               f"{torch.get_num_threads()} threads, {mode})")
     return 0
@@ -206,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tune-batch", type=_int_at_least(0), default=0, metavar="N",
                         help="time each factored layer's exact realizations (factored/merged/dense) on this CPU "
                              "at batch N and export the fastest (default 0: export as trained)")
+    export.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
+                        help="onnx: also write model.onnx (opset 18, dynamic batch, checked against torch with "
+                             "onnxruntime) beside model.safetensors")
     _memory_format_args(export)
     export.set_defaults(func=_cmd_export)
 
@@ -218,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-data", action="store_true", help="latency only")
     ev.add_argument("--latency-batches", type=_int_list(1), default=[1, 32],
                     help="comma-separated batch sizes to time (default 1,32)")
+    ev.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                    help="onnxruntime: run the export's model.onnx (CPU provider, all graph optimisations, "
+                         "torch's thread count) instead of the torch model")
     ev.add_argument("--compile", action="store_true",
                     help="time the torch.compile'd model (inductor, weights frozen; needs a C++ compiler)")
     _memory_format_args(ev)

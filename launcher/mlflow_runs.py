@@ -181,14 +181,27 @@ def _note_phase_ids(info: RunInfo) -> None:
 
 
 def log_model(info: RunInfo, client: Any, register_as: str | None) -> None:
-    """Export the finished run's model (trainer.export: safetensors + JSON manifest, loads with torch alone)
-    and log it as the parent's ``model/`` artifact; with ``register_as`` also as a new version of that
-    registered model. Never raises: a run that trained is not failed by its model's logging."""
+    """Export the finished run's model and log it as the parent's ``model/`` artifact: an MLflow model
+    (ONNX flavor, loads with ``mlflow.pyfunc.load_model``) that also holds the torch export (safetensors +
+    JSON manifest, loads with torch alone; launcher/mlflow_model.py); with ``register_as`` also as a new
+    version of that registered model. Never raises: a run that trained is not failed by its model's logging.
+    A model that cannot be written as ONNX is logged as the torch export alone, with a warning saying so."""
     try:
+        import tempfile
+
+        from launcher.mlflow_model import save_mlflow_model
         from trainer.export import export_run
 
         out = export_run(info.dir)
-        client.log_artifacts(info.parent_id, str(out), "model")
+        with tempfile.TemporaryDirectory(prefix="tdc-mlflow-model-") as tmp:
+            try:
+                staged = save_mlflow_model(out, Path(tmp) / "model")
+            except Exception as e:
+                print(f"WARNING mlflow: the model is logged as safetensors + manifest only, not as an MLflow "
+                      f"(pyfunc) model: its ONNX export failed ({type(e).__name__}: {tracking.short_error(e)})",
+                      file=sys.stderr, flush=True)
+                staged = out
+            client.log_artifacts(info.parent_id, str(staged), "model")
         if register_as:
             from mlflow.exceptions import MlflowException
 

@@ -157,6 +157,34 @@ def test_logged_model_loads_with_torch_alone_and_gives_the_exports_outputs(finis
     assert version.run_id == info.parent_id and version.source.endswith("/model")
 
 
+
+def test_logged_model_loads_through_mlflow_pyfunc_and_predicts_the_exports_logits(finished, monkeypatch, cifar_root):
+    """The logged model is an MLflow model (ONNX flavor): mlflow.pyfunc loads it, by run and by registry
+    version, and its predictions on a batch of real images are the torch export's logits."""
+    import mlflow.pyfunc
+
+    from trainer.data import load_datasets
+    from trainer.export import load_exported
+
+    info, tmp_path = finished
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", info.tracking_uri)
+    client = tracking.client(info.tracking_uri)
+    files = {a.path for a in client.list_artifacts(info.parent_id, "model")}
+    assert {"model/MLmodel", "model/model.onnx"} <= files
+    sets = load_datasets("packed", str(cifar_root), augment=False, eval_subset=16)
+    x = torch.stack([sets.eval[i][0] for i in range(16)])  # real CIFAR-10 test images, normalised
+    exported, _ = load_exported(info.dir / "export")
+    with torch.no_grad():
+        ref = exported(x).numpy()
+    for uri in (f"runs:/{info.parent_id}/model", "models:/tiny-model/1"):
+        model = mlflow.pyfunc.load_model(uri)
+        assert model.metadata.flavors.keys() >= {"python_function", "onnx"}
+        got = model.predict(x.numpy())
+        got = got["logits"] if isinstance(got, dict) else got
+        assert got.shape == (16, 10)
+        assert abs(got - ref).max() <= 1e-4 * abs(ref).max(), uri
+        assert (got.argmax(1) == ref.argmax(1)).all()
+
 def test_system_metrics_from_mlflow_on_the_parent(finished):
     info, _ = finished
     metrics = tracking.client(info.tracking_uri).get_run(info.parent_id).data.metrics

@@ -93,6 +93,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportError(f"{file}: not valid JSON ({e})") from None
+    validate_manifest(manifest, str(file))
+    return manifest
+
+
+def validate_manifest(manifest: Any, file: str) -> None:
+    """Check a manifest's fields (``file`` names where it came from in the error).
+
+    Raises:
+        ExportError: not a mapping, a format_version other than ours, or a field out of bounds.
+    """
     if not isinstance(manifest, dict):
         raise ExportError(f"{file}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -104,7 +114,6 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     for key in ("surgery",):
         _check_field(file, manifest, key, lambda v: v is None or isinstance(v, dict), "a mapping or null")
     _check_field(file, manifest, "folded_bn", lambda v: v is None or isinstance(v, list), "a list or null")
-    return manifest
 
 
 # Bounds on what a manifest may ask to build: a tampered file must not make us allocate without limit.
@@ -120,7 +129,7 @@ def _int_in(v: Any, lo: int, hi: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
-def _check_field(file: Path, manifest: dict[str, Any], key: str, ok: Callable[[Any], bool], allowed: str) -> None:
+def _check_field(file: str | Path, manifest: dict[str, Any], key: str, ok: Callable[[Any], bool], allowed: str) -> None:
     if not ok(manifest.get(key)):
         raise ExportError(f"{file}: {key} must be {allowed}, got {manifest.get(key)!r}")
 
