@@ -7,6 +7,8 @@
                                                      (N: per-layer latency table picks each layer's realization)
     tdcompress evaluate EXPORT_DIR [--compile]       top-1/top-5 and latency, torch alone
     tdcompress compare [RUN ...]                     runs side by side (MLflow) + accuracy-vs-compression plot
+    tdcompress records export|import|render ...      runs as small JSON records; tables from them, no store
+    tdcompress sweep SWEEP.yaml [--dry-run]          a grid of runs (dense parents first), resumable
     tdcompress pack SRC DST [--max-side PX ...]      ImageFolder tree -> tar shards (data.dataset=shards)
     tdcompress submit CONFIG [key=value ...]         run it as a Ray Job (--address http://HEAD:8265)
     tdcompress jobs list|status|logs|stop [JOB]      watch and stop Ray Jobs
@@ -226,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     from launcher import compare_cli  # `tdcompress compare`: filters, grouping, Pareto fronts, output formats
 
     compare_cli.add_parser(sub)
+
+    from launcher import records_cli  # `tdcompress records export|import|render`: runs as JSON, and back
+
+    records_cli.add_parser(sub)
+
+    from launcher.sweep import cli as sweep_cli  # `tdcompress sweep SWEEP.yaml`: a declarative grid of runs
+
+    sweep_cli.add_parser(sub)
 
     from launcher import pack as pack_cmd  # `tdcompress pack SRC DST`: ImageFolder -> tar shards
 

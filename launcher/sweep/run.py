@@ -1,0 +1,106 @@
+"""Running a sweep: the rows that are not finished, dense rows first, each as one `tdcompress run`.
+
+On this machine (no ``--address``) the rows run one after another, each a `tdcompress run` process with
+its own embedded Ray (or ``cluster.backend=local``): two embedded Rays would only share the same cores.
+With ``--address`` every ready row is submitted as a Ray Job (launcher/submit.py: checked here first),
+and Ray runs them side by side as far as the cluster has room; the grid rows are submitted once their
+dense rows have finished. Either way a finished row is skipped and a partial one resumes from its
+checkpoints (``resume=true``), and each row's record is exported into the sweep's records directory
+when it finishes.
+
+One sweep at a time per storage: the sweep holds a lock file there, which its running row inherits, so a
+second sweep (or one started while a row of a killed sweep still runs) stops with a clear message
+instead of driving the same run directory twice.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher.schema import Config, ConfigError
+from launcher.sweep.rows import SWEEP_TAG, Where, command, configs, finished, status
+from launcher.sweep.spec import Row, Sweep
+
+POLL_S = 10.0  # how often job states are read while rows run on a cluster
+
+
+def say(msg: str) -> None:
+    print(f"[sweep] {msg}", flush=True)
+
+
+def export_record(sweep: Sweep, at: Where, row: Row, cfg: Config) -> Path | None:
+    """Write ``row``'s record (its newest run of this sweep) into the sweep's records directory, if it has one."""
+    if at.records is None or not cfg.tracking.enabled:
+        return None
+    from launcher.records import export_records
+
+    paths = export_records(at.tracking_uri, cfg.tracking.experiment, at.records, [row.name],
+                           f"tags.`{SWEEP_TAG}` = '{sweep.name}'", include_all=False, limit=1)
+    return paths[0] if paths else None
+
+
+def _lock(at: Where, sweep: Sweep) -> int:
+    at.storage.mkdir(parents=True, exist_ok=True)
+    path = at.storage / f".sweep-{sweep.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"sweep {sweep.name}: another sweep process, or a row a killed sweep started, still holds "
+                          f"{path}; wait for it to end (or stop it), then run the sweep again") from None
+    return fd
+
+
+def _run_local(cmd: list[str], lock_fd: int) -> int:
+    """Run one row's command in a child process; Ctrl-C / SIGTERM here stops it the same way (its runs close
+    KILLED, its checkpoints stay) before this process stops."""
+    argv = [sys.executable, "-m", "launcher.cli", *cmd[1:]]
+    proc = subprocess.Popen(argv, pass_fds=(lock_fd,))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
+
+
+def run_local(sweep: Sweep, at: Where, only: set[str] | None = None) -> list[str]:
+    """Run every unfinished row (of ``only``, default all) in order on this machine; returns the names of rows
+    that did not finish."""
+    cfgs, dirs = configs(sweep, at)
+    lock_fd = _lock(at, sweep)
+    failed = []
+    try:
+        for row in [r for r in sweep.rows if only is None or r.name in only]:
+            st = status(row, cfgs, dirs)
+            if st == "finished":
+                say(f"{row.name}: finished, skipped")
+                if at.records and not any(at.records.glob(f"{row.name}.json")):
+                    export_record(sweep, at, row, cfgs[row.name])
+                continue
+            if st == "waiting":
+                say(f"{row.name}: skipped, its dense row {row.parent} did not finish")
+                failed.append(row.name)
+                continue
+            cmd = command(sweep, at, row, dirs, resume=st == "partial")
+            say(f"{row.name}: {'resuming' if st == 'partial' else 'starting'}: {shlex.join(cmd)}")
+            t0 = time.time()
+            rc = _run_local(cmd, lock_fd)
+            done = finished(dirs[row.name], cfgs[row.name])
+            say(f"{row.name}: exit {rc} after {(time.time() - t0) / 60:.1f} min{'' if done else ', not finished'}")
+            if rc == 0 and done:
+                path = export_record(sweep, at, row, cfgs[row.name])
+                if path:
+                    say(f"{row.name}: record {path}")
+            else:
+                failed.append(row.name)
+    finally:
+        os.close(lock_fd)
+    return failed
