@@ -62,10 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from launcher.compare import store_uri
     from launcher.records import export_records
     from trainer.tracking import resolve_tracking_uri
-
-    from launcher.compare import store_uri
 
     uri = store_uri(resolve_tracking_uri(args.tracking_uri))
     paths = export_records(uri, args.experiment, Path(args.dir), args.runs, args.filter, args.all)
