@@ -29,16 +29,18 @@ def _log(client: Any, run_id: str, part: dict[str, Any]) -> None:
 
     t0 = int(part["start_time"])
     params = [Param(k, str(v)) for k, v in part.get("params", {}).items()]
-    metrics, last_step = [], {}
+    metrics, last = [], {}
     for key, points in part.get("history", {}).items():
         for i, (step, value) in enumerate(points):
             metrics.append(Metric(key, float(value), t0 + i, int(step)))
         if points:
-            last_step[key] = int(points[-1][0])
-    # The final value is logged last, at the last step of its history: MLflow's latest value is then this one.
+            last[key] = (int(points[-1][0]), float(points[-1][1]))
+    # A final value that its history does not end with is logged last, at the history's last step (step 0
+    # without one), so that it is the value MLflow reports as the run's.
     longest = max((len(p) for p in part.get("history", {}).values()), default=0)
     end = max(int(part.get("end_time") or t0), t0 + longest) + 1
-    metrics += [Metric(k, float(v), end, last_step.get(k, 0)) for k, v in part.get("metrics", {}).items()]
+    metrics += [Metric(k, float(v), end, last.get(k, (0, None))[0]) for k, v in part.get("metrics", {}).items()
+                if last.get(k, (0, None))[1] != float(v)]
     for chunk in _chunks(params, _BATCH["params"]):
         client.log_batch(run_id, params=chunk)
     for chunk in _chunks(metrics, _BATCH["metrics"]):
