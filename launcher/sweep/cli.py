@@ -26,16 +26,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="only this row (repeatable); its dense row must be finished or given too")
     p.add_argument("--address", help="a Ray cluster's job server (http://HEAD:8265): submit rows as Ray Jobs, "
                    "side by side as resources allow (default: one at a time on this machine)")
+    p.add_argument("--storage", metavar="DIR", help="run directories go here (default: the sweep file's storage)")
+    p.add_argument("--tracking-uri", metavar="URI", help="the rows' MLflow store (default: the sweep file's)")
+    p.add_argument("--records", metavar="DIR", help="export each finished row's record here (default: the sweep "
+                   "file's records)")
     p.add_argument("--nice", type=int, default=0, help="run the rows at this niceness (0..19; default 0)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from launcher.schema import ConfigError
     from launcher.sweep.rows import dry_run_lines, where
     from launcher.sweep.spec import load_sweep
 
     sweep = load_sweep(args.sweep)
+    sweep = replace(sweep, storage=args.storage or sweep.storage, tracking_uri=args.tracking_uri or sweep.tracking_uri,
+                    records=args.records or sweep.records)
     names = [r.name for r in sweep.rows]
     unknown = [n for n in args.only if n not in names]
     if unknown:
