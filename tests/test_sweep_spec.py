@@ -64,6 +64,21 @@ def test_dry_run_prints_every_row(tmp_path, capsys):
     assert main(["sweep", str(_sweep(tmp_path)), "--dry-run", "--only", "nope"]) == 2
 
 
+def test_a_row_another_process_runs_is_not_started(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "run", "run_name=dense-s1"],
+                             stdin=subprocess.PIPE)
+    try:
+        assert main(["sweep", str(_sweep(tmp_path)), "--dry-run", "--only", "dense-s1"]) == 0
+        assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["dense-s1", "running"]
+    finally:
+        other.communicate(b"")  # it ends when its stdin closes: no sleeping, no kill
+    assert main(["sweep", str(_sweep(tmp_path)), "--dry-run", "--only", "dense-s1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["dense-s1", "new"]
+
+
 @pytest.mark.parametrize("change, field", [
     ({"colour": 1}, "sweep.colour: unknown key"),
     ({"name": "a/b"}, "name:"),

@@ -34,12 +34,15 @@ def run_jobs(sweep: Sweep, at: Where, address: str | None, only: set[str] | None
     st = target.state
     cfgs, dirs = configs(sweep, at)
     chosen = [r for r in sweep.rows if only is None or r.name in only]
-    pending = [r for r in chosen if status(r, cfgs, dirs) != "finished"]
+    states = {r.name: status(r, cfgs, dirs) for r in chosen}
+    pending = [r for r in chosen if states[r.name] not in ("finished", "running")]
     for r in chosen:
-        if r not in pending:
+        if states[r.name] == "finished":
             say(f"{r.name}: finished, skipped")
     running: dict[str, str] = {}  # row name -> job id
-    failed: list[str] = []
+    failed = [n for n, s in states.items() if s == "running"]
+    for name in failed:
+        say(f"{name}: another process on this machine runs it; not submitted (run the sweep again when it ends)")
     try:
         while pending or running:
             for row in list(pending):

@@ -1,12 +1,14 @@
 """A sweep row as a `tdcompress run`: its exact command, its run directory and where it stands.
 
-A row's status comes from its run directory alone (the checkpoints are the truth, as for
-``resume=true``): ``finished`` when the newest intact checkpoint closes the last phase, ``partial``
-when the directory exists (interrupted, failed, or killed: it is resumed), ``waiting`` when its
-dense row is not finished, else ``new``.
+A row's status comes from its run directory (the checkpoints are the truth, as for ``resume=true``):
+``finished`` when the newest intact checkpoint closes the last phase; ``running`` when another process on
+this machine runs it now (a `tdcompress run ... run_name=ROW`, e.g. started by hand before the sweep: it is
+waited for, never driven twice); ``partial`` when the directory exists (interrupted, failed, or killed: it
+is resumed); ``waiting`` when its dense row is not finished; else ``new``.
 """
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +78,28 @@ def finished(run_dir: Path, cfg: Config) -> bool:
     return bool(meta["phase_done"]) and meta["phase_index"] == len(cfg.phases) - 1
 
 
+def running_elsewhere(row: Row) -> int | None:
+    """The pid of another live process here whose command runs ``row`` (``run`` ... ``run_name=ROW``), or None.
+
+    Read from /proc (Linux); elsewhere nothing is found and the run directory alone decides.
+    """
+    mine = {os.getpid(), os.getppid()}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if int(proc.name) not in mine and "run" in argv and f"run_name={row.name}" in argv:
+            return int(proc.name)
+    return None
+
+
 def status(row: Row, cfgs: dict[str, Config], dirs: dict[str, Path]) -> str:
-    """finished, partial, waiting (its dense row is not finished) or new."""
+    """finished, running (by another process), partial, waiting (its dense row is not finished) or new."""
     if finished(dirs[row.name], cfgs[row.name]):
         return "finished"
+    if running_elsewhere(row):
+        return "running"
     if dirs[row.name].exists():
         return "partial"
     if row.parent and not finished(dirs[row.parent], cfgs[row.parent]):

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 from launcher.schema import Config, ConfigError
-from launcher.sweep.rows import SWEEP_TAG, Where, command, configs, finished, status
+from launcher.sweep.rows import SWEEP_TAG, Where, command, configs, finished, running_elsewhere, status
 from launcher.sweep.spec import Row, Sweep
 
-POLL_S = 10.0  # how often job states are read while rows run on a cluster
+POLL_S = 10.0  # how often job states (cluster) or another process running a row (here) are looked at
 
 
 def say(msg: str) -> None:
@@ -79,6 +79,10 @@ def run_local(sweep: Sweep, at: Where, only: set[str] | None = None) -> list[str
     failed = []
     try:
         for row in [r for r in sweep.rows if only is None or r.name in only]:
+            if pid := running_elsewhere(row):
+                say(f"{row.name}: process {pid} runs it; waiting for it to end")
+                while running_elsewhere(row):
+                    time.sleep(POLL_S)
             st = status(row, cfgs, dirs)
             if st == "finished":
                 say(f"{row.name}: finished, skipped")
