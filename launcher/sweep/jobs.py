@@ -70,7 +70,7 @@ def run_jobs(sweep: Sweep, at: Where, address: str | None, only: set[str] | None
                 del running[name]
                 row = next(r for r in sweep.rows if r.name == name)
                 if state == "SUCCEEDED" and finished(dirs[name], cfgs[name]):
-                    path = export_record(sweep, at, row, cfgs[name])
+                    path = export_record(sweep, at, row, cfgs[name], dirs[name])
                     say(f"{name}: job {job_id} succeeded{f'; record {path}' if path else ''}")
                 else:
                     say(f"{name}: job {job_id} ended {state}; `tdcompress jobs logs {job_id}` says why")

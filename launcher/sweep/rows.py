@@ -65,7 +65,7 @@ def configs(sweep: Sweep, at: Where) -> tuple[dict[str, Config], dict[str, Path]
         except ConfigError as e:
             raise ConfigError(f"row {row.name} ({row.config}): {e}") from None
         cfgs[row.name] = cfg
-        dirs[row.name] = Path(cfg.cluster.storage) / cfg.name / row.name
+        dirs[row.name] = Path(cfg.cluster.storage).resolve() / cfg.name / row.name  # as the run resolves it
     return cfgs, dirs
 
 

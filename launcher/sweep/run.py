@@ -15,6 +15,7 @@ instead of driving the same run directory twice.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shlex
 import signal
@@ -34,15 +35,33 @@ def say(msg: str) -> None:
     print(f"[sweep] {msg}", flush=True)
 
 
-def export_record(sweep: Sweep, at: Where, row: Row, cfg: Config) -> Path | None:
-    """Write ``row``'s record (its newest run of this sweep) into the sweep's records directory, if it has one."""
+def export_record(sweep: Sweep, at: Where, row: Row, cfg: Config, run_dir: Path) -> Path | None:
+    """Write ``row``'s record into the sweep's records directory (if it has one); returns the file.
+
+    The row's MLflow run is the one its run directory names (``run.json``), also when another process
+    started it (e.g. a dense run begun by hand): it gets the sweep's tag if it lacks it, so that
+    `compare --filter` on the tag lists every row. A record that cannot be written is a warning: the
+    row's run is done and stays in the store; `tdcompress records export` can write it later.
+    """
     if at.records is None or not cfg.tracking.enabled:
         return None
     from launcher.records import export_records
+    from trainer import tracking
 
-    paths = export_records(at.tracking_uri, cfg.tracking.experiment, at.records, [row.name],
-                           f"tags.`{SWEEP_TAG}` = '{sweep.name}'", include_all=False, limit=1)
-    return paths[0] if paths else None
+    try:
+        parent = json.loads((run_dir / "run.json").read_text()).get("parent_id")
+        if not parent:
+            raise ValueError(f"{run_dir / 'run.json'} names no MLflow run")
+        client = tracking.client(at.tracking_uri)
+        if client.get_run(parent).data.tags.get(SWEEP_TAG) != sweep.name:
+            client.set_tag(parent, SWEEP_TAG, sweep.name)
+        paths = export_records(at.tracking_uri, cfg.tracking.experiment, at.records, [parent], limit=1)
+        return paths[0] if paths else None
+    except Exception as e:
+        print(f"WARNING [sweep] {row.name}: its record was not written ({type(e).__name__}: "
+              f"{tracking.short_error(e)}); write it with: tdcompress records export {at.records} {row.name} "
+              f"--tracking-uri {at.tracking_uri}", file=sys.stderr, flush=True)
+        return None
 
 
 def _lock(at: Where, sweep: Sweep) -> int:
@@ -87,7 +106,7 @@ def run_local(sweep: Sweep, at: Where, only: set[str] | None = None) -> list[str
             if st == "finished":
                 say(f"{row.name}: finished, skipped")
                 if at.records and not any(at.records.glob(f"{row.name}.json")):
-                    export_record(sweep, at, row, cfgs[row.name])
+                    export_record(sweep, at, row, cfgs[row.name], dirs[row.name])
                 continue
             if st == "waiting":
                 say(f"{row.name}: skipped, its dense row {row.parent} did not finish")
@@ -100,7 +119,7 @@ def run_local(sweep: Sweep, at: Where, only: set[str] | None = None) -> list[str
             done = finished(dirs[row.name], cfgs[row.name])
             say(f"{row.name}: exit {rc} after {(time.time() - t0) / 60:.1f} min{'' if done else ', not finished'}")
             if rc == 0 and done:
-                path = export_record(sweep, at, row, cfgs[row.name])
+                path = export_record(sweep, at, row, cfgs[row.name], dirs[row.name])
                 if path:
                     say(f"{row.name}: record {path}")
             else:
