@@ -101,3 +101,30 @@ def test_bad_sweeps_name_the_field(tmp_path, change, field, capsys):
     assert field in str(e.value)
     assert main(["sweep", str(path), "--dry-run"]) == 2
     assert field.split(":")[0] in capsys.readouterr().err
+
+
+def test_a_row_started_by_hand_is_recorded_and_tagged(tmp_path):
+    """A finished row whose run another process started: its record is that of the run its run.json names,
+    and the run gets the sweep's tag so `compare --filter` on it lists every row."""
+    import json
+
+    from launcher.sweep.run import export_record
+    from trainer import tracking
+
+    path = _sweep(tmp_path, records=str(tmp_path / "records"))
+    sweep = load_sweep(path)
+    at = where(sweep)
+    cfgs, dirs = configs(sweep, at)
+    client = tracking.client(at.tracking_uri)
+    exp = tracking.get_or_create_experiment(at.tracking_uri, "tdcompress")
+    mine = client.create_run(exp, run_name="dense-s0", start_time=1000).info.run_id
+    client.set_terminated(mine, "FINISHED")
+    decoy = client.create_run(exp, run_name="dense-s0", start_time=2000).info.run_id  # newer, same name, not the row's
+    client.set_terminated(decoy, "FINISHED")
+    dirs["dense-s0"].mkdir(parents=True)
+    (dirs["dense-s0"] / "run.json").write_text(json.dumps({"parent_id": mine}))
+    row = sweep.rows[0]
+    out = export_record(sweep, at, row, cfgs[row.name], dirs[row.name])
+    rec = json.loads(out.read_text())
+    assert out.name == "dense-s0.json" and rec["run_id"] == mine and rec["tags"]["tdcompress.sweep"] == "t"
+    assert "tdcompress.sweep" not in client.get_run(decoy).data.tags
