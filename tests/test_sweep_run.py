@@ -87,7 +87,7 @@ def test_sweep_interrupted_resumes_and_tables_come_from_records(tmp_path, cifar_
     assert resumed.endswith("resume=true")
     for name, files in done_before.items():  # finished rows were not run again
         assert sorted(p.name for p in (runs / name / "checkpoints").iterdir()) == files
-    assert cut_ckpt.is_dir()  # the resumed row continued from the checkpoint it had when it was stopped
+    assert f"[resume] from {cut_ckpt} " in log  # the row continued from the checkpoint it had when it was stopped
     rec = json.loads((tmp_path / "records" / "svd-long-s0.json").read_text())
     assert rec["run_id"] == cut["parent_id"] and rec["status"] == "FINISHED"  # the same MLflow run, continued
     finetune = next(p for p in rec["phases"] if p["kind"] == "finetune")
