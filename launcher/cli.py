@@ -9,6 +9,8 @@
     tdcompress evaluate EXPORT_DIR [--compile]       top-1/top-5 and latency, torch alone
     tdcompress evaluate EXPORT_DIR --runtime onnxruntime   the same, from model.onnx in onnxruntime
     tdcompress compare [RUN ...]                     runs side by side (MLflow) + accuracy-vs-compression plot
+    tdcompress records export|import|render ...      runs as small JSON records; tables from them, no store
+    tdcompress sweep SWEEP.yaml [--dry-run]          a grid of runs (dense parents first), resumable
     tdcompress pack SRC DST [--max-side PX ...]      ImageFolder tree -> tar shards (data.dataset=shards)
     tdcompress submit CONFIG [key=value ...]         run it as a Ray Job (--address http://HEAD:8265)
     tdcompress jobs list|status|logs|stop [JOB]      watch and stop Ray Jobs
@@ -25,13 +27,14 @@ import argparse
 import sys
 
 from launcher.config import ConfigError, dump_yaml, load_config
+from launcher.signals import sigterm_interrupts
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from launcher import pipeline
 
     cfg = load_config(args.config, args.overrides)
-    _sigterm_interrupts()
+    sigterm_interrupts()
     try:
         pipeline.run(cfg)
     except (KeyboardInterrupt, ConfigError):
@@ -43,18 +46,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise
         return 1
     return 0
-
-
-def _sigterm_interrupts() -> None:
-    """SIGTERM (``kill``, a scheduler, ``ray job stop``) ends a run like Ctrl-C: its MLflow runs close KILLED."""
-    import signal
-    import threading
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -254,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     from launcher import compare_cli  # `tdcompress compare`: filters, grouping, Pareto fronts, output formats
 
     compare_cli.add_parser(sub)
+
+    from launcher import records_cli  # `tdcompress records export|import|render`: runs as JSON, and back
+
+    records_cli.add_parser(sub)
+
+    from launcher.sweep import cli as sweep_cli  # `tdcompress sweep SWEEP.yaml`: a declarative grid of runs
+
+    sweep_cli.add_parser(sub)
 
     from launcher import pack_cli as pack_cmd  # `tdcompress pack SRC DST`: ImageFolder -> tar shards
 

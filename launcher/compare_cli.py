@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   tdcompress compare --filter "tags.model = 'resnet20'" --group-by method,format,keep_ratio
   tdcompress compare --format markdown --plot ''              a markdown table (RESULTS.md), no plot
   tdcompress compare --all --format json                      every run, also FAILED/KILLED/RUNNING
+  tdcompress compare --records configs/study/records/NAME     from exported run records, no MLflow store
 """
 
 
@@ -25,9 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "time, device and command. Reads the store; never creates one.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", help="only these run names or ids (default: every run the filter selects)")
-    p.add_argument("--experiment", default="tdcompress", help="MLflow experiment name (default: tdcompress)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: tdcompress; with --records: "
+                   "every record)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db "
                    "in the current directory)")
+    p.add_argument("--records", metavar="DIR", help="read the run records in DIR (`tdcompress records export`) "
+                   "instead of an MLflow store; filters, grouping and formats work the same")
     p.add_argument("--filter", default="", metavar="EXPR",
                    help="MLflow search filter, e.g. \"params.compression.format = 'tucker2' and tags.method = 'admm'\" "
                         "(tags: model, dataset, method, format, keep_ratio, seed; params: the dotted config keys)")
@@ -51,12 +55,22 @@ def run(args: argparse.Namespace) -> int:
     plot_path = check_plot_path(Path(args.plot)) if args.plot else None  # a bad path fails before any reading
     if args.limit < 1:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
-    uri = resolve_tracking_uri(args.tracking_uri)
-    runs = parent_runs(uri, args.experiment, args.runs, args.limit, args.filter, args.all)
+    if args.records:
+        from launcher.records import search_records
+
+        if args.tracking_uri:
+            raise ConfigError("--records and --tracking-uri: give one source of runs, not both")
+        where = f"the records in {args.records}"
+        runs = search_records(Path(args.records), args.experiment, args.runs, args.limit, args.filter, args.all)
+    else:
+        args.experiment = args.experiment or "tdcompress"
+        where = f"experiment {args.experiment!r} at {resolve_tracking_uri(args.tracking_uri)}"
+        runs = parent_runs(resolve_tracking_uri(args.tracking_uri), args.experiment, args.runs, args.limit,
+                           args.filter, args.all)
     if not runs:
         which = "" if args.all else "finished "
         more = "" if args.all else "; --all also shows FAILED, KILLED and RUNNING runs"
-        raise ConfigError(f"no {which}runs in experiment {args.experiment!r} at {uri}"
+        raise ConfigError(f"no {which}runs in {where}"
                           f"{' matching ' + repr(args.filter) if args.filter else ''}{more}")
     rows = [row_of(r) for r in runs]
     keys = [k.strip() for k in args.group_by.split(",") if k.strip()]

@@ -86,7 +86,7 @@ def run_tags(cfg: Config, run_dir: Path) -> dict[str, str]:
     """The parent run's tags: what the run is (model, dataset, method, format, keep ratio, seed) and where
     it came from (git commit, Ray job, user, command, run directory)."""
     fmt, keep = format_and_keep(cfg)
-    tags = {"tdcompress.run_dir": str(run_dir), "tdcompress.config": cfg.name, "model": cfg.model.name,
+    tags = {**getattr(cfg.tracking, "tags", {}), "tdcompress.run_dir": str(run_dir), "tdcompress.config": cfg.name, "model": cfg.model.name,
             "dataset": cfg.data.dataset, "method": method_of(cfg), "seed": str(cfg.seed), "format": fmt,
             "keep_ratio": keep,
             "tdcompress.command": command_line(), "mlflow.source.name": command_line()[:500],

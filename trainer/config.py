@@ -137,9 +137,14 @@ class TrackingConfig:
     log_model: bool = True
     # Also register that model in the MLflow model registry under this name (a new version per run).
     register_as: str | None = None
+    # Extra tags on the parent run, e.g. {tdcompress.sweep: NAME} (set by `tdcompress sweep`, filtered on by compare).
+    tags: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check(bool(self.experiment.strip()), "experiment", "must be a non-empty MLflow experiment name")
+        bad = [k for k in self.tags if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,249}", k)
+               or k.startswith("mlflow.")]
+        check(not bad, "tags", f"keys must be tag names (letters, digits, '_', '.', '-'; not mlflow.*), got {bad}")
         check(self.register_as is None or bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}", self.register_as)),
               "register_as", f"must be null or a model name (letters, digits, '_', '.', '-'), got {self.register_as!r}")
 

@@ -1,0 +1,73 @@
+"""`tdcompress sweep SWEEP.yaml`: validate a sweep file, show its rows, run what is left of it."""
+from __future__ import annotations
+
+import argparse
+import os
+
+EXAMPLES = """examples:
+  tdcompress sweep configs/study/sweeps/r20_budget.yaml --dry-run     every row's status and exact command
+  tdcompress sweep configs/study/sweeps/r20_budget.yaml               run what is left, one row at a time
+  tdcompress sweep SWEEP.yaml --only dense-r20-s0 --only r20-tucker2-3x-admm-b5-s0
+  tdcompress sweep SWEEP.yaml --address http://HEAD:8265              rows as Ray Jobs, side by side
+  tdcompress compare --filter "tags.\\`tdcompress.sweep\\` = 'r20-budget'"   the sweep's table
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run a declarative grid of runs (dense parents first), resumable",
+                       description="Expand a sweep file (a base config, axes, seeds, the dense parent run per seed) "
+                       "into named rows and run the unfinished ones: finished rows are skipped, partial rows resume "
+                       "from their checkpoints, every row is tagged tdcompress.sweep=<name>, and its record is "
+                       "exported into the sweep's records directory when it finishes.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", help="YAML sweep file (see launcher/sweep/spec.py; e.g. configs/study/sweeps/*.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="print every row's status and exact command; run nothing")
+    p.add_argument("--only", action="append", default=[], metavar="ROW",
+                   help="only this row (repeatable); its dense row must be finished or given too")
+    p.add_argument("--address", help="a Ray cluster's job server (http://HEAD:8265): submit rows as Ray Jobs, "
+                   "side by side as resources allow (default: one at a time on this machine)")
+    p.add_argument("--storage", metavar="DIR", help="run directories go here (default: the sweep file's storage)")
+    p.add_argument("--tracking-uri", metavar="URI", help="the rows' MLflow store (default: the sweep file's)")
+    p.add_argument("--records", metavar="DIR", help="export each finished row's record here (default: the sweep "
+                   "file's records)")
+    p.add_argument("--nice", type=int, default=0, help="run the rows at this niceness (0..19; default 0)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from launcher.schema import ConfigError
+    from launcher.sweep.rows import dry_run_lines, where
+    from launcher.sweep.spec import load_sweep
+
+    sweep = load_sweep(args.sweep)
+    sweep = replace(sweep, storage=args.storage or sweep.storage, tracking_uri=args.tracking_uri or sweep.tracking_uri,
+                    records=args.records or sweep.records)
+    names = [r.name for r in sweep.rows]
+    unknown = [n for n in args.only if n not in names]
+    if unknown:
+        raise ConfigError(f"--only: unknown row(s) {', '.join(unknown)}; rows: {', '.join(names)}")
+    if not 0 <= args.nice <= 19:
+        raise ConfigError(f"--nice: must be in 0..19, got {args.nice}")
+    only = set(args.only) or None
+    at = where(sweep)
+    print(f"[sweep] {sweep.name}: {len(sweep.rows)} rows, storage {at.storage}, tracking {at.tracking_uri}, "
+          f"records {at.records or '(none)'}", flush=True)
+    if args.dry_run:
+        print("\n".join(dry_run_lines(sweep, at, only)))
+        return 0
+    if args.nice:
+        os.nice(args.nice)  # the rows' processes inherit it
+    if args.address:
+        from launcher.sweep.jobs import run_jobs
+
+        failed = run_jobs(sweep, at, args.address, only)
+    else:
+        from launcher.signals import sigterm_interrupts
+        from launcher.sweep.run import run_local
+
+        sigterm_interrupts()
+        failed = run_local(sweep, at, only)
+    print(f"[sweep] {sweep.name}: done; not finished: {', '.join(failed) or 'none'}", flush=True)
+    return 1 if failed else 0

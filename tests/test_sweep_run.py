@@ -1,0 +1,106 @@
+"""A tiny sweep end to end (tinycnn on a CIFAR-10 subset, cluster.backend=local): a dense row and a 2 x 2 grid run,
+the sweep is stopped while a row is mid-run, resumes (finished rows skipped, the partial row resumed from its
+checkpoints), and its table regenerates from the exported records with the MLflow store deleted."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.cli import main
+from trainer import checkpoint as ckpt
+from trainer import tracking
+
+REPO = Path(__file__).resolve().parents[1]
+FINETUNE = "phases=[{{kind: decompose}}, {{kind: finetune, epochs: {e}, steps_per_epoch: 2}}, {{kind: evaluate}}]"
+LONG_EPOCHS = 40  # the row stopped mid-run: long enough that it is still running when its first checkpoint lands
+
+
+def _write(tmp_path: Path) -> Path:
+    base = {"name": "tiny", "log_every": 2, "model": {"name": "tinycnn"},
+            "data": {"dataset": "packed", "batch_size": 64, "train_subset": 512, "eval_subset": 256,
+                     "eval_batch_size": 128},
+            "optim": {"lr": 0.05}, "cluster": {"backend": "local", "num_workers": 1},
+            "tracking": {"system_metrics": False, "log_model": False},
+            "phases": [{"kind": "pretrain", "epochs": 2, "steps_per_epoch": 4}, {"kind": "evaluate"}]}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = {"name": "tiny-sweep", "storage": "runs", "tracking_uri": "sqlite:///mlruns.db", "records": "records",
+             "dense": {"name": "dense-s{seed}", "config": "base.yaml", "seeds": [0]},
+             "grids": [{"name": "{format}-{budget}-s{seed}", "config": "base.yaml", "axes": {
+                 "format": ["svd", "tucker2"],
+                 "budget": {"short": [FINETUNE.format(e=1)], "long": [FINETUNE.format(e=LONG_EPOCHS)]}}}]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return tmp_path / "sweep.yaml"
+
+
+def _sweep(tmp_path: Path, cifar_root: Path, log: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TDC_DATA_ROOT": str(cifar_root), "DS_ACCELERATOR": "cpu"}
+    out = open(tmp_path / log, "w")
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", "sweep", "sweep.yaml"], cwd=tmp_path, env=env,
+                            stdout=out, stderr=subprocess.STDOUT)
+
+
+def _mid_finetune(run_dir: Path) -> bool:
+    """The row has a checkpoint inside its finetune phase (phase 1, an epoch done, the phase not)."""
+    last = ckpt.latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+    if last is None:
+        return False
+    meta = ckpt.read_meta(last)
+    return meta["phase_index"] == 1 and meta["epoch"] >= 1 and not meta["phase_done"]
+
+
+@pytest.mark.slow
+def test_sweep_interrupted_resumes_and_tables_come_from_records(tmp_path, cifar_root, monkeypatch, capsys):
+    _write(tmp_path)
+    runs = tmp_path / "runs" / "tiny"
+    proc = _sweep(tmp_path, cifar_root, "first.log")
+    while not _mid_finetune(runs / "svd-long-s0"):
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # the sweep stops its running row the same way, then itself
+    assert proc.wait(timeout=300) == 130, (tmp_path / "first.log").read_text()[-3000:]
+
+    assert sorted(p.name for p in (tmp_path / "records").glob("*.json")) == ["dense-s0.json", "svd-short-s0.json"]
+    cut = json.loads((runs / "svd-long-s0" / "run.json").read_text())
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert tracking.client(uri).get_run(cut["parent_id"]).info.status == "KILLED"
+    cut_ckpt = ckpt.latest_checkpoint(runs / "svd-long-s0" / "checkpoints")
+    done_before = {n: sorted(p.name for p in (runs / n / "checkpoints").iterdir()) for n in ("dense-s0", "svd-short-s0")}
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "sweep.yaml", "--dry-run"]) == 0
+    status = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert status == {"dense-s0": "finished", "svd-short-s0": "finished", "svd-long-s0": "partial",
+                      "tucker2-short-s0": "new", "tucker2-long-s0": "new"}
+
+    proc = _sweep(tmp_path, cifar_root, "second.log")
+    assert proc.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    log = (tmp_path / "second.log").read_text()
+    assert "[sweep] dense-s0: finished, skipped" in log and "[sweep] svd-short-s0: finished, skipped" in log
+    resumed = next(line for line in log.splitlines() if line.startswith("[sweep] svd-long-s0: resuming:"))
+    assert resumed.endswith("resume=true")
+    for name, files in done_before.items():  # finished rows were not run again
+        assert sorted(p.name for p in (runs / name / "checkpoints").iterdir()) == files
+    assert f"[resume] from {cut_ckpt} " in log  # the row continued from the checkpoint it had when it was stopped
+    rec = json.loads((tmp_path / "records" / "svd-long-s0.json").read_text())
+    assert rec["run_id"] == cut["parent_id"] and rec["status"] == "FINISHED"  # the same MLflow run, continued
+    finetune = next(p for p in rec["phases"] if p["kind"] == "finetune")
+    # Every epoch once (the phase logs epochs 1..N at its epoch ends), steps rising across the stop and resume.
+    assert [int(v) for _, v in finetune["history"]["epoch"]] == list(range(1, LONG_EPOCHS + 1))
+    steps = [s for s, _ in finetune["history"]["epoch"]]
+    assert steps == sorted(set(steps))
+
+    args = ["compare", "--format", "markdown", "--plot", "", "--filter", "tags.`tdcompress.sweep` = 'tiny-sweep'"]
+    assert main([*args, "--tracking-uri", uri]) == 0
+    from_store = capsys.readouterr().out
+    (tmp_path / "mlruns.db").unlink()  # no store: the table comes from the records alone
+    assert main([*args, "--records", "records"]) == 0
+    table = capsys.readouterr().out
+    assert table == from_store
+    assert len(table.splitlines()) == 2 + 5 and all(f"| {n} |" in table for n in status)

@@ -1,0 +1,130 @@
+"""`tdcompress sweep`: a sweep file expands into named rows with exact commands (dense rows first, model.init at
+their seed's dense run, the sweep's tag), and every mistake is refused before anything runs, naming the field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.cli import main
+from launcher.schema import ConfigError
+from launcher.sweep.rows import command, configs, where
+from launcher.sweep.spec import load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = str(REPO / "configs" / "quickstart.yaml")
+
+
+def _sweep(tmp_path: Path, **changes) -> Path:
+    spec = {"name": "t", "storage": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
+            "overrides": ["model.name=tinycnn"],
+            "dense": {"name": "dense-s{seed}", "config": BASE, "seeds": [0, 1],
+                      "overrides": ["phases=[{kind: pretrain, epochs: 1}, {kind: evaluate}]"]},
+            "grids": [{"name": "{method}-{format}-b{budget}-s{seed}", "config": BASE, "axes": {
+                "method": {"admm": {"overrides": ["phases.1.epochs={admm_epochs}"]}, "direct": []},
+                "format": ["svd", "tucker2"],
+                "budget": {"5": {"vars": {"admm_epochs": 3}}}}}]}
+    for key, value in changes.items():  # "grids__0__axes" addresses spec["grids"][0]["axes"]
+        *parents, last = key.split("__")
+        node = spec
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[last] = value
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_rows_names_and_commands(tmp_path):
+    sweep = load_sweep(_sweep(tmp_path))
+    names = [r.name for r in sweep.rows]
+    assert names[:2] == ["dense-s0", "dense-s1"]  # dense rows first
+    assert names[2:] == ["admm-svd-b5-s0", "admm-svd-b5-s1", "admm-tucker2-b5-s0", "admm-tucker2-b5-s1",
+                         "direct-svd-b5-s0", "direct-svd-b5-s1", "direct-tucker2-b5-s0", "direct-tucker2-b5-s1"]
+    at = where(sweep)
+    cfgs, dirs = configs(sweep, at)
+    row = next(r for r in sweep.rows if r.name == "admm-tucker2-b5-s1")
+    cmd = command(sweep, at, row, dirs, resume=False)
+    assert cmd[:3] == ["tdcompress", "run", BASE]
+    assert "phases.1.epochs=3" in cmd and "compression.format=tucker2" in cmd and "seed=1" in cmd
+    assert f"model.init={tmp_path / 'runs' / 'quickstart' / 'dense-s1'}" in cmd
+    assert "tracking.tags={tdcompress.sweep: t}" in cmd and "resume=true" not in cmd
+    assert cfgs[row.name].tracking.tags == {"tdcompress.sweep": "t"} and cfgs[row.name].seed == 1
+    assert cfgs[row.name].phases[1].epochs == 3 and cfgs[row.name].model.name == "tinycnn"
+    assert command(sweep, at, row, dirs, resume=True)[-1] == "resume=true"
+
+
+def test_dry_run_prints_every_row(tmp_path, capsys):
+    assert main(["sweep", str(_sweep(tmp_path)), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 10
+    assert lines[0].split()[:2] == ["dense-s0", "new"] and "tdcompress run" in lines[0]
+    assert lines[2].split()[:2] == ["admm-svd-b5-s0", "waiting"]  # its dense run has not finished
+    assert main(["sweep", str(_sweep(tmp_path)), "--dry-run", "--only", "nope"]) == 2
+
+
+def test_a_row_another_process_runs_is_not_started(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "run", "run_name=dense-s1"],
+                             stdin=subprocess.PIPE)
+    try:
+        assert main(["sweep", str(_sweep(tmp_path)), "--dry-run", "--only", "dense-s1"]) == 0
+        assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["dense-s1", "running"]
+    finally:
+        other.communicate(b"")  # it ends when its stdin closes: no sleeping, no kill
+    assert main(["sweep", str(_sweep(tmp_path)), "--dry-run", "--only", "dense-s1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["dense-s1", "new"]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"colour": 1}, "sweep.colour: unknown key"),
+    ({"name": "a/b"}, "name:"),
+    ({"dense__seeds": [0, 0]}, "dense.seeds"),
+    ({"dense__name": "dense"}, "dense.name"),
+    ({"dense__config": "nope.yaml"}, "dense.config"),
+    ({"grids__0__axes__format": [True]}, "grids.0.axes.format"),
+    ({"grids__0__axes__width": [1, 2]}, "grids.0.axes.width"),
+    ({"grids__0__axes__method__admm": {"overrides": ["x=1"], "colour": 2}}, "grids.0.axes.method.admm.colour"),
+    ({"grids__0__axes__method__admm": {"overrides": ["phases.1.epochs={nothing}"]}}, "{nothing} is not defined"),
+    ({"grids__0__seeds": [2]}, "grids.0.seeds"),
+    ({"grids__0__name": "{method}-s{seed}"}, "appear more than once"),
+    ({"grids__0__axes__method__admm": ["optim.lr=-1"]}, "row admm-svd-b5-s0"),
+])
+def test_bad_sweeps_name_the_field(tmp_path, change, field, capsys):
+    path = _sweep(tmp_path, **change)
+    with pytest.raises(ConfigError) as e:
+        sweep = load_sweep(path)
+        configs(sweep, where(sweep))  # each row's config is validated too
+    assert field in str(e.value)
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    assert field.split(":")[0] in capsys.readouterr().err
+
+
+def test_a_row_started_by_hand_is_recorded_and_tagged(tmp_path):
+    """A finished row whose run another process started: its record is that of the run its run.json names,
+    and the run gets the sweep's tag so `compare --filter` on it lists every row."""
+    import json
+
+    from launcher.sweep.run import export_record
+    from trainer import tracking
+
+    path = _sweep(tmp_path, records=str(tmp_path / "records"))
+    sweep = load_sweep(path)
+    at = where(sweep)
+    cfgs, dirs = configs(sweep, at)
+    client = tracking.client(at.tracking_uri)
+    exp = tracking.get_or_create_experiment(at.tracking_uri, "tdcompress")
+    mine = client.create_run(exp, run_name="dense-s0", start_time=1000).info.run_id
+    client.set_terminated(mine, "FINISHED")
+    decoy = client.create_run(exp, run_name="dense-s0", start_time=2000).info.run_id  # newer, same name, not the row's
+    client.set_terminated(decoy, "FINISHED")
+    dirs["dense-s0"].mkdir(parents=True)
+    (dirs["dense-s0"] / "run.json").write_text(json.dumps({"parent_id": mine}))
+    row = sweep.rows[0]
+    out = export_record(sweep, at, row, cfgs[row.name], dirs[row.name])
+    rec = json.loads(out.read_text())
+    assert out.name == "dense-s0.json" and rec["run_id"] == mine and rec["tags"]["tdcompress.sweep"] == "t"
+    assert "tdcompress.sweep" not in client.get_run(decoy).data.tags
