@@ -19,9 +19,11 @@ from trainer.component import Component, LoopState
 from trainer.context import WorkerContext
 from trainer.data import set_loader_epoch
 from trainer.decompose import decompose_model_phase, measured_flops
+from trainer.distill import phase_loss
 from trainer.engine import build_engine, resolve_precision
 from trainer.faults import FailureInjector
 from trainer.loop import average_batchnorm_stats, evaluate, train_epoch
+from trainer.lr_curve import phase_curve
 from trainer.stateful import CheckpointRegistry, ModelState, ZeroOptimizerState, fingerprint
 
 PhaseResult = tuple[nn.Module, dict[str, float]]
@@ -115,9 +117,11 @@ def _train_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) -> Ph
     components = components_for(ctx, index, model)
     # prepare() registers gradient hooks: before the engine, so they run before ZeRO's.
     groups = [g for c in components for g in c.prepare(model, cfg.optim.weight_decay)]
-    engine = build_engine(model, cfg.optim, cfg.engine, batch_size=cfg.data.batch_size, lr=phase.lr or cfg.optim.lr,
-                          total_steps=per_epoch * phase.epochs, steps_per_epoch=per_epoch, world_size=ctx.world,
-                          precision=precision, extra_groups=groups)
+    curve = phase_curve(cfg, index, [steps_per_epoch(ctx, j) for j in range(len(cfg.phases))])
+    engine = build_engine(model, cfg.optim, cfg.engine, batch_size=cfg.data.batch_size, lr=curve.peak_lr,
+                          total_steps=curve.total_steps, steps_per_epoch=curve.warmup_steps_per_epoch,
+                          start_step=curve.start_step, world_size=ctx.world, precision=precision, extra_groups=groups)
+    loss_fn = phase_loss(ctx, index, precision)  # a distillation teacher, rebuilt here on resume too
     reg = registry_for(ctx, engine.module, state, engine, components)
     if resume is not None:
         _check_zero_stage(ctx, resume)
@@ -129,7 +133,7 @@ def _train_phase(ctx: WorkerContext, index: int, model: nn.Module, resume) -> Ph
         set_loader_epoch(ctx.train_loader, state.epoch)
         stats = train_epoch(engine, ctx.train_loader, state, device=ctx.device, precision=precision,
                             label_smoothing=cfg.optim.label_smoothing, hooks=components,
-                            log_every=cfg.log_every, log=tracker.metrics)
+                            log_every=cfg.log_every, log=tracker.metrics, loss_fn=loss_fn)
         average_batchnorm_stats(engine.module)  # every replica = the model saved and evaluated
         out = {**stats, **evaluate(engine.module, ctx.eval_loader, device=ctx.device, precision=precision)}
         tracker.metrics({**out, "epoch": state.epoch}, state.step)
