@@ -61,6 +61,10 @@ def test_distill_loss_runs_a_frozen_eval_mode_teacher_and_reports_its_terms():
     metrics = fn.pop_metrics()
     assert set(metrics) == {"distill_loss", "label_loss"} and metrics["distill_loss"] > 0
     assert fn.pop_metrics() == {}  # reset at every read
+    assert fn.teacher_logits(x).dtype == torch.float32
+    # Under bf16 the student runs in DeepSpeed's autocast; the teacher gets the same precision.
+    bf16 = DistillLoss(teacher, DistillConfig(), Precision(bf16=True, channels_last=False), label_smoothing=0.0)
+    assert bf16.teacher_logits(x).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("override, message", [
