@@ -89,6 +89,10 @@ def main() -> None:
     def teacher_only() -> None:
         distill.teacher_logits(x)
 
+    print(f"student resnet20 {args.format} keep_ratio {args.keep_ratio}: {n_student:,} params; teacher dense "
+          f"resnet20: {n_teacher:,} params; batch {args.batch}, 32 px, bf16 {precision.bf16}")
+    print(f"{'round':>5s} {'plain steps/s':>13s} {'distill steps/s':>15s} {'teacher fwd ms':>14s} "
+          f"{'distill/plain':>13s}  device", flush=True)
     rows = []
     for rnd in range(args.rounds):
         p = time_fn(plain, args.steps, args.warmup, device)
@@ -97,14 +101,9 @@ def main() -> None:
         rows.append({"round": rnd + 1, "plain_steps_s": 1 / p.median, "distill_steps_s": 1 / d.median,
                      "teacher_forward_ms": 1e3 * t.median, "ratio": p.median / d.median,
                      "timings_s": {"plain": p.to_json(), "distill": d.to_json(), "teacher": t.to_json()}})
-    distill.pop_metrics()
-    print(f"student resnet20 {args.format} keep_ratio {args.keep_ratio}: {n_student:,} params; teacher dense "
-          f"resnet20: {n_teacher:,} params; batch {args.batch}, 32 px, bf16 {precision.bf16}")
-    print(f"{'round':>5s} {'plain steps/s':>13s} {'distill steps/s':>15s} {'teacher fwd ms':>14s} "
-          f"{'distill/plain':>13s}  device")
-    for r in rows:
+        r = rows[-1]
         print(f"{r['round']:5d} {r['plain_steps_s']:13.2f} {r['distill_steps_s']:15.2f} "
-              f"{r['teacher_forward_ms']:14.1f} {r['ratio']:13.3f}  {info['device']}")
+              f"{r['teacher_forward_ms']:14.1f} {r['ratio']:13.3f}  {info['device']}", flush=True)
     ratio = statistics.median(r["ratio"] for r in rows)
     print(f"median distill/plain steps/s: {ratio:.3f} ({(1 / ratio - 1) * 100:+.0f}% time per step) on {info['device']}")
     if args.json:
