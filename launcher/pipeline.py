@@ -18,6 +18,7 @@ from launcher.config import ConfigError, dump_yaml, flatten, from_dict, to_dict
 from launcher.init_source import record_init, resolve_init
 from launcher.mlflow_runs import DRIVER_BUFFER, RunInfo, close_runs, open_runs
 from launcher.schema import Config
+from launcher.teacher_source import pin_teachers, resolve_teachers
 from trainer import checkpoint as ckpt
 from trainer import tracking
 from trainer.config import COMPRESSING_PHASES
@@ -229,17 +230,21 @@ def run(cfg: Config) -> RunInfo:
     check_cluster_storage(cfg)
     # model.init loaded and shape-checked here, before any worker (not on a resume that has a checkpoint)
     init = resolve_init(cfg, classes, resolve_run_dir(cfg)[1] if cfg.resume else None)
+    teachers = resolve_teachers(cfg, classes, resolve_run_dir(cfg)[1] if cfg.resume else None)  # distill, same checks
     info = prepare(cfg)
     print(f"run {info.name}: {info.dir}", flush=True)
     record_plan(cfg, plan, info)
-    if info.tracking_uri:
-        record_init(init, tracking.Tracker(info.tracking_uri, info.parent_id, buffer=info.dir / DRIVER_BUFFER))
+    parent = tracking.Tracker(info.tracking_uri, info.parent_id, buffer=info.dir / DRIVER_BUFFER) \
+        if info.tracking_uri else None
+    if parent is not None:
+        record_init(init, parent)
+    teachers = pin_teachers(teachers, info.dir, parent)  # a resume finds the same teacher in the run directory
     if info.tracking_uri:
         print(f"mlflow: {info.tracking_uri} parent run {info.parent_id}", flush=True)
     # The data root is resolved here: workers on other nodes do not see this shell's variables.
     job = WorkerJob(config=cfg.worker(data_root=data_root(cfg.data.root)), run_dir=str(info.dir),
                     tracking_uri=info.tracking_uri, parent_run_id=info.parent_id, phase_run_ids=info.phase_ids,
-                    use_gpu=cfg.cluster.use_gpu, init=init)
+                    use_gpu=cfg.cluster.use_gpu, init=init, teachers=teachers)
     t0 = time.time()
     try:
         run_workers(job, cfg.cluster, info.name)

@@ -28,6 +28,9 @@ DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 PHASE_KINDS: tuple[str, ...] = get_args(PhaseKind)
 TRAINING_PHASES: tuple[str, ...] = ("pretrain", "admm", "finetune", "rank_prune")  # phases that run epochs of SGD
 COMPRESSING_PHASES: tuple[str, ...] = ("admm", "decompose")  # phases that need a rank plan
+DISTILL_PHASES: tuple[str, ...] = ("pretrain", "admm", "finetune")  # phases whose loss a teacher can join
+LrSchedule = Literal["per_phase", "one_curve"]
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 DEVICE_CACHE_DATASETS: tuple[str, ...] = ("packed", "cifar10", "cifar100")  # data.device_cache: CIFAR-style only
 
 
@@ -98,6 +101,11 @@ class OptimConfig:
     # torch's fused SGD: the whole update in one kernel per step (CPU and CUDA). On CPU it took
     # ResNet-50's SGD step from 14.5 to 8.0 ms (bench/README.md, train_throughput.py --fused).
     fused: bool = True
+    # per_phase: every training phase runs its own warmup + cosine from its lr (phases.N.lr or lr).
+    # one_curve: the training phases share ONE warmup + cosine, from the first training phase's lr down
+    # to min_lr_ratio at the end of the last one; a later phase continues where the one before left off
+    # (trainer/lr_curve.py), so ADMM and fine-tuning run as one schedule.
+    schedule: LrSchedule = "per_phase"
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -150,16 +158,42 @@ class TrackingConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen dense teacher during a training phase (trainer/distill.py).
+
+    loss = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)),
+    the T^2 keeping the soft term's gradient scale independent of T (Hinton et al. 2015).
+    """
+
+    alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha goes to the label loss
+    temperature: float = 4.0  # T softening both logit sets
+    # "init": the weights model.init names (its run, checkpoint or file); else a run directory, a checkpoint
+    # directory, an MLflow run id or a weights file, resolved like model.init on the driver.
+    teacher: str = "init"
+    model: ModelName | None = None  # the teacher's architecture; null = model.name
+
+    def __post_init__(self) -> None:
+        check(0 < self.alpha <= 1, "alpha", f"must be in (0, 1] (the soft term's weight), got {self.alpha}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(bool(self.teacher.strip()), "teacher",
+              "must be 'init' (model.init's weights), a run directory, checkpoint directory, MLflow run id "
+              "or weights file, got ''")
+
+
+@dataclass
 class PhaseConfig:
     kind: PhaseKind
     epochs: int = 1
     lr: float | None = None  # overrides optim.lr for this phase
     steps_per_epoch: int = 0  # 0 = a full pass over the data; >0 caps it (smoke runs)
+    distill: DistillConfig | None = None  # null: the label loss alone
 
     def __post_init__(self) -> None:
         check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
         check(self.lr is None or self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.steps_per_epoch >= 0, "steps_per_epoch", f"must be >= 0, got {self.steps_per_epoch}")
+        check(self.distill is None or self.kind in DISTILL_PHASES, "distill",
+              f"is a setting of the phases {', '.join(DISTILL_PHASES)}; got it on kind {self.kind!r}")
 
     @property
     def trains(self) -> bool:
@@ -266,6 +300,7 @@ class WorkerConfig:
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         check_phases(self.phases)
         check_methods(self)
+        check_schedule(self)
         fail = self.debug.fail_at
         if fail is not None:
             check(fail.phase < len(self.phases) and self.phases[fail.phase].trains, "debug.fail_at.phase",
@@ -316,3 +351,23 @@ def check_methods(cfg: WorkerConfig) -> None:
         check(cfg.rank_prune.interval <= phase.epochs, "rank_prune.interval",
               f"must be <= the rank_prune phase's epochs ({phase.epochs}), or no prune ever happens; "
               f"got {cfg.rank_prune.interval}")
+
+
+def check_schedule(cfg: WorkerConfig) -> None:
+    """What distillation and the one-curve learning-rate schedule need from the rest of the config."""
+    for i, p in enumerate(cfg.phases):
+        if p.distill is not None and p.distill.teacher == "init":
+            check(cfg.model.init is not None, f"phases.{i}.distill.teacher",
+                  "'init' takes the teacher from model.init, which is null; set model.init, or give the teacher "
+                  "as a run directory, checkpoint directory, MLflow run id or weights file")
+    if cfg.optim.schedule != "one_curve":
+        return
+    kinds = [p.kind for p in cfg.phases]
+    check("rank_prune" not in kinds, "optim.schedule",
+          "one_curve is not available with a rank_prune phase (it rebuilds its engine at every prune); "
+          "use per_phase")
+    training = [i for i, p in enumerate(cfg.phases) if p.trains]
+    for i in training[1:]:
+        check(cfg.phases[i].lr is None, f"phases.{i}.lr",
+              f"with optim.schedule=one_curve the training phases share one curve that starts at the first "
+              f"training phase's lr; leave this phase's lr unset (null), got {cfg.phases[i].lr}")

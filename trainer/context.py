@@ -23,6 +23,8 @@ class WorkerJob:
     phase_run_ids: list[str | None] = field(default_factory=list)  # one per phase
     use_gpu: Literal["auto", "yes", "no"] = "auto"  # cluster.use_gpu: "auto" takes CUDA where a worker has it
     init: InitSource | None = None  # model.init as the driver resolved and checked it (file + sha256)
+    # phases.N.distill.teacher -> the teacher's weights as the driver resolved and pinned them
+    teachers: dict[str, InitSource] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class WorkerContext:
     # Called with each phase's scalar results on every rank (Ray Train's report, a collective), or None.
     report: Callable[[dict[str, float]], None] | None = None
     node: str = "local"  # the node this worker runs on (recorded in checkpoints)
+    teachers: dict[str, InitSource] = field(default_factory=dict)  # WorkerJob.teachers
 
     @property
     def ckpt_root(self) -> Path:

@@ -105,13 +105,15 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
 
 def build_engine(model: nn.Module, optim: OptimConfig, engine_cfg: EngineConfig, *, batch_size: int, lr: float,
                  total_steps: int, steps_per_epoch: int, world_size: int, precision: Precision,
-                 extra_groups: Sequence[dict[str, Any]] = ()):
+                 extra_groups: Sequence[dict[str, Any]] = (), start_step: int = 0):
     """Wrap ``model`` in a DeepSpeed engine with SGD and a warmup+cosine schedule.
 
     Args:
         batch_size: global images per optimizer step (all ranks, all micro-batches).
-        total_steps: optimizer steps of the phase (sets the cosine length).
+        total_steps: optimizer steps of the curve (sets the cosine length): the phase's, or with
+            optim.schedule=one_curve those of all training phases (trainer/lr_curve.py).
         steps_per_epoch: optimizer steps per epoch (converts warmup_epochs).
+        start_step: where on the curve this phase starts (the schedule's step 0 is curve step start_step).
         extra_groups: optimizer param groups the phase's components ask for (see param_groups).
     Returns:
         The DeepSpeed engine; ``engine.module`` is the (unwrapped) model.
@@ -122,7 +124,8 @@ def build_engine(model: nn.Module, optim: OptimConfig, engine_cfg: EngineConfig,
     opt = torch.optim.SGD(param_groups(model, o.weight_decay, extra_groups), lr=lr, momentum=o.momentum,
                           nesterov=o.nesterov, fused=o.fused)
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup, o.min_lr_ratio))
+    curve = warmup_cosine(total_steps, warmup, o.min_lr_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, curve if start_step == 0 else lambda s: curve(start_step + s))
     ds_config = deepspeed_config(o, engine_cfg, batch_size=batch_size, world_size=world_size, precision=precision)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
     if world_size == 1 and engine_cfg.zero_stage == 0:

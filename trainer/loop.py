@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,13 @@ from trainer.logs import get_logger
 from trainer.ranks import distributed, rank_and_world
 
 logger = get_logger(__name__)
+
+class LossFn(Protocol):
+    """A training loss other than the label cross-entropy: called on every micro-batch."""
+
+    def __call__(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def pop_metrics(self) -> dict[str, float]: ...
 
 
 @torch.no_grad()
@@ -69,8 +76,11 @@ def _fmt_time(seconds: float) -> str:
 
 def train_epoch(engine, loader: Iterable, state: LoopState, *, device: torch.device, precision: Precision,
                 label_smoothing: float, hooks: Sequence[Component], log_every: int,
-                log: Callable[[dict[str, float], int], None]) -> dict[str, float]:
+                log: Callable[[dict[str, float], int], None], loss_fn: LossFn | None = None) -> dict[str, float]:
     """One epoch (or ``state.steps_per_epoch`` optimizer steps) through the DeepSpeed engine.
+
+    ``loss_fn`` replaces the label cross-entropy (e.g. :class:`trainer.distill.DistillLoss`); what its
+    ``pop_metrics()`` returns is logged with the loop's own metrics.
 
     Returns:
         Mean training loss of the epoch, images/s (all ranks) and the last lr.
@@ -85,7 +95,8 @@ def train_epoch(engine, loader: Iterable, state: LoopState, *, device: torch.dev
     images = 0
     for i, (x, y) in enumerate(loader):
         x, y = _to(x, device, precision), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(engine(x), y, label_smoothing=label_smoothing)
+        logits = engine(x)
+        loss = loss_fn(logits, x, y) if loss_fn else F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         engine.backward(loss)
         engine.step()
         images += x.shape[0] * world
@@ -103,7 +114,7 @@ def train_epoch(engine, loader: Iterable, state: LoopState, *, device: torch.dev
             now = time.perf_counter()
             ips = images / max(now - t_window, 1e-9)
             metrics = {"train_loss": (window_loss / window_steps).item(), "lr": engine.get_lr()[0],
-                       "images_per_s": ips}
+                       "images_per_s": ips, **(loss_fn.pop_metrics() if loss_fn else {})}
             if not math.isfinite(metrics["train_loss"]):  # checked where the loss is read anyway: no extra sync
                 raise FloatingPointError(f"{state.phase}: the training loss is {metrics['train_loss']} at step "
                                          f"{state.step}; lower the learning rate (optim.lr or phases.N.lr) "

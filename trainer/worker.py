@@ -81,7 +81,7 @@ def build_context(job: WorkerJob) -> WorkerContext:
         parent.dataset(**dataset_record(d, len(sets.train), len(sets.eval), cfg.seed))
     return WorkerContext(cfg=cfg, rank=rank, world=world, device=device, run_dir=Path(job.run_dir),
                          train_loader=train_loader, eval_loader=eval_loader, num_classes=sets.num_classes,
-                         image_size=sets.image_size, parent=parent, phase_trackers=phases)
+                         image_size=sets.image_size, parent=parent, phase_trackers=phases, teachers=job.teachers)
 
 
 def describe_device(device: torch.device, world: int) -> str:

@@ -19,10 +19,12 @@ from torch import nn
 from trainer.component import Component, LoopState
 from trainer.context import WorkerContext
 from trainer.data.loaders import set_loader_epoch
+from trainer.distill import phase_loss
 from trainer.engine import build_engine, resolve_precision
 from trainer.faults import FailureInjector, HoldGate
 from trainer.logs import get_logger
 from trainer.loop import average_batchnorm_stats, evaluate, train_epoch
+from trainer.lr_curve import phase_curve
 from trainer.phases.checkpoint import check_zero_stage, registry_for, save_phase_checkpoint
 
 logger = get_logger(__name__)
@@ -87,11 +89,12 @@ class TrainingRun:
         """
         cfg = self.ctx.cfg
         groups = [g for c in self.components for g in c.prepare(self.model, cfg.optim.weight_decay)]
+        # One curve per phase, or one across the training phases (optim.schedule): where this phase starts on it.
+        curve = phase_curve(cfg, self.index, [steps_per_epoch(self.ctx, j) for j in range(len(cfg.phases))])
         self.engine = build_engine(self.model, cfg.optim, cfg.engine, batch_size=cfg.data.batch_size,
-                                   lr=self.phase.lr or cfg.optim.lr,
-                                   total_steps=self.steps_per_epoch * self.phase.epochs,
-                                   steps_per_epoch=self.steps_per_epoch, world_size=self.ctx.world,
-                                   precision=self.precision, extra_groups=groups)
+                                   lr=curve.peak_lr, total_steps=curve.total_steps,
+                                   steps_per_epoch=curve.warmup_steps_per_epoch, start_step=curve.start_step,
+                                   world_size=self.ctx.world, precision=self.precision, extra_groups=groups)
         self.model = self.engine.module
         self.reg = registry_for(self.ctx, self.model, self.state, self.engine, self.components)
 
@@ -142,6 +145,7 @@ def run_training_phase(phase: TrainingPhase, model: nn.Module, resume: Path | No
     model = phase.prepare_model(model)
     run = TrainingRun(ctx, index, model, phase.components(model))
     run.build()
+    loss_fn = phase_loss(ctx, index, run.precision)  # a distillation teacher, rebuilt here on resume too
     if resume is not None:
         check_zero_stage(ctx, resume)
         run.reg.load(resume, ctx.device, exclude=("model",))  # the worker rebuilt the model from it already
@@ -154,7 +158,7 @@ def run_training_phase(phase: TrainingPhase, model: nn.Module, resume: Path | No
         set_loader_epoch(ctx.train_loader, state.epoch)
         stats = train_epoch(run.engine, ctx.train_loader, state, device=ctx.device, precision=run.precision,
                             label_smoothing=cfg.optim.label_smoothing, hooks=run.components,
-                            log_every=cfg.log_every, log=tracker.metrics)
+                            log_every=cfg.log_every, log=tracker.metrics, loss_fn=loss_fn)
         extra = phase.end_epoch(run)
         average_batchnorm_stats(run.model)  # every replica = the model saved and evaluated
         out = {**stats, **evaluate(run.model, ctx.eval_loader, device=ctx.device, precision=run.precision),
