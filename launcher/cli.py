@@ -259,13 +259,26 @@ def _override_hint(argv: list[str]) -> str | None:
     return None
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` overrides may also come after a command's options
+    (``plan CONFIG --run RUN key=value``), as they may anywhere after ``run CONFIG``."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        late = [a for a in extra if "=" in a and not a.startswith("-")]
+        if hasattr(args, "overrides") and len(late) == len(extra):
+            args.overrides = [*(args.overrides or []), *late]
+        else:
+            parser.parse_args(argv)  # the usual "unrecognized arguments" message and exit 2
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     hint = _override_hint(argv)
     if hint:
         print(hint, file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -195,11 +195,12 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
               f"\n  mlflow: {st.mlflow_uri or 'not started (--no-mlflow)'}"
               f"\n  submit: tdcompress submit configs/quickstart.yaml\n  stop:   tdcompress cluster down")
         return 0
+    recorded = (local_cluster.state_dir(args.state_dir) / local_cluster.STATE_FILE).is_file()
     stopped = local_cluster.down(args.state_dir)
-    if not stopped:
-        print(f"no cluster is up: nothing recorded in {local_cluster.state_dir(args.state_dir)} was running "
-              "(state file removed)", file=sys.stderr)
-        return 2
+    if not stopped:  # stopping what is not running is done already: not an error
+        why = "nothing it recorded was still running (state file removed)" if recorded else "no cluster is up"
+        print(f"cluster down: nothing to do; {why} (state {local_cluster.state_dir(args.state_dir)})")
+        return 0
     print(f"cluster down: stopped process groups {', '.join(map(str, stopped))}")
     return 0
 
