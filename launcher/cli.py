@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = next((k for t, k in kinds.items() if isinstance(e, t)), None)
         if kind is None:
             raise
-        print(f"tdcompress: {kind} error: {e}", file=sys.stderr)
+        from trainer.phase_runs import error_message
+
+        print(f"tdcompress: {kind} error: {error_message(e)}", file=sys.stderr)
         return 2
 
 

@@ -115,6 +115,11 @@ def plan_submission(config: str, overrides: list[str], nodes: int | None, same_h
         env_vars[ROOT_ENV] = str(Path(env[ROOT_ENV]).resolve())
     if uri:
         env_vars["MLFLOW_TRACKING_URI"] = uri
+    from launcher.run_record import GIT_COMMIT_ENV, git_commit
+
+    commit = git_commit()  # the job's upload leaves .git behind: its driver records this one
+    if commit:
+        env_vars[GIT_COMMIT_ENV] = commit
     args = ["python", "-m", "launcher.cli", "run", str(path.relative_to(PROJECT)), *overrides, *extra]
     run_dir = f"{cfg.cluster.storage}/{cfg.name}/{run_name or '<latest run>'}"
     return Submission(entrypoint=shlex.join(args), env_vars=env_vars, run_name=run_name or "", run_dir=run_dir,

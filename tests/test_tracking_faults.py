@@ -19,7 +19,7 @@ import requests
 
 from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import phases, tracking
+from trainer import phase_runs, phases, tracking
 from trainer.component import ComponentBase
 from trainer.faults import InjectedFailure
 
@@ -255,3 +255,53 @@ def test_tracker_keeps_records_while_the_store_fails_and_retries_only_when_due(t
     assert sorted(m.step for m in history) == list(range(1, 12))
     assert client.get_run(run_id).data.params == {"a": "1"}
     assert "answers again" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_outage_across_a_phase_start_loses_no_run_and_no_step(tiny, tmp_path, monkeypatch, capsys):
+    """The server dies at the end of phase 0 (its close and phase 1's opening happen while it is away) and
+    comes back after phase 1's second epoch: both phase runs exist, with their times, states and every step."""
+    server = MlflowServer(tmp_path / "server", _free_port())
+    monkeypatch.setattr(tracking, "RETRY_EVERY_S", 1.0)
+
+    class Outage(ComponentBase):
+        name = "outage"
+
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def on_epoch_end(self, loop_state) -> None:
+            if (self.index, loop_state.epoch) == (0, 2):
+                server.stop()
+            elif (self.index, loop_state.epoch) == (1, 2):
+                server.start()
+
+    real_components = phases.components_for
+    monkeypatch.setattr(phases, "components_for", lambda ctx, index, model: [
+        *real_components(ctx, index, model), *([Outage(index)] if index < 2 else [])])
+    phases_cfg = ("phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, "
+                  "{kind: finetune, epochs: 3, steps_per_epoch: 4, lr: 0.02}, {kind: evaluate}]")
+    try:
+        server.start()
+        info = pipeline.run(tiny(f"tracking.uri={server.uri}", "run_name=across", phases_cfg))
+        client = tracking.client(server.uri)
+        kids = phase_runs.phase_children(server.uri, info.parent_id)
+        assert sorted(kids) == [0, 1, 2] and info.phase_ids == [kids[i].info.run_id for i in range(3)]
+        assert all(k.info.status == "FINISHED" for k in kids.values())
+        pre, fine = kids[0].info, kids[1].info
+        assert [m.step for m in client.get_metric_history(pre.run_id, "train_loss")] == [2, 4, 6, 8]
+        assert [m.step for m in client.get_metric_history(fine.run_id, "train_loss")] == list(range(10, 21, 2))
+        assert sorted(m.step for m in client.get_metric_history(fine.run_id, "top1")) == [12, 16, 20]
+        assert _repeated_steps(client, fine.run_id) == {}
+        # Opened while the server was away: its times are the phase's own, not those of the replay.
+        assert pre.start_time < pre.end_time <= fine.start_time < fine.end_time <= kids[2].info.start_time
+        parent = client.get_run(info.parent_id)
+        assert fine.run_name == f"{parent.info.run_name}-1-finetune"
+        assert client.get_run(fine.run_id).data.params["lr"] == "0.02"
+        assert client.get_run(fine.run_id).data.params["epochs"] == "3"
+        assert not list(info.dir.glob("tracking-buffer-*"))
+        err = capsys.readouterr().err
+        assert err.count("WARNING mlflow") == 1, err  # one warning for the outage, no urllib3 retry lines
+        assert "Retrying" not in err and "could not open" not in err
+    finally:
+        server.stop()

@@ -398,6 +398,29 @@ def data_root(root: str | None) -> str | None:
     return root or os.environ.get(ROOT_ENV) or None
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def dataset_identity(dataset: str, root: str | None) -> str:
+    """What the data is, for records: ``dataset`` names a storage format for ``packed`` (and ``shards``), so
+    those are named by their content: ``cifar10`` for packed files with CIFAR-10's classes in its order,
+    else the data directory's name. Never raises (a record must not stop a run)."""
+    if dataset not in ("packed", "shards"):
+        return dataset
+    where = data_root(root)
+    if not where:
+        return dataset
+    path = Path(where).expanduser()
+    if dataset == "packed":
+        try:
+            with np.load(path / "train.npz", allow_pickle=False) as z:  # reads only the small classes array
+                if tuple(str(c) for c in z["classes"]) == CIFAR10_CLASSES:
+                    return "cifar10"
+        except Exception:  # unreadable here: the run itself says why, with the file
+            pass
+    return path.resolve().name or dataset
+
+
 def _resolve_root(dataset: str, root: str | None, *, create: bool) -> Path:
     root = data_root(root)
     if root is None:
