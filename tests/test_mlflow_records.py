@@ -72,6 +72,8 @@ def test_tags_dataset_input_and_dense_baseline_on_the_parent(finished, cifar_roo
         "model": "tinycnn", "dataset": "cifar10", "data_format": "packed", "method": "dense", "format": "dense",
         "seed": "3"}
     assert tags["mlflow.user"] and tags["tdcompress.command"]
+    # A model-training experiment: MLflow 3's UI opens it on its runs, not on the GenAI overview.
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert params["data.root"] == str(cifar_root.resolve()) == tags["data_root"]
     assert tags["device"] == "cpu x1"
     inputs = parent.inputs.dataset_inputs
@@ -172,3 +174,21 @@ def test_system_metrics_from_mlflow_on_the_parent(finished):
     metrics = tracking.client(info.tracking_uri).get_run(info.parent_id).data.metrics
     assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
     assert any(k.startswith("system/system_memory_usage") for k in metrics)
+
+
+def test_a_resumed_phase_run_lasts_the_time_it_ran_not_the_time_between(tiny):
+    import time
+
+    base = ("run_name=gap", TWO)
+    w0 = time.time() * 1000
+    with pytest.raises(InjectedFailure):
+        pipeline.run(tiny(*base, "debug.fail_at={phase: 0, epoch: 1}"))
+    down_ms = 2000
+    time.sleep(down_ms / 1000)  # nothing runs: the phase's run must not count this
+    info = pipeline.run(tiny(*base, "resume=true"))
+    w1 = time.time() * 1000
+    pre = _children(info.tracking_uri, info.parent_id)[0]
+    assert pre.info.status == "FINISHED" and float(pre.data.tags[phase_runs.ACTIVE_TAG]) > 0
+    duration = pre.info.end_time - pre.info.start_time
+    assert 0 < duration <= (w1 - w0) - down_ms, (duration, w1 - w0)
+    assert abs(duration - 1000 * float(pre.data.tags[phase_runs.ACTIVE_TAG])) < 100

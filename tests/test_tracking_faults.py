@@ -305,3 +305,44 @@ def test_an_outage_across_a_phase_start_loses_no_run_and_no_step(tiny, tmp_path,
         assert "Retrying" not in err and "could not open" not in err
     finally:
         server.stop()
+
+
+def test_a_phase_opened_while_the_server_is_away_is_created_by_the_next_process(tmp_path, monkeypatch, capsys):
+    """Opening, records and closing of a phase run kept in the buffer file by one process (server away) are
+    replayed in order by the next one that uses the file (a resume, or the driver at the end): the child
+    exists with its own start and end time, its params, every step and its state."""
+    import time as _time
+
+    from trainer import tracking_buffer
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    parent = client.create_run(tracking.get_or_create_experiment(uri, "t"), run_name="p").info.run_id
+    buffer = tmp_path / "run" / "tracking-buffer-rank0.jsonl"
+
+    def away(self, entry):
+        raise ConnectionError("Connection refused (simulated)")
+
+    monkeypatch.setattr(tracking.Tracker, "_send", away)
+    t0 = int(_time.time() * 1000)
+    t = phase_runs.start_phase_tracker(uri, parent, 0, "pretrain", {"epochs": 2, "lr": 0.1}, buffer)
+    for step in (1, 2, 3):
+        t.metrics({"loss": 1.0 / step}, step)
+    phase_runs.end_phase_run(t, "FINISHED")
+    t1 = int(_time.time() * 1000)
+    assert not t.flush(warn=False) and len(buffer.read_text().splitlines()) == 5
+    assert capsys.readouterr().err.count("WARNING mlflow") == 1
+    assert phase_runs.phase_children(uri, parent) == {}
+
+    monkeypatch.undo()  # the server answers; a new process (no shared memory) reads the file
+    monkeypatch.setattr(tracking_buffer, "_OUTBOXES", {})
+    monkeypatch.setattr(tracking, "_OUTAGES", set())
+    _time.sleep(0.05)  # so that a replay stamped with the replay's time would be told apart
+    assert tracking.Tracker(uri, parent, buffer=buffer).flush() and not buffer.exists()
+    kids = phase_runs.phase_children(uri, parent)
+    assert list(kids) == [0]
+    run = client.get_run(kids[0].info.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "p-0-pretrain"
+    assert t0 <= run.info.start_time <= run.info.end_time <= t1  # the phase's own times, not the replay's
+    assert run.data.params["epochs"] == "2" and run.data.params["lr"] == "0.1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
