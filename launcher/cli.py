@@ -14,8 +14,9 @@
     tdcompress configs list | copy NAME DEST         the experiment configs shipped with the package
     python -m tdcompress ...                         the same commands
 
-Exit codes: 0 done; 2 bad input (config, paths, data, a damaged checkpoint or export), said in one line;
-1 the run failed (one line; the traceback is in the run's driver.log); 130 interrupted (Ctrl-C, SIGTERM).
+Exit codes: 0 done; 2 bad input (config, paths, data, a damaged checkpoint or export; also found by a worker),
+said in one line; 1 the run failed (one line, the worker's own error; the traceback is in the run's driver.log);
+130 interrupted (Ctrl-C, SIGTERM).
 """
 from __future__ import annotations
 
