@@ -280,7 +280,7 @@ def test_an_outage_across_a_phase_start_loses_no_run_and_no_step(tiny, tmp_path,
     monkeypatch.setattr(phases, "components_for", lambda ctx, index, model: [
         *real_components(ctx, index, model), *([Outage(index)] if index < 2 else [])])
     phases_cfg = ("phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, "
-                  "{kind: finetune, epochs: 3, steps_per_epoch: 4, lr: 0.02}, {kind: evaluate}]")
+                  "{kind: pretrain, epochs: 3, steps_per_epoch: 4, lr: 0.02}, {kind: evaluate}]")
     try:
         server.start()
         info = pipeline.run(tiny(f"tracking.uri={server.uri}", "run_name=across", phases_cfg))
@@ -296,7 +296,7 @@ def test_an_outage_across_a_phase_start_loses_no_run_and_no_step(tiny, tmp_path,
         # Opened while the server was away: its times are the phase's own, not those of the replay.
         assert pre.start_time < pre.end_time <= fine.start_time < fine.end_time <= kids[2].info.start_time
         parent = client.get_run(info.parent_id)
-        assert fine.run_name == f"{parent.info.run_name}-1-finetune"
+        assert fine.run_name == f"{parent.info.run_name}-1-pretrain"
         assert client.get_run(fine.run_id).data.params["lr"] == "0.02"
         assert client.get_run(fine.run_id).data.params["epochs"] == "3"
         assert not list(info.dir.glob("tracking-buffer-*"))
