@@ -136,7 +136,9 @@ def _start_system_metrics(cfg: Config, uri: str, parent: str) -> None:
         import psutil  # noqa: F401  (MLflow's monitor needs it)
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines are noise
+        # Its start/stop lines are noise, and while the server is away it warns at every sample: the Tracker
+        # says an outage once.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
 
         # MLflow's own knob sets the interval where given (the tests sample every second); else every 10 s.
         interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10)
