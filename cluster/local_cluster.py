@@ -266,13 +266,13 @@ def _group_alive(pgid: int) -> bool:
 def down(directory: str | Path | None = None, grace_s: float = 20.0) -> list[int]:
     """Stop the process groups `up` recorded in ``directory`` (SIGTERM, then SIGKILL); returns the pids stopped.
 
-    Raises ClusterError when no state file is there. Only recorded groups that still hold a process
-    of ours (see :func:`running`) are signalled.
+    No state file there: nothing is up, so nothing is stopped (an empty list). Only recorded groups
+    that still hold a process of ours (see :func:`running`) are signalled.
     """
     d = state_dir(directory)
     state = read_state(d)
     if state is None:
-        raise ClusterError(f"no cluster is up (no {d / STATE_FILE}); start one with: tdcompress cluster up --nodes 2")
+        return []
     groups = running(state)
     for pgid in groups:
         try:

@@ -251,7 +251,25 @@ def run_ray(job: WorkerJob, c: ClusterConfig, run_name: str) -> Any:
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              worker_runtime_env={"env_vars": worker_env(gpu)}),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception as e:
+        cause = worker_cause(e)
+        if cause is e:
+            raise
+        raise cause from e  # the worker's own error (its type and message); Ray's report stays chained to it
+
+
+def worker_cause(error: BaseException) -> BaseException:
+    """The exception a worker raised, out of Ray Train's wrapping (``WorkerGroupError.worker_failures``: rank ->
+    a wrapper holding the original), from the lowest failed rank; ``error`` itself when it holds none (a worker
+    process that died, a controller error)."""
+    failures = getattr(error, "worker_failures", None)
+    if not failures:
+        return error
+    first = failures[min(failures)]
+    base = getattr(first, "_base_exc", first)  # Ray Train's UserExceptionWithTraceback keeps the original here
+    return base if isinstance(base, Exception) else error
 
 
 def run_local(job: WorkerJob, c: ClusterConfig) -> Any:

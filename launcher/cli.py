@@ -18,8 +18,9 @@
     tdcompress configs list | copy NAME DEST         the experiment configs shipped with the package
     python -m tdcompress ...                         the same commands
 
-Exit codes: 0 done; 2 bad input (config, paths, data, a damaged checkpoint or export), said in one line;
-1 the run failed (one line; the traceback is in the run's driver.log); 130 interrupted (Ctrl-C, SIGTERM).
+Exit codes: 0 done; 2 bad input (config, paths, data, a damaged checkpoint or export; also found by a worker),
+said in one line; 1 the run failed (one line, the worker's own error; the traceback is in the run's driver.log);
+130 interrupted (Ctrl-C, SIGTERM).
 """
 from __future__ import annotations
 
@@ -286,13 +287,26 @@ def _override_hint(argv: list[str]) -> str | None:
     return None
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` overrides may also come after a command's options
+    (``plan CONFIG --run RUN key=value``), as they may anywhere after ``run CONFIG``."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        late = [a for a in extra if "=" in a and not a.startswith("-")]
+        if hasattr(args, "overrides") and len(late) == len(extra):
+            args.overrides = [*(args.overrides or []), *late]
+        else:
+            parser.parse_args(argv)  # the usual "unrecognized arguments" message and exit 2
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     hint = _override_hint(argv)
     if hint:
         print(hint, file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -315,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = next((k for t, k in kinds.items() if isinstance(e, t)), None)
         if kind is None:
             raise
-        print(f"tdcompress: {kind} error: {e}", file=sys.stderr)
+        from trainer.phase_runs import error_message
+
+        print(f"tdcompress: {kind} error: {error_message(e)}", file=sys.stderr)
         return 2
 
 

@@ -1,5 +1,5 @@
 """The plot of `tdcompress compare`: top-1 against parameters and against FLOPs, one marker per method/format,
-the Pareto front of each panel drawn through its runs, and the dense baseline as a line."""
+the Pareto front of each panel drawn through its runs, and one line per distinct dense baseline."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,7 @@ from typing import Any
 from launcher.schema import ConfigError
 
 MARKERS = "osD^vP*Xph"
+MAX_BASELINES = 6  # more distinct dense baselines than this: no baseline lines (they would hide the points)
 
 
 def check_plot_path(path: Path) -> Path:
@@ -47,7 +48,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path | None
     style = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(kinds)}
     colors = {k: f"C{i % 10}" for i, k in enumerate(kinds)}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), dpi=120, squeeze=False)
-    dense = [r["dense_top1"] for r in rows if r.get("dense_top1") is not None]
+    dense = baselines(rows)
     for ax, (cost, label) in zip(axes[0], panels):
         pts = [r for r in rows if r.get("top1") is not None and r.get(cost) is not None]
         for kind in kinds:
@@ -59,8 +60,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path | None
         front = _front([(r[cost], r["top1"]) for r in pts])
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="0.4", linewidth=1,
                 linestyle="--", label="Pareto front")
-        if dense:
-            ax.axhline(sum(dense) / len(dense), color="k", linewidth=0.8, linestyle=":", label="dense baseline")
+        for i, (name, value) in enumerate(dense):
+            ax.axhline(value, color="k", linewidth=0.8, linestyle=(0, (1, 1 + 2 * i)), label=name)
         ax.set_xscale("log")
         ax.set_xlabel(label + " (log)")
         ax.set_ylabel("top-1 (%)")
@@ -71,6 +72,21 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path | None
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def baselines(rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """The dense baselines to draw: (legend label, top-1 %), one per distinct (model, dense_top1 to 0.01),
+    by top-1. Runs compared against different dense models are never averaged into one line; with more
+    than :data:`MAX_BASELINES` distinct baselines none is drawn."""
+    seen: dict[tuple[str, float], float] = {}
+    for r in rows:
+        if r.get("dense_top1") is not None:
+            model = r.get("model") if r.get("model") not in (None, "*") else ""
+            seen.setdefault((model, round(float(r["dense_top1"]), 2)), float(r["dense_top1"]))
+    if len(seen) > MAX_BASELINES:
+        return []
+    return [(" ".join(x for x in ("dense baseline", model, f"{value:.2f}%") if x), value)
+            for (model, _), value in sorted(seen.items(), key=lambda kv: kv[1])]
 
 
 def _label(row: dict[str, Any]) -> str:

@@ -182,16 +182,32 @@ def _step(node: Any, part: str, key: str, create: bool) -> Any:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML experiment file, apply overrides and validate."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a YAML file (e.g. configs/quickstart.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                          "save it as UTF-8 YAML") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_error_line(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     raw.setdefault("name", path.stem)
     return from_dict(Config, apply_overrides(raw, overrides or []))
+
+
+def _yaml_error_line(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line error as one line: where (line, column, 1-based) and what is wrong."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 def to_dict(cfg: Any) -> dict:

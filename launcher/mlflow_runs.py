@@ -79,6 +79,10 @@ def open_runs(cfg: Config, run_name: str, run_dir: Path, state: dict[str, Any]) 
         client = tracking.client(uri)
         if state.get("parent_id"):
             parent = state["parent_id"]
+            # What the last attempt could not send (phase runs opened while the server was away included) goes
+            # first, in order, so the states set below see every phase run that attempt started.
+            for kept in sorted(run_dir.glob("tracking-buffer-*.jsonl")):
+                tracking.Tracker(uri, parent, buffer=kept).flush(warn=False)
             # Every exit Python sees closes the runs (close_runs; when the server was away then, it
             # noted the status in run.json), so a parent still RUNNING without that note was left by a
             # driver that died without closing it (SIGKILL, OOM killer, lost machine); one run directory
@@ -97,6 +101,8 @@ def open_runs(cfg: Config, run_name: str, run_dir: Path, state: dict[str, Any]) 
                           "KILLED before resuming", flush=True)
             # The phases this command runs reopen their own child runs when they start (trainer.tracking_runs).
             client.update_run(parent, status="RUNNING")
+            if tracking_runs.ERROR_TAG in client.get_run(parent).data.tags:  # the last attempt's error is not this one's
+                client.delete_tag(parent, tracking_runs.ERROR_TAG)
             _start_system_metrics(cfg, uri, parent)
             kids = tracking_runs.phase_children(uri, parent)
             return uri, parent, [kids[i].info.run_id if i in kids else None for i in range(len(cfg.phases))]
@@ -130,7 +136,9 @@ def _start_system_metrics(cfg: Config, uri: str, parent: str) -> None:
         import psutil  # noqa: F401  (MLflow's monitor needs it)
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines are noise
+        # Its start/stop lines are noise, and while the server is away it warns at every sample: the Tracker
+        # says an outage once.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
 
         # MLflow's own knob sets the interval where given (the tests sample every second); else every 10 s.
         interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10)
@@ -153,16 +161,20 @@ def _stop_system_metrics(parent: str | None) -> None:
 
 
 def _dense_baseline(client: Any, parent: str) -> None:
-    """On a finished run: ``dense_top1`` (the pretrain phase's final top-1, else the model.init model's) and
+    """On a finished run: ``dense_top1`` (the pretrain phase's final top-1, else the model.init model's; the
+    ``dense_baseline`` tag says which) and
     ``top1_delta`` = final top-1 minus it (negative: the compressed model lost accuracy); where no decompose
     phase logged them, ``compression`` and ``flops_reduction`` against the model.init model (rank_prune)."""
-    m = client.get_run(parent).data.metrics
+    run = client.get_run(parent)
+    m, tags = run.data.metrics, run.data.tags
     dense = m.get("dense_top1", m.get("init_top1"))
     if dense is None or "top1" not in m:
         return
     extra = {"top1_delta": m["top1"] - dense}
     if "dense_top1" not in m:
         extra["dense_top1"] = dense
+        # Name the baseline: the model.init model, evaluated at the start of this run.
+        client.set_tag(parent, "dense_baseline", f"model.init {tags.get('tdcompress.init.spec', '')} top-1".strip())
     for ratio, before, after in (("compression", "init_params", "params"), ("flops_reduction", "init_flops", "flops")):
         if ratio not in m and m.get(before) and m.get(after):
             extra[ratio] = m[before] / m[after]
@@ -218,8 +230,11 @@ def log_model(info: RunInfo, client: Any, register_as: str | None) -> None:
               file=sys.stderr, flush=True)
 
 
-def close_runs(info: RunInfo, status: str, tracking_cfg: Any = None) -> None:
+def close_runs(info: RunInfo, status: str, tracking_cfg: Any = None, error: BaseException | None = None) -> None:
     """Send kept tracking records and close the MLflow runs; never raises an Exception.
+
+    ``error`` (a FAILED run): tagged on the parent, and on a phase run this closes FAILED that has no error
+    tag of its own (its worker ended before it could close it).
 
     A tracking problem here must not replace the outcome of the run: it becomes one warning, and
     the calls are bounded (the HTTP retries of ``trainer.tracking``; nothing more is tried once
@@ -238,9 +253,15 @@ def close_runs(info: RunInfo, status: str, tracking_cfg: Any = None) -> None:
         client = tracking.client(info.tracking_uri)
         done = _phases_done(info.dir)
         children = tracking_runs.phase_children(info.tracking_uri, info.parent_id)
+        why = tracking_runs.error_text(error) if error is not None and status == "FAILED" else None
         for i, run in sorted(children.items()):  # left RUNNING by a worker that did not close it (killed)
             if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, _phase_status(i, done, status))
+                ended = _phase_status(i, done, status)
+                if ended == "FAILED" and why and tracking_runs.ERROR_TAG not in run.data.tags:
+                    client.set_tag(run.info.run_id, tracking_runs.ERROR_TAG, why)
+                client.set_terminated(run.info.run_id, ended)
+        if why:
+            client.set_tag(info.parent_id, tracking_runs.ERROR_TAG, why)
         info.phase_ids = [children[i].info.run_id if i in children else None for i in range(len(info.phase_ids))]
         _note_phase_ids(info)
         if status == "FINISHED":

@@ -249,11 +249,13 @@ def run(cfg: Config) -> RunInfo:
     try:
         run_workers(job, cfg.cluster, info.name)
     except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
         try:  # close_runs raises no Exception: the error that stopped the run stays the one raised
-            close_runs(info, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            close_runs(info, "KILLED" if interrupted else "FAILED", error=None if interrupted else e)
         finally:
-            print(f"run {info.name} failed; continue it from its last checkpoint with: "
-                  f"tdcompress run CONFIG run_name={info.name} resume=true", flush=True)
+            if ckpt.latest_checkpoint(info.dir / "checkpoints") is not None:  # else there is nothing to resume
+                print(f"run {info.name} {'stopped' if interrupted else 'failed'}; continue it from its last "
+                      f"checkpoint with: tdcompress run CONFIG run_name={info.name} resume=true", flush=True)
         raise
     close_runs(info, "FINISHED", cfg.tracking)
     print(f"run {info.name} finished in {time.time() - t0:.0f}s", flush=True)

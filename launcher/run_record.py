@@ -6,6 +6,7 @@ when a phase kind or an option makes a new method (first matching rule wins).
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import shlex
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from launcher.schema import Config
-from trainer.data import data_root
+from trainer.data import data_root, dataset_identity
 
 # (method name, predicate on the config), first match wins; "dense" when none matches.
 METHOD_RULES: list[tuple[str, Callable[[Config], bool]]] = [
@@ -59,8 +60,14 @@ def mlflow_run_name(cfg: Config, run_name: str) -> str:
     return f"{describe(cfg)}-{'-'.join(stamp)}"
 
 
+GIT_COMMIT_ENV = "TDC_GIT_COMMIT"  # `tdcompress submit` passes the client's commit: a job's upload has no .git
+
+
 def git_commit(where: Path | None = None) -> str | None:
-    """The commit of the git checkout the code runs from, or None (not a checkout, or no git)."""
+    """The commit the code runs from: ``$TDC_GIT_COMMIT`` (set by `tdcompress submit`), else that of the git
+    checkout holding this file, else None (not a checkout, or no git)."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     where = where or Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -70,8 +77,19 @@ def git_commit(where: Path | None = None) -> str | None:
 
 
 def ray_job_id() -> str | None:
-    """The Ray Jobs submission id when this driver runs as a Ray job (Ray sets it in the environment)."""
-    return os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID") or None
+    """The Ray Jobs submission id when this driver runs as a Ray job, else None.
+
+    Ray's job supervisor starts the entrypoint with ``$RAY_JOB_CONFIG_JSON_ENV_VAR``, a JSON job config
+    whose ``metadata.job_submission_id`` is the id `ray job submit` and `tdcompress submit` print.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        job = json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):  # not Ray's JSON: no id to record
+        return None
+    return str(job) if job else None
 
 
 def command_line() -> str:
@@ -83,11 +101,13 @@ def command_line() -> str:
 
 
 def run_tags(cfg: Config, run_dir: Path) -> dict[str, str]:
-    """The parent run's tags: what the run is (model, dataset, method, format, keep ratio, seed) and where
+    """The parent run's tags: what the run is (model, dataset and its storage format, method, format, keep
+    ratio, seed) and where
     it came from (git commit, Ray job, user, command, run directory)."""
     fmt, keep = format_and_keep(cfg)
     tags = {**getattr(cfg.tracking, "tags", {}), "tdcompress.run_dir": str(run_dir), "tdcompress.config": cfg.name, "model": cfg.model.name,
-            "dataset": cfg.data.dataset, "method": method_of(cfg), "seed": str(cfg.seed), "format": fmt,
+            "dataset": dataset_identity(cfg.data.dataset, cfg.data.root), "data_format": cfg.data.dataset,
+            "method": method_of(cfg), "seed": str(cfg.seed), "format": fmt,
             "keep_ratio": keep,
             "tdcompress.command": command_line(), "mlflow.source.name": command_line()[:500],
             "mlflow.source.type": "JOB" if ray_job_id() else "LOCAL", "mlflow.user": _user()}

@@ -115,6 +115,11 @@ def plan_submission(config: str, overrides: list[str], nodes: int | None, same_h
         env_vars[ROOT_ENV] = str(Path(env[ROOT_ENV]).resolve())
     if uri:
         env_vars["MLFLOW_TRACKING_URI"] = uri
+    from launcher.run_record import GIT_COMMIT_ENV, git_commit
+
+    commit = git_commit()  # the job's upload leaves .git behind: its driver records this one
+    if commit:
+        env_vars[GIT_COMMIT_ENV] = commit
     args = ["python", "-m", "launcher.cli", "run", str(path.relative_to(PROJECT)), *overrides, *extra]
     run_dir = f"{cfg.cluster.storage}/{cfg.name}/{run_name or '<latest run>'}"
     return Submission(entrypoint=shlex.join(args), env_vars=env_vars, run_name=run_name or "", run_dir=run_dir,
@@ -195,11 +200,12 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
               f"\n  mlflow: {st.mlflow_uri or 'not started (--no-mlflow)'}"
               f"\n  submit: tdcompress submit configs/quickstart.yaml\n  stop:   tdcompress cluster down")
         return 0
+    recorded = (local_cluster.state_dir(args.state_dir) / local_cluster.STATE_FILE).is_file()
     stopped = local_cluster.down(args.state_dir)
-    if not stopped:
-        print(f"no cluster is up: nothing recorded in {local_cluster.state_dir(args.state_dir)} was running "
-              "(state file removed)", file=sys.stderr)
-        return 2
+    if not stopped:  # stopping what is not running is done already: not an error
+        why = "nothing it recorded was still running (state file removed)" if recorded else "no cluster is up"
+        print(f"cluster down: nothing to do; {why} (state {local_cluster.state_dir(args.state_dir)})")
+        return 0
     print(f"cluster down: stopped process groups {', '.join(map(str, stopped))}")
     return 0
 

@@ -131,3 +131,25 @@ def test_invalid_run_state_is_named(tiny):
     state.write_text("{not json")
     with pytest.raises(ConfigError, match=f"{state} is not valid JSON"):
         pipeline.run(tiny(*base, "resume=true"))
+
+
+def test_unreadable_config_files_are_one_line_exit_2(tmp_path, capsys):
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nphases: [ {kind: pretrain\noptim: {lr: 0.1}\n")
+    cases = [(latin, ["latin1.yaml", "not a UTF-8 text file", "byte 9"]),
+             (tmp_path, ["is a directory", "YAML file"]),
+             (broken, ["broken.yaml", "not valid YAML", "line 3"])]
+    for path, fragments in cases:
+        assert main(["config", "show", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err  # one line, no traceback, no YAML excerpt
+        for frag in fragments:
+            assert frag in err, (frag, err)
+
+
+def test_cluster_down_with_no_cluster_is_nothing_to_do(tmp_path, capsys):
+    assert main(["cluster", "down", "--state-dir", str(tmp_path / "none")]) == 0
+    out = capsys.readouterr()
+    assert "nothing to do" in out.out and "no cluster is up" in out.out and out.err == ""

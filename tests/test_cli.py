@@ -74,3 +74,15 @@ def test_a_run_time_failure_is_one_line_exit_1_and_the_traceback_is_in_driver_lo
     assert str(log) in line[0]
     text = log.read_text()
     assert "Traceback (most recent call last)" in text and "InjectedFailure" in text
+
+
+def test_plan_overrides_may_follow_its_options(capsys):
+    from launcher.cli import _parse
+
+    for argv in (["plan", "configs/quickstart.yaml", "--run", "R", "optim.lr=0.1"],
+                 ["plan", "configs/quickstart.yaml", "optim.lr=0.1", "--run", "R"]):
+        args = _parse(build_parser(), argv)
+        assert args.run == "R" and args.overrides == ["optim.lr=0.1"], argv
+    with pytest.raises(SystemExit) as e:  # anything else left over is still refused
+        _parse(build_parser(), ["plan", "configs/quickstart.yaml", "--run", "R", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

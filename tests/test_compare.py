@@ -136,3 +136,29 @@ def test_no_store_is_created_and_an_empty_store_is_an_error(store, tmp_path, cap
     tracking.get_or_create_experiment(uri, "empty")  # an experiment without runs (a new store holds just that)
     code, _, err = _out(capsys, "--tracking-uri", uri, "--experiment", "empty", "--plot", "")
     assert code == 2 and "no finished runs in experiment 'empty'" in err and "--all" in err
+
+
+def test_plot_draws_one_baseline_per_distinct_dense_model(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from launcher import compare_plot
+
+    rows = [{"run": "a", "model": "resnet20", "method": "admm", "format": "svd", "top1": 40.0, "params": 1e5,
+             "flops": 1e7, "dense_top1": 22.6},
+            {"run": "b", "model": "resnet20", "method": "admm", "format": "svd", "top1": 50.0, "params": 2e5,
+             "flops": 2e7, "dense_top1": 52.2},
+            {"run": "c", "model": "resnet20", "method": "direct", "format": "svd", "top1": 45.0, "params": 1.5e5,
+             "flops": 1.5e7, "dense_top1": 52.2}]
+    drawn: list[list[tuple[str, float]]] = []
+
+    def keep_lines(fig, *args, **kwargs):  # the horizontal lines of every panel, as (label, y)
+        for ax in fig.axes:
+            drawn.append([(ln.get_label(), ln.get_ydata()[0]) for ln in ax.get_lines() if "dense" in ln.get_label()])
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep_lines)
+    compare_plot.plot(rows, tmp_path / "p.png")
+    assert drawn and all(sorted(y for _, y in panel) == [22.6, 52.2] for panel in drawn), drawn  # never 37.4
+    assert all(label.startswith("dense baseline resnet20 ") for panel in drawn for label, _ in panel)
+    many = [{**rows[0], "dense_top1": 10.0 + i} for i in range(compare_plot.MAX_BASELINES + 1)]
+    assert compare_plot.baselines(many) == []  # too many to read: none rather than a wrong one
+    assert compare_plot.baselines([{"top1": 1.0}]) == []

@@ -122,9 +122,9 @@ def test_worker_failure_restarts_from_checkpoint(tiny, ray_local, reference):
 
 
 def test_cut_on_two_workers_resumes_on_one(tiny, ray_local, reference):
-    from ray.train import TrainingFailedError
+    from trainer.faults import InjectedFailure
 
-    with pytest.raises(TrainingFailedError, match="injected failure"):
+    with pytest.raises(InjectedFailure, match="injected failure"):  # the worker's own error, out of Ray's
         pipeline.run(tiny(*RAY2, *SHARDED, *FAIL, "run_name=moved"))
     resumed = pipeline.run(tiny(*SHARDED, "run_name=moved", "resume=true"))  # local backend: 1 worker
     _assert_same_model(_last(resumed)[0], _last(reference)[0])

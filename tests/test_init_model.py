@@ -51,7 +51,7 @@ def test_init_from_run_dir_and_mlflow_id_gives_the_source_model_and_is_recorded(
     assert parent.data.params["model.init"] == str(source.dir)
     src_top1 = client.get_run(source.parent_id).data.metrics["top1"]
     assert parent.data.metrics["init_top1"] == pytest.approx(src_top1)  # the source model, evaluated again
-    assert client.get_run(by_dir.phase_ids[0]).data.metrics["dense_top1"] == pytest.approx(src_top1)
+    assert client.get_run(by_dir.phase_ids[0]).data.metrics["before_decompose_top1"] == pytest.approx(src_top1)
 
     # An MLflow run id (the source's parent run) resolves through its run_dir tag to the same checkpoint.
     by_id = pipeline.run(tiny("run_name=by-id", f"model.init={source.parent_id}", "phases=[{kind: evaluate}]"))

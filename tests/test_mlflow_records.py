@@ -68,19 +68,24 @@ def test_tags_dataset_input_and_dense_baseline_on_the_parent(finished, cifar_roo
     parent = client.get_run(info.parent_id)
     tags, params, m = parent.data.tags, parent.data.params, parent.data.metrics
     assert parent.info.run_name.startswith("tinycnn-dense-")
-    assert {k: tags[k] for k in ("model", "dataset", "method", "format", "seed")} == {
-        "model": "tinycnn", "dataset": "packed", "method": "dense", "format": "dense", "seed": "3"}
+    # The dataset is named by what it is; its storage format is a field of its own.
+    assert {k: tags[k] for k in ("model", "dataset", "data_format", "method", "format", "seed")} == {
+        "model": "tinycnn", "dataset": "cifar10", "data_format": "packed", "method": "dense", "format": "dense",
+        "seed": "3"}
     assert tags["mlflow.user"] and tags["tdcompress.command"]
+    # A model-training experiment: MLflow 3's UI opens it on its runs, not on the GenAI overview.
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert params["data.root"] == str(cifar_root.resolve()) == tags["data_root"]
     assert tags["device"] == "cpu x1"
     inputs = parent.inputs.dataset_inputs
     assert len(inputs) == 1
     ds = inputs[0].dataset
-    assert ds.name == "packed" and json.loads(ds.source)["uri"] == str(cifar_root.resolve()) and ds.digest
-    assert json.loads(ds.profile)["train_images"] == 512
+    assert ds.name == "cifar10" and json.loads(ds.source)["uri"] == str(cifar_root.resolve()) and ds.digest
+    assert json.loads(ds.profile)["train_images"] == 512 and json.loads(ds.profile)["format"] == "packed"
     # The dense baseline is the pretrain phase's final top-1, and the delta is measured against it.
     pre = _children(info.tracking_uri, info.parent_id)[0]
     assert m["dense_top1"] == pytest.approx(pre.data.metrics["top1"])
+    assert tags["dense_baseline"] == "phase 0 (pretrain) final top-1"
     assert m["top1_delta"] == pytest.approx(m["top1"] - m["dense_top1"])
 
 
@@ -101,6 +106,14 @@ def test_compressed_run_name_and_method_tags(tiny):
     # After decomposition the parent keeps the dense baseline apart from the accuracy right before decomposing.
     m = parent.data.metrics
     assert {"dense_top1", "before_decompose_top1", "decomposed_top1", "top1_delta"} <= set(m)
+    # One name, one meaning: on the decompose phase's run too, the model right before decomposition is
+    # before_decompose_top1; dense_top1 is only ever the dense baseline.
+    kids = _children(info.tracking_uri, info.parent_id)
+    decompose = tracking.client(info.tracking_uri).get_run(kids[1].info.run_id).data
+    assert "dense_top1" not in decompose.metrics and "before_decompose_top1" in decompose.metrics
+    assert decompose.params["format"] == "svd" and decompose.params["keep_ratio"] == "0.4"
+    assert decompose.params["ranks_file"] == "planned from the weights at this phase"
+    assert kids[1].info.run_name == f"{parent.info.run_name}-1-decompose"
 
 
 def test_a_run_stopped_in_its_first_phase_is_killed_and_later_phases_never_start(tiny, monkeypatch):
@@ -190,3 +203,21 @@ def test_system_metrics_from_mlflow_on_the_parent(finished):
     metrics = tracking.client(info.tracking_uri).get_run(info.parent_id).data.metrics
     assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
     assert any(k.startswith("system/system_memory_usage") for k in metrics)
+
+
+def test_a_resumed_phase_run_lasts_the_time_it_ran_not_the_time_between(tiny):
+    import time
+
+    base = ("run_name=gap", TWO)
+    w0 = time.time() * 1000
+    with pytest.raises(InjectedFailure):
+        pipeline.run(tiny(*base, "debug.fail_at={phase: 0, epoch: 1}"))
+    down_ms = 2000
+    time.sleep(down_ms / 1000)  # nothing runs: the phase's run must not count this
+    info = pipeline.run(tiny(*base, "resume=true"))
+    w1 = time.time() * 1000
+    pre = _children(info.tracking_uri, info.parent_id)[0]
+    assert pre.info.status == "FINISHED" and float(pre.data.tags[tracking_runs.ACTIVE_TAG]) > 0
+    duration = pre.info.end_time - pre.info.start_time
+    assert 0 < duration <= (w1 - w0) - down_ms, (duration, w1 - w0)
+    assert abs(duration - 1000 * float(pre.data.tags[tracking_runs.ACTIVE_TAG])) < 100

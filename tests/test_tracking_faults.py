@@ -19,7 +19,7 @@ import requests
 
 from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import tracking
+from trainer import tracking, tracking_runs
 from trainer.component import ComponentBase
 from trainer.faults import InjectedFailure
 from trainer.phases import training as training_phase
@@ -256,3 +256,94 @@ def test_tracker_keeps_records_while_the_store_fails_and_retries_only_when_due(t
     assert sorted(m.step for m in history) == list(range(1, 12))
     assert client.get_run(run_id).data.params == {"a": "1"}
     assert "answers again" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_outage_across_a_phase_start_loses_no_run_and_no_step(tiny, tmp_path, monkeypatch, capsys):
+    """The server dies at the end of phase 0 (its close and phase 1's opening happen while it is away) and
+    comes back after phase 1's second epoch: both phase runs exist, with their times, states and every step."""
+    server = MlflowServer(tmp_path / "server", _free_port())
+    monkeypatch.setattr(tracking, "RETRY_EVERY_S", 1.0)
+
+    class Outage(ComponentBase):
+        name = "outage"
+
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def on_epoch_end(self, loop_state) -> None:
+            if (self.index, loop_state.epoch) == (0, 2):
+                server.stop()
+            elif (self.index, loop_state.epoch) == (1, 2):
+                server.start()
+
+    real_components = training_phase.components_for
+    monkeypatch.setattr(training_phase, "components_for", lambda ctx, index, model: [
+        *real_components(ctx, index, model), *([Outage(index)] if index < 2 else [])])
+    phases_cfg = ("phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, "
+                  "{kind: pretrain, epochs: 3, steps_per_epoch: 4, lr: 0.02}, {kind: evaluate}]")
+    try:
+        server.start()
+        info = pipeline.run(tiny(f"tracking.uri={server.uri}", "run_name=across", phases_cfg))
+        client = tracking.client(server.uri)
+        kids = tracking_runs.phase_children(server.uri, info.parent_id)
+        assert sorted(kids) == [0, 1, 2] and info.phase_ids == [kids[i].info.run_id for i in range(3)]
+        assert all(k.info.status == "FINISHED" for k in kids.values())
+        pre, fine = kids[0].info, kids[1].info
+        assert [m.step for m in client.get_metric_history(pre.run_id, "train_loss")] == [2, 4, 6, 8]
+        assert [m.step for m in client.get_metric_history(fine.run_id, "train_loss")] == list(range(10, 21, 2))
+        assert sorted(m.step for m in client.get_metric_history(fine.run_id, "top1")) == [12, 16, 20]
+        assert _repeated_steps(client, fine.run_id) == {}
+        # Opened while the server was away: its times are the phase's own, not those of the replay.
+        assert pre.start_time < pre.end_time <= fine.start_time < fine.end_time <= kids[2].info.start_time
+        parent = client.get_run(info.parent_id)
+        assert fine.run_name == f"{parent.info.run_name}-1-pretrain"
+        assert client.get_run(fine.run_id).data.params["lr"] == "0.02"
+        assert client.get_run(fine.run_id).data.params["epochs"] == "3"
+        assert not list(info.dir.glob("tracking-buffer-*"))
+        err = capsys.readouterr().err
+        assert err.count("WARNING mlflow") == 1, err  # one warning for the outage, no urllib3 retry lines
+        assert "Retrying" not in err and "could not open" not in err
+    finally:
+        server.stop()
+
+
+def test_a_phase_opened_while_the_server_is_away_is_created_by_the_next_process(tmp_path, monkeypatch, capsys):
+    """Opening, records and closing of a phase run kept in the buffer file by one process (server away) are
+    replayed in order by the next one that uses the file (a resume, or the driver at the end): the child
+    exists with its own start and end time, its params, every step and its state."""
+    import time as _time
+
+    from trainer import tracking_buffer
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    parent = client.create_run(tracking.get_or_create_experiment(uri, "t"), run_name="p").info.run_id
+    buffer = tmp_path / "run" / "tracking-buffer-rank0.jsonl"
+
+    def away(self, entry):
+        raise ConnectionError("Connection refused (simulated)")
+
+    monkeypatch.setattr(tracking.Tracker, "_send", away)
+    t0 = int(_time.time() * 1000)
+    t = tracking_runs.start_phase_tracker(uri, parent, 0, "pretrain", {"epochs": 2, "lr": 0.1}, buffer)
+    for step in (1, 2, 3):
+        t.metrics({"loss": 1.0 / step}, step)
+    tracking_runs.end_phase_run(t, "FINISHED")
+    t1 = int(_time.time() * 1000)
+    assert not t.flush(warn=False) and len(buffer.read_text().splitlines()) == 5
+    assert capsys.readouterr().err.count("WARNING mlflow") == 1
+    assert tracking_runs.phase_children(uri, parent) == {}
+
+    monkeypatch.undo()  # the server answers; a new process (no shared memory) reads the file
+    monkeypatch.setattr(tracking_buffer, "_OUTBOXES", {})
+    monkeypatch.setattr(tracking, "_OUTAGES", set())
+    _time.sleep(0.05)  # so that a replay stamped with the replay's time would be told apart
+    assert tracking.Tracker(uri, parent, buffer=buffer).flush() and not buffer.exists()
+    kids = tracking_runs.phase_children(uri, parent)
+    assert list(kids) == [0]
+    run = client.get_run(kids[0].info.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "p-0-pretrain"
+    assert t0 <= run.info.start_time <= run.info.end_time <= t1  # the phase's own times, not the replay's
+    assert run.data.params["epochs"] == "2" and run.data.params["lr"] == "0.1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]

@@ -1,6 +1,7 @@
 """What the driver sends a worker (:class:`WorkerJob`) and what a worker builds from it (:class:`WorkerContext`)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -47,6 +48,14 @@ class WorkerContext:
     report: Callable[[dict[str, float]], None] | None = None
     node: str = "local"  # the node this worker runs on (recorded in checkpoints)
     teachers: dict[str, InitSource] = field(default_factory=dict)  # WorkerJob.teachers
+    # The current phase's running time: time.time() when this attempt of it began, and the seconds its
+    # earlier attempts ran up to the checkpoint it resumed from (checkpoints record the sum).
+    phase_clock: float = 0.0
+    phase_active_before: float = 0.0
+
+    def phase_active_s(self) -> float:
+        """Seconds the current phase has run, over all its attempts (what its checkpoints record)."""
+        return self.phase_active_before + time.time() - self.phase_clock
 
     @property
     def ckpt_root(self) -> Path:

@@ -28,7 +28,11 @@ from trainer.tracking_buffer import Unsendable, outbox_for, short_error
 # connection fails in about 3 s, a server that accepts but never answers in about 30 s.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# MLflow 3's UI asks what an experiment is for and, untold, guesses; a model-training experiment opens on
+# its runs (the UI's own value for "Machine learning" experiments) instead of the GenAI overview.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 RETRY_EVERY_S = 30.0  # while the server is away, Trackers try it again at most this often
+_OUTAGES: set[str] = set()  # tracking URIs this process has warned about and not yet seen answer again
 PROBE_TIMEOUT_S = 5.0  # reachability check of an http(s) tracking URI at start
 
 
@@ -61,10 +65,18 @@ def artifact_root_for(uri: str) -> str | None:
     return None
 
 
+def quiet_http_logs() -> None:
+    """Silence urllib3's per-attempt "Retrying ..." warnings: an outage is said once, by the Tracker."""
+    import logging
+
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     bound_http()  # every process that tracks (driver, rank 0) makes its client here
+    quiet_http_logs()
     # Not mlflow.set_tracking_uri: it also sets $MLFLOW_TRACKING_URI for the whole process, which then
     # leaked into later runs and job submissions made from the same process (a test caught one).
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -93,9 +105,12 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version: open it on its runs too
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     root = artifact_root_for(uri)
-    return c.create_experiment(name, artifact_location=Path(root, name).as_uri() if root else None)
+    return c.create_experiment(name, artifact_location=Path(root, name).as_uri() if root else None,
+                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def _rejected(e: BaseException) -> bool:
@@ -167,15 +182,20 @@ class Tracker:
         self._submit({"kind": "dataset", "name": name, "source": source, "digest": digest,
                       "profile": profile, "context": context})
 
+    def submit_record(self, entry: dict[str, Any]) -> None:
+        """Send (or keep, in order) one record of any kind :meth:`_send` knows; e.g. a phase run's opening."""
+        self._submit(entry)
+
     @property
     def pending(self) -> int:
         """Records kept, not yet sent (shared with the Trackers using the same buffer)."""
         return self._box.pending if self._box else 0
 
-    def flush(self) -> bool:
+    def flush(self, warn: bool = True) -> bool:
         """Send every kept record now (whatever the retry interval); True when none is left.
 
-        Flushes the buffer this Tracker shares with the other Trackers of the same URI and file.
+        Flushes the buffer this Tracker shares with the other Trackers of the same URI and file;
+        ``warn=False``: say nothing when records are left (a phase's end: the outage was said already).
         """
         box = self._box
         if box is None:
@@ -187,6 +207,8 @@ class Tracker:
             except Exception as e:  # the buffer file itself failed (disk full, ...): still never raise
                 self._broken(e)
                 return False
+            if not warn:
+                return False
             where = (f"kept in {box.path}; the next run of this run directory (resume=true) that reaches the "
                      "server sends them") if box.path else "lost when this process ends"
             print(f"WARNING mlflow: {box.pending} tracking records could not be sent to {box.uri}; {where}",
@@ -197,7 +219,7 @@ class Tracker:
     def _submit(self, entry: dict[str, Any]) -> None:
         if self._client is None:
             return
-        entry["run"] = self.run_id
+        entry["run"] = self._box.aliases.get(self.run_id, self.run_id)
         try:
             self._submit_or_keep(entry)
         except Exception as e:  # the buffer file itself failed (disk full, ...): still never raise
@@ -239,12 +261,13 @@ class Tracker:
                 if _rejected(e):
                     self._drop(entry, e)
                     continue
-                box.replace(entries[i:])
+                box.replace([box.resolved(x) for x in entries[i:]])  # runs created since keep their real ids
                 self._went_away(e)
                 return False
         box.replace([])
         if box.down:
             box.down = False
+            _OUTAGES.discard(box.uri)
             print(f"mlflow: {box.uri} answers again; sent {len(entries)} kept records", file=sys.stderr, flush=True)
         return True
 
@@ -253,6 +276,9 @@ class Tracker:
         box.next_try = time.monotonic() + self.retry_every
         if not box.down:
             box.down = True
+            if box.uri in _OUTAGES:  # another buffer of this process said it already: one warning per outage
+                return
+            _OUTAGES.add(box.uri)
             where = box.path or "memory"
             print(f"WARNING mlflow: tracking server {box.uri} did not take a record ({short_error(e)}). Training "
                   f"continues; records are kept in {where} and sent when it answers again (tried every "
@@ -268,8 +294,20 @@ class Tracker:
     def _send(self, entry: dict[str, Any]) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        run, kind, c = entry["run"], entry["kind"], self._client
-        if kind == "metrics":
+        box, kind, c = self._box, entry["kind"], self._client
+        run = box.resolved(entry)["run"]
+        if kind == "open_phase":
+            from trainer.phase_runs import open_phase_run
+
+            box.aliases[entry["run"]] = open_phase_run(c, entry)
+            return
+        if run.startswith("pending-"):  # its opening was refused by the server: nothing to log into
+            raise Unsendable(f"the run of {run} was never created")
+        if kind == "close_phase":
+            from trainer.phase_runs import close_phase_run
+
+            close_phase_run(c, run, entry)
+        elif kind == "metrics":
             c.log_batch(run, metrics=[Metric(k, float(v), int(ts), int(s)) for k, v, ts, s in entry["metrics"]])
         elif kind == "params":
             items = [Param(k, v) for k, v in entry["params"]]

@@ -41,6 +41,13 @@ class Outbox:
         self.down = False  # warned about the current outage
         self.dropped = 0
         self.broken = False  # warned that the buffer itself failed
+        # Stand-in run id (a phase run opened while the server was away) -> the id MLflow gave it.
+        self.aliases: dict[str, str] = {}
+
+    def resolved(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """``entry`` with its run's stand-in id replaced by the real one, where that run exists now."""
+        run = entry.get("run")
+        return {**entry, "run": self.aliases[run]} if run in self.aliases else entry
 
     def entries(self) -> list[dict[str, Any]]:
         if self.path is None or not self.path.is_file():

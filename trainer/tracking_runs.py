@@ -2,12 +2,16 @@
 
 So a child's start and end time are the phase's own, and a phase that never ran has no child run.
 A resumed phase reopens the child it started earlier (found by the parent's id and the phase
-index), so one phase has one child over all attempts. Tracking problems never stop training: a
-child that cannot be created is a warning, and that phase's records are then not logged.
+index), so one phase has one child over all attempts. Opening and closing a child are tracking
+records like its metrics (:class:`trainer.tracking.Tracker`): while the server is away they wait in
+the run directory's buffer under a stand-in id (:func:`pending_id`) and are replayed in order, with
+their original times, when it answers again (or by the next resume), so an outage across a phase
+start loses nothing.
 """
 from __future__ import annotations
 
-import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from trainer import tracking
@@ -15,53 +19,127 @@ from trainer import tracking
 PHASE_INDEX_TAG = "tdcompress.phase_index"
 PHASE_TAG = "tdcompress.phase"
 ERROR_TAG = "tdcompress.error"  # on a FAILED run: the exception's type and first line
+ACTIVE_TAG = "tdcompress.active_s"  # a resumed phase: the seconds it ran, over all attempts
 
 
 def phase_children(uri: str, parent_id: str) -> dict[int, Any]:
     """Phase index -> the child run (``mlflow.entities.Run``) of that phase, for the phases that started."""
-    c = tracking.client(uri)
+    return _children(tracking.client(uri), parent_id)
+
+
+def _children(c: Any, parent_id: str) -> dict[int, Any]:
     exp = c.get_run(parent_id).info.experiment_id
     runs = c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
     return {int(r.data.tags[PHASE_INDEX_TAG]): r for r in runs if PHASE_INDEX_TAG in r.data.tags}
 
 
-def start_phase_run(uri: str, parent_id: str, index: int, kind: str, run_name: str) -> str | None:
-    """The child run of phase ``index``, RUNNING from now: the one an earlier attempt started, else a new one.
+def pending_id(parent_id: str, index: int) -> str:
+    """The stand-in run id of phase ``index``'s child until the server has created it (the same in every
+    process, so records a killed attempt kept and those of its resume name one child)."""
+    return f"pending-{parent_id}-{index}"
 
-    Returns its id, or None (with a warning) when MLflow does not answer.
+
+def start_phase_tracker(uri: str, parent_id: str, index: int, kind: str, params: dict[str, Any],
+                        buffer: str | Path) -> tracking.Tracker:
+    """A Tracker for phase ``index``'s child run, which it opens first (never raises, never blocks the phase
+    longer than the bounded HTTP retries): the run an earlier attempt started, else a new one named
+    ``<parent's name>-<index>-<kind>`` with the phase's ``params``. Until MLflow answers, the opening and
+    every record after it wait in ``buffer``."""
+    t = tracking.Tracker(uri, pending_id(parent_id, index), buffer=buffer)
+    t.submit_record({"kind": "open_phase", "parent": parent_id, "index": index, "phase": kind,
+                     "params": {k: str(v) for k, v in params.items()}, "start_ms": int(time.time() * 1000)})
+    return t
+
+
+def open_phase_run(c: Any, entry: dict[str, Any]) -> str:
+    """Send an ``open_phase`` record: reopen the phase's child RUNNING or create it; returns its run id.
+
+    Idempotent, so a replay of a record whose answer was lost does not make a second child.
     """
-    try:
-        c = tracking.client(uri)
-        earlier = phase_children(uri, parent_id).get(index)
-        if earlier is not None:
+    parent, index = entry["parent"], int(entry["index"])
+    earlier = _children(c, parent).get(index)
+    if earlier is not None:
+        if earlier.info.status != "RUNNING":
             c.update_run(earlier.info.run_id, status="RUNNING")
-            if ERROR_TAG in earlier.data.tags:  # the earlier attempt's error is not this one's
-                c.delete_tag(earlier.info.run_id, ERROR_TAG)
-            return earlier.info.run_id
-        exp = c.get_run(parent_id).info.experiment_id
-        tags = {"mlflow.parentRunId": parent_id, PHASE_TAG: kind, PHASE_INDEX_TAG: str(index)}
-        return c.create_run(exp, run_name=f"{index}-{kind} ({run_name})", tags=tags).info.run_id
-    except Exception as e:  # tracking must never stop training
-        print(f"WARNING mlflow: could not open the MLflow run of phase {index} ({kind}) at {uri}: "
-              f"{tracking.short_error(e)}; this phase's metrics are not logged", file=sys.stderr, flush=True)
-        return None
+        if ERROR_TAG in earlier.data.tags:  # the earlier attempt's error is not this one's
+            c.delete_tag(earlier.info.run_id, ERROR_TAG)
+        return earlier.info.run_id
+    info = c.get_run(parent).info
+    tags = {"mlflow.parentRunId": parent, PHASE_TAG: entry["phase"], PHASE_INDEX_TAG: str(index)}
+    run = c.create_run(info.experiment_id, start_time=int(entry["start_ms"]), tags=tags,
+                       run_name=f"{info.run_name}-{index}-{entry['phase']}").info.run_id
+    if entry.get("params"):
+        from mlflow.entities import Param
+
+        c.log_batch(run, params=[Param(k, v[:6000]) for k, v in entry["params"].items()])
+    return run
+
+
+def close_phase_run(c: Any, run: str, entry: dict[str, Any]) -> None:
+    """Send a ``close_phase`` record: the error tag, then the status at the phase's end.
+
+    A resumed phase (``active_s`` set) ends at its start plus the seconds it ran, so its duration in
+    MLflow leaves out the time between its attempts.
+    """
+    if entry.get("error"):
+        c.set_tag(run, ERROR_TAG, entry["error"])
+    end = int(entry["end_ms"])
+    if entry.get("active_s") is not None:
+        c.set_tag(run, ACTIVE_TAG, f"{entry['active_s']:.1f}")
+        end = min(end, c.get_run(run).info.start_time + int(entry["active_s"] * 1000))
+    c.set_terminated(run, entry["status"], end_time=end)
+
+
+def error_message(e: BaseException) -> str:
+    """The first line of ``e``'s message; for an error a DataLoader process re-raised ("Caught X in DataLoader
+    worker process N" + the worker's traceback) the worker's own message, the traceback's last line."""
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    if not lines:
+        return ""
+    if len(lines) > 1 and lines[0].startswith("Caught ") and any("Original Traceback" in x for x in lines):
+        last, marker = lines[-1].strip(), f"{type(e).__name__}: "  # "pkg.mod.Type: message" or "Type: message"
+        return last.split(marker, 1)[1] if marker in last else last
+    return lines[0].strip()
 
 
 def error_text(e: BaseException) -> str:
     """``Type: first line of the message`` (at most 500 characters): what a FAILED run's error tag says."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    first = error_message(e)
     return f"{type(e).__name__}: {first}"[:500] if first else type(e).__name__
 
 
-def end_phase_run(uri: str, run_id: str | None, status: str, error: BaseException | None = None) -> None:
-    """Close a phase's child run as ``status`` (FINISHED, FAILED, KILLED), with the error as a tag; never raises."""
-    if run_id is None:
-        return
-    try:
-        c = tracking.client(uri)
-        if error is not None:
-            c.set_tag(run_id, ERROR_TAG, error_text(error))
-        c.set_terminated(run_id, status)
-    except Exception as e:  # the driver closes what is left RUNNING (launcher.mlflow_runs.close_runs)
-        print(f"WARNING mlflow: could not close the MLflow run of a phase as {status}: {tracking.short_error(e)}",
-              file=sys.stderr, flush=True)
+def end_phase_run(tracker: tracking.Tracker, status: str, error: BaseException | None = None,
+                  active_s: float | None = None) -> None:
+    """Close the phase's child run (opened by :func:`start_phase_tracker`) as ``status`` (FINISHED, FAILED,
+    KILLED), with the error as a tag; buffered like any record, never raises. ``active_s``: the seconds a
+    resumed phase ran over all its attempts (None: not resumed)."""
+    tracker.submit_record({"kind": "close_phase", "status": status, "end_ms": int(time.time() * 1000),
+                           "error": error_text(error) if error is not None else None, "active_s": active_s})
+
+
+def phase_params(cfg: Any, index: int, run_dir: str | Path) -> dict[str, Any]:
+    """The settings phase ``index`` runs with, as its child run's params: kind, epochs, lr, steps, and for the
+    compressing phases the format, budget and where the ranks come from."""
+    phase = cfg.phases[index]
+    out: dict[str, Any] = {"phase": phase.kind, "phase_index": index}
+    if phase.trains:
+        out.update({"epochs": phase.epochs, "lr": phase.lr or cfg.optim.lr, "steps_per_epoch": phase.steps_per_epoch
+                    or "all", "batch_size": cfg.data.batch_size})
+    c = cfg.compression
+    if phase.kind in ("admm", "decompose"):
+        out.update({"format": c.format, "keep_ratio": c.keep_ratio, "budget": c.budget, "allocation": c.allocation})
+        if c.ranks:
+            out["ranks"] = "fixed in compression.ranks"
+    if phase.kind == "admm":
+        a = cfg.admm
+        out.update({"rho": a.rho, "rho_growth": a.rho_growth, "rho_max": a.rho_max, "interval": a.interval,
+                    "unit": a.unit, "ranks_file": str(Path(run_dir) / f"phase{index}" / "rank_plan.json")})
+    if phase.kind == "decompose":
+        admm = [k for k in range(index) if cfg.phases[k].kind == "admm"]
+        out["fit"] = cfg.decompose.fit
+        out["ranks_file"] = (str(Path(run_dir) / f"phase{admm[-1]}" / "rank_plan.json") if admm
+                             else "planned from the weights at this phase")
+    if phase.kind == "rank_prune":
+        r = cfg.rank_prune
+        out.update({"l1": r.l1, "orth": r.orth, "threshold": r.threshold, "keep_ratio": r.keep_ratio})
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +19,7 @@ from trainer import checkpoint as ckpt
 from trainer import tracking_runs
 from trainer.config import COMPRESSING_PHASES, DataConfig
 from trainer.context import WorkerContext, WorkerJob
-from trainer.data import load_datasets, make_loader
+from trainer.data import dataset_identity, load_datasets, make_loader
 from trainer.engine import prepare_deepspeed_env
 from trainer.init_weights import apply_init
 from trainer.logs import get_logger
@@ -103,37 +104,50 @@ def dataset_record(d: DataConfig, n_train: int, n_eval: int, seed: int) -> dict[
             if f.is_file():
                 st = f.stat()
                 h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return {"name": d.dataset, "source": source, "digest": h.hexdigest()[:12],
-            "profile": {"train_images": n_train, "eval_images": n_eval, "train_subset": d.train_subset,
-                        "eval_subset": d.eval_subset}}
+    return {"name": dataset_identity(d.dataset, d.root), "source": source, "digest": h.hexdigest()[:12],
+            "profile": {"format": d.dataset, "train_images": n_train, "eval_images": n_eval,
+                        "train_subset": d.train_subset, "eval_subset": d.eval_subset}}
 
 
 def _tracked_phase(job: WorkerJob, ctx: WorkerContext, index: int, model: torch.nn.Module, resume):
     """Run phase ``index`` inside its own MLflow child run (rank 0 opens it now and closes it at the end).
 
     A crash closes it FAILED with the error as a tag, an interrupt KILLED; the global step offset makes
-    its curves continue those of the phases before.
+    its curves continue those of the phases before. Opening and closing are buffered like the phase's
+    records, so a tracking server away at either moment loses neither.
     """
     kind = ctx.cfg.phases[index].kind
     lead = ctx.rank == 0 and bool(job.tracking_uri and job.parent_run_id)
-    run_id = (tracking_runs.start_phase_run(job.tracking_uri, job.parent_run_id, index, kind, Path(job.run_dir).name)
-              if lead else None)
-    tracker = Tracker(job.tracking_uri, run_id, buffer=Path(job.run_dir) / "tracking-buffer-rank0.jsonl")
+    buffer = Path(job.run_dir) / "tracking-buffer-rank0.jsonl"
+    ctx.phase_clock = time.time()
+    if resume is None:  # a resumed phase counts on from the seconds its checkpoint says it had run
+        ctx.phase_active_before = 0.0
+    if lead:
+        tracker = tracking_runs.start_phase_tracker(job.tracking_uri, job.parent_run_id, index, kind,
+                                                 tracking_runs.phase_params(ctx.cfg, index, job.run_dir), buffer)
+    else:
+        tracker = Tracker(None, None)
     tracker.step_offset = step_offset(ctx, index)
     ctx.phase_trackers[index] = tracker
     try:
         model, out = run_phase(ctx, index, model, resume)
     except BaseException as e:
-        tracker.flush()
         interrupted = isinstance(e, KeyboardInterrupt)
-        tracking_runs.end_phase_run(job.tracking_uri, run_id, "KILLED" if interrupted else "FAILED",
-                                 error=None if interrupted else e)
+        tracking_runs.end_phase_run(tracker, "KILLED" if interrupted else "FAILED", error=None if interrupted else e,
+                                 active_s=_active_s(ctx, resume))
+        tracker.flush(warn=False)
         raise
     if kind == "pretrain" and "top1" in out:  # the dense baseline the compressed model is compared against
         ctx.parent.metrics({"dense_top1": out["top1"], "dense_top5": out["top5"]}, 0)
-    tracker.flush()
-    tracking_runs.end_phase_run(job.tracking_uri, run_id, "FINISHED")
+        ctx.parent.tags({"dense_baseline": f"phase {index} (pretrain) final top-1"})
+    tracking_runs.end_phase_run(tracker, "FINISHED", active_s=_active_s(ctx, resume))
+    tracker.flush(warn=False)
     return model, out
+
+
+def _active_s(ctx: WorkerContext, resume) -> float | None:
+    """Seconds phase has run over all its attempts when it was resumed (None: one attempt, its own times)."""
+    return None if resume is None else ctx.phase_active_s()
 
 
 def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None = None,
@@ -166,6 +180,7 @@ def train_func(job: WorkerJob, report: Callable[[dict[str, float]], None] | None
         start_phase = meta["phase_index"] + (1 if meta["phase_done"] else 0)
         if not meta["phase_done"]:
             resume = last
+            ctx.phase_active_before = float(meta.get("phase_active_s", 0.0))
         logger.info(f"[resume] from {last} (phase {meta['phase_index']} '{meta['phase']}', epoch {meta['epoch']}, "
                     f"done={meta['phase_done']}, world size {meta['world_size']} -> {ctx.world})")
 

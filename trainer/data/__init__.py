@@ -39,6 +39,7 @@ from trainer.data.common import (
     Datasets,
     data_root,
     dataset_error,
+    dataset_identity,
     resolve_root,
 )
 from trainer.data.images import (
@@ -57,7 +58,7 @@ from trainer.data.shard_loader import shard_datasets
 
 __all__ = [
     "DATASETS", "DATASET_NAMES", "DATASET_SHAPES", "IMAGENET_STATS", "ROOT_ENV", "CifarTransform", "DatasetError",
-    "Datasets", "ImageDataset", "StridedEvalSampler", "data_root", "load_datasets", "make_loader",
+    "Datasets", "ImageDataset", "StridedEvalSampler", "data_root", "dataset_identity", "load_datasets", "make_loader",
     "random_crop_flip", "set_loader_epoch",
 ]
 

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import Dataset
 
 ROOT_ENV = "TDC_DATA_ROOT"
@@ -73,3 +74,26 @@ def resolve_root(dataset: str, root: str | None, *, create: bool) -> Path:
     if not path.is_dir():
         raise dataset_error(dataset, path, "directory not found")
     return path
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def dataset_identity(dataset: str, root: str | None) -> str:
+    """What the data is, for records: ``dataset`` names a storage format for ``packed`` (and ``shards``), so
+    those are named by their content: ``cifar10`` for packed files with CIFAR-10's classes in its order,
+    else the data directory's name. Never raises (a record must not stop a run)."""
+    if dataset not in ("packed", "shards"):
+        return dataset
+    where = data_root(root)
+    if not where:
+        return dataset
+    path = Path(where).expanduser()
+    if dataset == "packed":
+        try:
+            with np.load(path / "train.npz", allow_pickle=False) as z:  # reads only the small classes array
+                if tuple(str(c) for c in z["classes"]) == CIFAR10_CLASSES:
+                    return "cifar10"
+        except Exception:  # unreadable here: the run itself says why, with the file
+            pass
+    return path.resolve().name or dataset

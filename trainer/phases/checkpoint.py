@@ -44,7 +44,8 @@ def save_phase_checkpoint(ctx: WorkerContext, index: int, reg: CheckpointRegistr
     meta = {"index": ctx.ckpt_index, "phase_index": index, "phase": cfg.phases[index].kind,
             "epoch": state.epoch, "step": state.step, "phase_done": done, "world_size": ctx.world,
             "zero_stage": cfg.engine.zero_stage, "time": time.time(), "model": cfg.model.name,
-            "num_classes": ctx.num_classes, "image_size": ctx.image_size, "dataset": cfg.data.dataset}
+            "num_classes": ctx.num_classes, "image_size": ctx.image_size, "dataset": cfg.data.dataset,
+            "phase_active_s": ctx.phase_active_s()}
     # The fingerprint lets tests and resume check that replicas agree without gathering weights.
     reg.save(ctx.ckpt_root, ctx.ckpt_index, meta, phase_done=done,
              records={"fingerprint": fingerprint(model), "node": ctx.node})

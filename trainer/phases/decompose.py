@@ -68,20 +68,18 @@ def decompose_model_phase(ctx: WorkerContext, index: int, model: nn.Module) -> t
         fit = {"fit_seconds": time.perf_counter() - t0}
     after = evaluate(model, ctx.eval_loader, device=ctx.device, precision=precision)
     params, flops = count_params(model), measured_flops(model, shape)
-    out = {"dense_top1": dense["top1"], "dense_top5": dense["top5"], "decomposed_top1": after["top1"],
-           "decomposed_top5": after["top5"], "top1_drop": dense["top1"] - after["top1"],
+    # before_decompose_*: the model right before decomposition (after ADMM, where there was one); on the parent
+    # dense_top1 stays the dense baseline (pretrain or model.init), so one name has one meaning everywhere.
+    out = {"before_decompose_top1": dense["top1"], "before_decompose_top5": dense["top5"],
+           "decomposed_top1": after["top1"], "decomposed_top5": after["top5"],
+           "decompose_top1_drop": dense["top1"] - after["top1"],
            "params_dense": float(dense_params), "params_factored": float(params),
            "compression": dense_params / max(1, params), "flops_dense": float(dense_flops),
            "flops_factored": float(flops), "flops_reduction": dense_flops / max(1, flops),
            "plan_params_after": float(plan.params_after_total), "factored_layers": float(len(plan.layers)), **fit}
     tracker.metrics(out, 0)
     # plan_params_after is on the parent already (the driver logs the plan): once per step is enough.
-    # On the parent, dense_top1 is the dense baseline (pretrain or model.init): the accuracy right before
-    # decomposition (after ADMM) is before_decompose_top1 there.
-    renamed = {"dense_top1": "before_decompose_top1", "dense_top5": "before_decompose_top5",
-               "top1_drop": "decompose_top1_drop"}
-    ctx.parent.metrics({renamed.get(k, k): v for k, v in out.items()
-                        if k not in ("factored_layers", "plan_params_after")}, 0)
+    ctx.parent.metrics({k: v for k, v in out.items() if k not in ("factored_layers", "plan_params_after")}, 0)
     if ctx.rank == 0:
         tracker.text(plan.table(), "rank_plan.txt")
         formats = "/".join(sorted({p.fmt for p in plan.layers}))
