@@ -8,39 +8,34 @@ no_grad, KL on softened logits + CE), backward, SGD step. Both steps run in this
 alternating rounds (plain, distill, plain, ...), so drift shows up as spread across rounds rather
 than as cost; the teacher's forward alone is timed too.
 
-    PYTHONPATH=. .venv/bin/python bench/distill_cost.py                    # CPU here: batch 128, 32 px
-    PYTHONPATH=. .venv/bin/python bench/distill_cost.py --batch 256 --rounds 5 --json distill_cost.json
+    .venv/bin/python -m bench.distill_cost                    # CPU here: batch 128, 32 px
+    .venv/bin/python -m bench.distill_cost --batch 256 --rounds 5 --json distill_cost.json
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from admm.component import plan_for_model  # noqa: E402
-from admm.config import CompressionConfig  # noqa: E402
-from admm.nn.surgery import decompose_model  # noqa: E402
-from bench.common import (  # noqa: E402
+from admm.config import CompressionConfig
+from admm.model_plan import plan_for_model
+from admm.nn.surgery import decompose_model
+from bench.common import (
+    add_json_option,
     add_malloc_option,
     apply_malloc_option,
-    banner,
-    banner_line,
     init_process_group,
     pick_device,
+    start,
     synthetic_batch,
     time_fn,
-    write_json,
 )
-from trainer.config import DistillConfig, EngineConfig, OptimConfig  # noqa: E402
-from trainer.distill import DistillLoss  # noqa: E402
-from trainer.engine import build_engine, prepare_deepspeed_env, resolve_precision  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from trainer.config import DistillConfig, EngineConfig, OptimConfig
+from trainer.distill import DistillLoss
+from trainer.engine import build_engine, prepare_deepspeed_env, resolve_precision
+from trainer.models import build_model
 
 
 def main() -> None:
@@ -51,7 +46,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--format", default="tucker2")
     ap.add_argument("--keep-ratio", type=float, default=0.33)
-    ap.add_argument("--json", default=None)
+    add_json_option(ap)
     add_malloc_option(ap)
     args = ap.parse_args()
 
@@ -59,8 +54,8 @@ def main() -> None:
     apply_malloc_option(args, device)  # CPU: the malloc tunables the training workers run with
     prepare_deepspeed_env()
     init_process_group(device)
-    info = banner(device)
-    print(banner_line(info), flush=True)
+    report = start("distill_cost", device, args)
+    info = report.info
     engine_cfg = EngineConfig()
     precision = resolve_precision(engine_cfg, device)
     x, y = synthetic_batch(args.batch, 32, 10, device, precision.channels_last)
@@ -102,13 +97,12 @@ def main() -> None:
                      "teacher_forward_ms": 1e3 * t.median, "ratio": p.median / d.median,
                      "timings_s": {"plain": p.to_json(), "distill": d.to_json(), "teacher": t.to_json()}})
         r = rows[-1]
+        report.add(r)
         print(f"{r['round']:5d} {r['plain_steps_s']:13.2f} {r['distill_steps_s']:15.2f} "
               f"{r['teacher_forward_ms']:14.1f} {r['ratio']:13.3f}  {info['device']}", flush=True)
     ratio = statistics.median(r["ratio"] for r in rows)
     print(f"median distill/plain steps/s: {ratio:.3f} ({(1 / ratio - 1) * 100:+.0f}% time per step) on {info['device']}")
-    if args.json:
-        write_json(args.json, {"banner": info, "args": vars(args), "student_params": n_student,
-                               "teacher_params": n_teacher, "rows": rows, "median_ratio": ratio})
+    report.finish(student_params=n_student, teacher_params=n_teacher, median_ratio=ratio)
 
 
 if __name__ == "__main__":
