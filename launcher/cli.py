@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         kind = next((k for t, k in kinds.items() if isinstance(e, t)), None)
         if kind is None:
             raise
-        from trainer.phase_runs import error_message
+        from trainer.tracking_runs import error_message
 
         print(f"tdcompress: {kind} error: {error_message(e)}", file=sys.stderr)
         return 2
