@@ -297,14 +297,14 @@ class Tracker:
         box, kind, c = self._box, entry["kind"], self._client
         run = box.resolved(entry)["run"]
         if kind == "open_phase":
-            from trainer.tracking_runs import open_phase_run
+            from trainer.phase_records import open_phase_run
 
             box.aliases[entry["run"]] = open_phase_run(c, entry)
             return
         if run.startswith("pending-"):  # its opening was refused by the server: nothing to log into
             raise Unsendable(f"the run of {run} was never created")
         if kind == "close_phase":
-            from trainer.tracking_runs import close_phase_run
+            from trainer.phase_records import close_phase_run
 
             close_phase_run(c, run, entry)
         elif kind == "metrics":
