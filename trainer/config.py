@@ -301,18 +301,18 @@ class WorkerConfig:
         check_phases(self.phases)
         check_methods(self)
         check_schedule(self)
-        fail = self.debug.fail_at
-        if fail is not None:
-            check(fail.phase < len(self.phases) and self.phases[fail.phase].trains, "debug.fail_at.phase",
-                  f"must be the index of a training phase ({', '.join(TRAINING_PHASES)}), got {fail.phase}")
-            check(fail.epoch <= self.phases[fail.phase].epochs, "debug.fail_at.epoch",
-                  f"phase {fail.phase} runs {self.phases[fail.phase].epochs} epochs, got {fail.epoch}")
-        hold = self.debug.hold_at
-        if hold is not None:
-            check(hold.phase < len(self.phases) and self.phases[hold.phase].trains, "debug.hold_at.phase",
-                  f"must be the index of a training phase ({', '.join(TRAINING_PHASES)}), got {hold.phase}")
-            check(hold.epoch <= self.phases[hold.phase].epochs, "debug.hold_at.epoch",
-                  f"phase {hold.phase} runs {self.phases[hold.phase].epochs} epochs, got {hold.epoch}")
+        for key in ("fail_at", "hold_at"):
+            check_debug_point(self.phases, f"debug.{key}", getattr(self.debug, key))
+
+
+def check_debug_point(phases: list[PhaseConfig], key: str, at: FailAt | HoldAt | None) -> None:
+    """A debug point (``debug.fail_at``, ``debug.hold_at``) must name a training phase and one of its epochs."""
+    if at is None:
+        return
+    check(at.phase < len(phases) and phases[at.phase].trains, f"{key}.phase",
+          f"must be the index of a training phase ({', '.join(TRAINING_PHASES)}), got {at.phase}")
+    check(at.epoch <= phases[at.phase].epochs, f"{key}.epoch",
+          f"phase {at.phase} runs {phases[at.phase].epochs} epochs, got {at.epoch}")
 
 
 def check_phases(phases: list[PhaseConfig]) -> None:
