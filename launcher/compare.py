@@ -156,14 +156,16 @@ def _cell(row: dict[str, Any], key: str, kind: str) -> str:
         else text
 
 
-def render(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None) -> str:
-    """``rows`` as ``fmt`` (table, markdown, csv, json); ``columns``: the keys to show (default: all with data)."""
+def render(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None,
+           spec: tuple[tuple[str, str, str], ...] = COLUMNS) -> str:
+    """``rows`` as ``fmt`` (table, markdown, csv, json); ``columns``: the keys to show (default: all with data);
+    ``spec``: the (key, header, kind) of every column there is (default: compare's own)."""
     if fmt not in OUTPUT_FORMATS:
         raise ConfigError(f"--format: must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
     if fmt == "json":
         return json.dumps(rows, indent=1, default=str)
-    cols = [c for c in COLUMNS if (c[0] in columns if columns else any(r.get(c[0]) not in (None, "") for r in rows))]
-    if any("n" in r for r in rows):
+    cols = [c for c in spec if (c[0] in columns if columns else any(r.get(c[0]) not in (None, "") for r in rows))]
+    if any("n" in r for r in rows) and all(k != "n" for k, _, _ in cols):
         cols.insert(1, ("n", "n", "text"))
     if fmt == "csv":
         buf = io.StringIO()

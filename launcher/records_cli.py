@@ -2,10 +2,11 @@
 
     tdcompress records export DIR [--filter EXPR] [RUN ...]   one JSON per parent run (launcher/records.py)
     tdcompress records import DIR [--tracking-uri URI]        back into an MLflow store (launcher/records_import.py)
-    tdcompress records render RESULTS.md [--check]            regenerate the file's `tdcompress compare` tables
+    tdcompress records curve DIR [--table rows|curve|best]    a study's stages, budget curve and best models
+    tdcompress records render RESULTS.md [--check]            regenerate the file's tables
 
-A table in a rendered file is the output of the `tdcompress compare` command written in the HTML comment
-above it, up to the next ``<!-- end -->``::
+A table in a rendered file is the output of the `tdcompress compare` or `tdcompress records curve` command
+written in the HTML comment above it, up to the next ``<!-- end -->``::
 
     <!-- tdcompress compare --records configs/study/records/r20-budget --format markdown --plot '' -->
     | run | ... |
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from launcher.schema import ConfigError
 
-BLOCK = re.compile(r"(<!-- (tdcompress compare [^\n]*?) -->\n)(.*?)(<!-- end -->)", re.S)
+BLOCK = re.compile(r"(<!-- (tdcompress (?:compare|records curve) [^\n]*?) -->\n)(.*?)(<!-- end -->)", re.S)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +54,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "created when missing)")
     im.add_argument("--experiment", help="put every run in this experiment (default: each record's own)")
     im.set_defaults(func=_cmd_import)
+
+    cv = rsub.add_parser("curve", help="a study from its records: every row's top-1 at each stage, ADMM minus "
+                         "direct by budget and ratio, the best model per ratio")
+    cv.add_argument("dir", help="records directory (e.g. docs/records/r20-budget)")
+    cv.add_argument("--table", default="curve", help="rows (every row, each stage), curve (ADMM - direct by "
+                    "budget; default) or best (the best row per ratio, with its command)")
+    cv.add_argument("--format", default="table", help="table (default), markdown, csv or json")
+    cv.add_argument("--plot", default="", metavar="PNG", help="also draw the budget curve here (e.g. "
+                    "docs/r20_budget_curve.png; default: none)")
+    cv.set_defaults(func=_cmd_curve)
 
     rd = rsub.add_parser("render", help="regenerate the `tdcompress compare` tables of a markdown file")
     rd.add_argument("file", help="markdown file with <!-- tdcompress compare ... --> ... <!-- end --> blocks")
@@ -87,11 +98,33 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_curve(args: argparse.Namespace) -> int:
+    from launcher.compare_plot import check_plot_path
+    from launcher.records import load_records
+    from launcher.study_curve import study_rows
+    from launcher.study_curve import table as curve_table
+    from launcher.study_curve_plot import plot_curve
+
+    plot_path = check_plot_path(Path(args.plot)) if args.plot else None  # a bad path fails before any reading
+    print(curve_table(Path(args.dir), args.table, args.format))
+    if plot_path and plot_curve(study_rows(load_records(Path(args.dir))), plot_path):
+        print(f"plot: {plot_path}", file=sys.stderr)
+    return 0
+
+
 def table(command: str, tracking_uri: str | None) -> str:
-    """What ``command`` (a `tdcompress compare` line) prints, run in this process; ends in a newline."""
+    """What ``command`` (a `tdcompress compare` or `records curve` line) prints, run in this process; ends in a
+    newline."""
     from launcher import compare_cli
 
     argv = shlex.split(command)[1:]
+    if argv[:2] == ["records", "curve"]:
+        parser = argparse.ArgumentParser(prog="tdcompress")
+        add_parser(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        if args.plot:
+            raise ConfigError(f"{command!r}: a rendered block draws no plot; remove --plot from it")
+        return _captured(args)
     if "--tracking-uri" in argv:
         raise ConfigError(f"{command!r}: give --records DIR (or --tracking-uri to render), not --tracking-uri")
     if "--records" not in argv:
@@ -102,7 +135,11 @@ def table(command: str, tracking_uri: str | None) -> str:
         raise ConfigError(f"{command!r}: a block's command must be 'tdcompress compare ...'")
     parser = argparse.ArgumentParser(prog="tdcompress")
     compare_cli.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    return _captured(parser.parse_args(argv))
+
+
+def _captured(args: argparse.Namespace) -> str:
+    """What the parsed command ``args`` prints, ending in a newline."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         args.func(args)
@@ -121,7 +158,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
         raise ConfigError(f"file: {path} does not exist")
     text = path.read_text()
     if not BLOCK.search(text):
-        raise ConfigError(f"file: {path} has no '<!-- tdcompress compare ... -->' ... '<!-- end -->' block")
+        raise ConfigError(f"file: {path} has no '<!-- tdcompress compare ... -->' (or 'records curve') ... "
+                          "'<!-- end -->' block")
     new = render(text, args.tracking_uri)
     if args.check:
         print("up to date" if new == text else f"{path} is out of date: run tdcompress records render {path}")
