@@ -74,7 +74,8 @@ def test_sweep_interrupted_resumes_and_tables_come_from_records(tmp_path, cifar_
     _write(tmp_path)
     runs = tmp_path / "runs" / "tiny"
     proc = _sweep(tmp_path, cifar_root, "first.log")
-    wait_for_path(runs / "svd-long-s0" / "held-1-1", lambda: proc.poll() is None, what="the sweep")
+    wait_for_path(runs / "svd-long-s0" / "held-1-1", lambda: proc.poll() is None,
+                  what=f"the sweep (output: {tmp_path / 'first.log'})")
     assert _mid_finetune(runs / "svd-long-s0")
     proc.send_signal(signal.SIGTERM)  # the sweep stops its running row the same way, then itself
     assert proc.wait(timeout=300) == 130, (tmp_path / "first.log").read_text()[-3000:]
