@@ -212,8 +212,8 @@ def up(nodes: int, cpus_per_node: int = 1, mlflow: bool = True, directory: str |
         if mlflow:
             port = free_port()
             mlflow_log = d / "logs" / "mlflow.log"
-            # Without MLflow's job runner (GenAI scorer jobs, unused here): with it the server takes about twice as
-            # long to start and keeps a SIGTERM waiting until `down`'s grace runs out.
+            # Without MLflow's job runner (GenAI scorer jobs, unused here): it slows the server's start and its
+            # exit on SIGTERM (the standalone server of the tracking-fault tests: twice the start, ~15 s to stop).
             state.mlflow_pid = _spawn([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
                                        str(port), "--workers", "1", "--backend-store-uri",
                                        f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination",
