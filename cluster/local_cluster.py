@@ -190,7 +190,10 @@ def up(nodes: int, cpus_per_node: int = 1, mlflow: bool = True, directory: str |
     venv_bin = str(Path(sys.executable).parent)
     # The nodes' PATH starts with this Python's bin: a job's shell then finds `python` and `tdcompress` of this venv.
     env = {**os.environ, **state.auth_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "PATH": os.pathsep.join([venv_bin, os.environ.get("PATH", "")]), "RAY_USAGE_STATS_ENABLED": "0"}
+           "PATH": os.pathsep.join([venv_bin, os.environ.get("PATH", "")]), "RAY_USAGE_STATS_ENABLED": "0",
+           # On SIGTERM a node first drains (for Ray Serve's proxies) for up to 30 s before it stops its processes;
+           # nothing here serves traffic, and the wait outlasted `down`'s grace, which then had to SIGKILL.
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     node = [sys.executable, "-m", "cluster.ray_node", "start", "--block", "--node-ip-address=127.0.0.1",
             f"--num-cpus={cpus_per_node}", "--num-gpus=0",
@@ -209,10 +212,13 @@ def up(nodes: int, cpus_per_node: int = 1, mlflow: bool = True, directory: str |
         if mlflow:
             port = free_port()
             mlflow_log = d / "logs" / "mlflow.log"
+            # Without MLflow's job runner (GenAI scorer jobs, unused here): it slows the server's start and its
+            # exit on SIGTERM (the standalone server of the tracking-fault tests: twice the start, ~15 s to stop).
             state.mlflow_pid = _spawn([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
                                        str(port), "--workers", "1", "--backend-store-uri",
                                        f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination",
-                                       str(d / "mlflow-artifacts")], mlflow_log, env)
+                                       str(d / "mlflow-artifacts")], mlflow_log,
+                                      {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
             state.mlflow_uri = f"http://127.0.0.1:{port}"
             _write(state)
         _wait_for("the head node", lambda: _node_started(head_log), [pid], state.markers(), head_log, NODE_START_S)
@@ -260,7 +266,15 @@ def _write(state: ClusterState) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    return bool(_members(pgid))
+    """A member of ``pgid`` still runs. Zombies do not count: a group leader `up` started from this process stays
+    a zombie until reaped, and waiting on it would only spend `down`'s whole grace."""
+    for pid in _members(pgid):
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                return True
+        except (OSError, IndexError):
+            continue
+    return False
 
 
 def down(directory: str | Path | None = None, grace_s: float = 20.0) -> list[int]:

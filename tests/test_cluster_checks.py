@@ -145,3 +145,24 @@ def test_ray_cluster_definition_submit_plans_the_run(monkeypatch):
         plan_submission(str(PROJECT / args[0]), [*args[1:], f"tracking.uri=http://127.0.0.1:{local_cluster.free_port()}"],
                         None, False, None, {})
 
+
+
+def test_down_waits_on_running_processes_not_on_zombies():
+    """`down` waits while a stopped group still runs; a group leader `up` started from this process stays a zombie
+    until reaped, and must not keep `down` waiting its whole grace."""
+    import subprocess
+    import sys
+    import time
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    done = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    try:
+        while Path(f"/proc/{done.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)  # until it has exited; it is not reaped before done.wait() below
+        assert local_cluster._members(done.pid) == [done.pid]
+        assert not local_cluster._group_alive(done.pid)
+        assert local_cluster._group_alive(live.pid)
+    finally:
+        live.kill()
+        live.wait()
+        done.wait()

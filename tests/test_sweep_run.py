@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import wait_for_path
 
 from launcher.cli import main
 from trainer import checkpoint as ckpt
@@ -20,7 +21,10 @@ from trainer import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = "phases=[{{kind: decompose}}, {{kind: finetune, epochs: {e}, steps_per_epoch: 2}}, {{kind: evaluate}}]"
-LONG_EPOCHS = 40  # the row stopped mid-run: long enough that it is still running when its first checkpoint lands
+LONG_EPOCHS = 3  # the row stopped mid-run: it holds after its first fine-tune epoch (HOLD) until stopped
+# The long rows wait once after the checkpoint of their first fine-tune epoch (debug.hold_at): the sweep is
+# stopped in that state, not raced; the row resumed later has held already, the other long row is released.
+HOLD = "debug.hold_at={phase: 1, epoch: 1}"
 
 
 def _write(tmp_path: Path) -> Path:
@@ -35,7 +39,7 @@ def _write(tmp_path: Path) -> Path:
              "dense": {"name": "dense-s{seed}", "config": "base.yaml", "seeds": [0]},
              "grids": [{"name": "{format}-{budget}-s{seed}", "config": "base.yaml", "axes": {
                  "format": ["svd", "tucker2"],
-                 "budget": {"short": [FINETUNE.format(e=1)], "long": [FINETUNE.format(e=LONG_EPOCHS)]}}}]}
+                 "budget": {"short": [FINETUNE.format(e=1)], "long": [FINETUNE.format(e=LONG_EPOCHS), HOLD]}}}]}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
     return tmp_path / "sweep.yaml"
 
@@ -56,14 +60,23 @@ def _mid_finetune(run_dir: Path) -> bool:
     return meta["phase_index"] == 1 and meta["epoch"] >= 1 and not meta["phase_done"]
 
 
+def _release(run_dir: Path, proc: subprocess.Popen) -> None:
+    """Let ``run_dir``'s row go on when it holds (its held file appears); returns at once if the sweep ends."""
+    held = run_dir / "held-1-1"
+    while not held.exists() and proc.poll() is None:
+        time.sleep(0.2)
+    if held.exists():
+        (run_dir / "release-1-1").touch()
+
+
 @pytest.mark.slow
 def test_sweep_interrupted_resumes_and_tables_come_from_records(tmp_path, cifar_root, monkeypatch, capsys):
     _write(tmp_path)
     runs = tmp_path / "runs" / "tiny"
     proc = _sweep(tmp_path, cifar_root, "first.log")
-    while not _mid_finetune(runs / "svd-long-s0"):
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(0.05)
+    wait_for_path(runs / "svd-long-s0" / "held-1-1", lambda: proc.poll() is None,
+                  what=f"the sweep (output: {tmp_path / 'first.log'})")
+    assert _mid_finetune(runs / "svd-long-s0")
     proc.send_signal(signal.SIGTERM)  # the sweep stops its running row the same way, then itself
     assert proc.wait(timeout=300) == 130, (tmp_path / "first.log").read_text()[-3000:]
 
@@ -80,6 +93,7 @@ def test_sweep_interrupted_resumes_and_tables_come_from_records(tmp_path, cifar_
                       "tucker2-short-s0": "new", "tucker2-long-s0": "new"}
 
     proc = _sweep(tmp_path, cifar_root, "second.log")
+    _release(runs / "tucker2-long-s0", proc)
     assert proc.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
     log = (tmp_path / "second.log").read_text()
     assert "[sweep] dense-s0: finished, skipped" in log and "[sweep] svd-short-s0: finished, skipped" in log
