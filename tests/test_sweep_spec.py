@@ -128,3 +128,19 @@ def test_a_row_started_by_hand_is_recorded_and_tagged(tmp_path):
     rec = json.loads(out.read_text())
     assert out.name == "dense-s0.json" and rec["run_id"] == mine and rec["tags"]["tdcompress.sweep"] == "t"
     assert "tdcompress.sweep" not in client.get_run(decoy).data.tags
+
+
+def test_nice_lowers_the_process_and_its_session():
+    """`sweep --nice` must make the rows yield even when the sweep runs in a session of its own (autogroup)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import os; from launcher.sweep.cli import lower_priority; lower_priority(7); "
+            "ag = '/proc/self/autogroup'; "
+            "print(os.nice(0), open(ag).read().split()[-1] if os.path.exists(ag) else 'none')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         start_new_session=True).stdout.split()
+    assert out[0] == "7"
+    if Path("/proc/self/autogroup").exists():
+        assert out[1] == "7"

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(dry_run_lines(sweep, at, only)))
         return 0
     if args.nice:
-        os.nice(args.nice)  # the rows' processes inherit it
+        lower_priority(args.nice)
     if args.address:
         from launcher.sweep.jobs import run_jobs
 
@@ -71,3 +71,16 @@ def run(args: argparse.Namespace) -> int:
         failed = run_local(sweep, at, only)
     print(f"[sweep] {sweep.name}: done; not finished: {', '.join(failed) or 'none'}", flush=True)
     return 1 if failed else 0
+
+
+def lower_priority(nice: int) -> None:
+    """Run this process and every row it starts at niceness ``nice``. Under Linux's autogroup scheduling a
+    niceness counts only against the processes of the same session, so a sweep started in its own session
+    (setsid, a new terminal, nohup from a script) would still take half the machine from an interactive shell:
+    the session's own autogroup niceness is lowered too, where the kernel has one."""
+    os.nice(nice)  # the rows' processes inherit it
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:  # no autogroup here (not Linux, or a kernel without it): niceness alone counts
+        pass
