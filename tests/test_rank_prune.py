@@ -50,6 +50,26 @@ def test_prunable_layer_is_the_dense_layer_and_its_svd_form():
     torch.testing.assert_close(rebuilt(x), layer(x))
 
 
+def test_factors_from_nearby_weights_have_the_same_signs():
+    """Weights that differ by float noise (as after 1 and 2 workers) give the same factors, not sign-flipped ones.
+
+    An SVD's singular vector pairs are only defined up to sign; unfixed, noise of 1e-7 flips one in
+    several of these layers, and two runs of the same training then hold factors up to 0.3 apart.
+    """
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(48):
+        conv = nn.Conv2d(8, 16, 3)
+        with torch.no_grad():
+            conv.weight.copy_(0.1 * torch.randn(conv.weight.shape, generator=gen))
+        a = PrunableSVDLayer.from_dense(conv, 16)
+        with torch.no_grad():
+            conv.weight.add_(1e-7 * torch.randn(conv.weight.shape, generator=gen))
+        b = PrunableSVDLayer.from_dense(conv, 16)
+        # The noise turns close singular vectors by ~1e-4; a flipped sign moves entries by twice their size (~0.5).
+        for key in ("u", "s", "v"):
+            torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=0, atol=1e-2)
+
+
 def test_plan_prune_threshold_min_rank_and_budget():
     s = {"a": torch.tensor([1.0, 0.5, 0.01, 0.001]), "b": torch.tensor([2.0, 1.9, 0.3])}
     shapes = {"a": (4, 4), "b": (3, 6)}
@@ -194,9 +214,6 @@ def test_ranks_fall_resume_matches_and_export_loads(tiny, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.xfail(strict=False, reason="on 2026-12-05 this host's run resumed to weights up to 0.2 apart from the "
-                   "1-worker reference, at this commit and at the commit before the session's changes alike (the "
-                   "pruned ranks agree); it passed on the CI runs before. Open: found, not yet explained")
 def test_cut_on_two_ray_workers_after_a_prune_resumes_on_one(tiny):
     """The pruned shapes, the rebuilt optimizer and the rank history move to another number of workers."""
     import ray

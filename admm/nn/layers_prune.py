@@ -28,7 +28,8 @@ from admm.nn.layers import SVDLayer
 from admm.nn.layers_base import FactoredLayer, Geometry, assign
 from admm.reshape import to_matrix
 
-__all__ = ["FACTOR_DIM", "PARAMETRIZATION", "PrunableSVDLayer", "penalty_grads", "plan_prune", "svd_params"]
+__all__ = ["FACTOR_DIM", "PARAMETRIZATION", "PrunableSVDLayer", "fixed_signs", "penalty_grads", "plan_prune",
+           "svd_params"]
 
 PARAMETRIZATION = "usv"
 FACTOR_DIM = {"u": 1, "s": 0, "v": 0}  # the rank dimension of each factor: what keep() slices
@@ -37,6 +38,21 @@ FACTOR_DIM = {"u": 1, "s": 0, "v": 0}  # the rank dimension of each factor: what
 def svd_params(shape: Sequence[int], rank: int) -> int:
     """Parameters of the svd factor pair at ``rank`` (bias excluded): ``r * (C_out + C_in*kh*kw)``."""
     return rank * (int(shape[0]) + math.prod(int(d) for d in shape[1:]))
+
+
+def fixed_signs(u: Tensor, s: Tensor, vh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """An SVD ``(u (m, k), s (k,), vh (k, n))`` with each left singular vector's largest-magnitude entry positive.
+
+    LAPACK returns each pair ``(u_i, vh_i)`` up to a common sign, and which sign can flip under
+    float noise of the input: weights trained on 1 or on 2 workers differ in their last bits, and
+    noise of 1e-7 flipped a pair in 17 of 200 random 16x72 matrices. The factors are trained and
+    checkpointed as they are, so the same weights must give the same factors: ``u_i, vh_i ->
+    -u_i, -vh_i`` keeps the product and leaves the sign to which entry of ``u_i`` is largest.
+    """
+    cols = torch.arange(u.shape[1], device=u.device)
+    sign = torch.sign(u[u.abs().argmax(dim=0), cols])
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return u * sign, s, vh * sign[:, None]
 
 
 class PrunableSVDLayer(FactoredLayer):
@@ -53,7 +69,7 @@ class PrunableSVDLayer(FactoredLayer):
 
     def _init_factors(self, weight: Tensor) -> None:
         r = int(self.rank)  # type: ignore[arg-type]
-        u, s, vh = torch.linalg.svd(to_matrix(weight), full_matrices=False)
+        u, s, vh = fixed_signs(*torch.linalg.svd(to_matrix(weight), full_matrices=False))
         assign(self.u, u[:, :r])
         assign(self.s, s[:r])
         assign(self.v, vh[:r])
