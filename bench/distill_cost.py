@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.surgery import decompose_model
+from admm.planning.model_plan import plan_for_model
 from bench.common import (
     add_json_option,
     add_malloc_option,

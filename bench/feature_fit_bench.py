@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.layers_prune import plan_prune
 from admm.nn.surgery import decompose_model
+from admm.planning.model_plan import plan_for_model
 from bench.common import add_json_option, device_name, init_process_group, start
 from trainer import checkpoint as ckpt
 from trainer.config import EngineConfig, OptimConfig, RankPruneConfig, WorkerConfig

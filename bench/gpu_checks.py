@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from admm.admm_component import AdmmComponent
 from admm.config import AdmmConfig, CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.fold import fold_batchnorm
 from admm.nn.surgery import decompose_model
+from admm.planning.model_plan import plan_for_model
 from bench.common import (
     Report,
     add_json_option,

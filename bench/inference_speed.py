@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.fold import fold_batchnorm
 from admm.nn.layers_tt import TTLayer
 from admm.nn.realize import realize
 from admm.nn.surgery import decompose_model, manifest_of
+from admm.planning.model_plan import plan_for_model
 from bench.common import add_json_option, add_malloc_option, apply_malloc_option, classes_for, start
 from trainer.export import FORMAT_VERSION
 from trainer.export_onnx import OnnxRuntimeModel, export_onnx, make_session

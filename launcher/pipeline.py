@@ -117,7 +117,7 @@ def make_plan(cfg: Config, classes: int, size: int):
             raise ConfigError(str(e)) from None
     if not any(p.kind in COMPRESSING_PHASES for p in cfg.phases):
         return None
-    from admm.model_plan import plan_for_model
+    from admm.planning.model_plan import plan_for_model
     from trainer.models import build_model
 
     try:

@@ -8,7 +8,7 @@ import torch
 
 from admm.admm_component import ADMM_GROUP, AdmmComponent
 from admm.config import AdmmConfig, CompressionConfig
-from admm.model_plan import plan_for_model
+from admm.planning.model_plan import plan_for_model
 from launcher import pipeline
 from trainer import checkpoint as ckpt
 from trainer import tracking

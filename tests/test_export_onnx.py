@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.fold import fold_batchnorm
 from admm.nn.surgery import decompose_model, manifest_of
+from admm.planning.model_plan import plan_for_model
 from trainer.export import FORMAT_VERSION, ExportError
 from trainer.export_onnx import INPUT, OPSET, TOLERANCE, export_onnx, load_onnx, manifest_from_metadata
 from trainer.models import build_model

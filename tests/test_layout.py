@@ -15,9 +15,9 @@ import pytest
 
 from admm.admm_component import AdmmComponent
 from admm.config import FORMATS, AdmmConfig, CompressionConfig
-from admm.model_plan import plan_for_model
+from admm.formats.projections import PROJECTIONS
 from admm.nn.layers import FACTORED_LAYERS
-from admm.projections import PROJECTIONS
+from admm.planning.model_plan import plan_for_model
 from trainer.component import Component
 from trainer.config import (
     DATASET_NAMES,

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.fold import apply_folding, fold_batchnorm
 from admm.nn.layers import SVDLayer, factorize_module
 from admm.nn.realize import alternatives, merged_module, realize
 from admm.nn.surgery import apply_manifest, decompose_model, manifest_of
+from admm.planning.model_plan import plan_for_model
 from trainer.latency import factored_input_shapes, layer_latency_table, measure_latency
 from trainer.malloc import TUNABLES, has_glibc, malloc_tuned, tuned_env
 from trainer.models import build_model

@@ -18,7 +18,7 @@ from admm.nn.layers import FactoredLayer, Geometry, factorize_module, layer_clas
 from admm.nn.layers_prune import PrunableSVDLayer
 
 if TYPE_CHECKING:  # keep apply_manifest's import light for torch-only export loading
-    from admm.rank_plan import RankPlan
+    from admm.planning.rank_plan import RankPlan
 
 __all__ = ["apply_manifest", "decompose_model", "get_submodule", "manifest_of", "module_from_spec",
            "set_submodule", "set_manifest"]

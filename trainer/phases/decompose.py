@@ -13,8 +13,8 @@ import time
 import torch
 from torch import nn
 
-from admm.model_plan import plan_for_model
 from admm.nn.surgery import decompose_model
+from admm.planning.model_plan import plan_for_model
 from trainer.context import WorkerContext
 from trainer.engine import resolve_precision
 from trainer.logs import get_logger

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from admm.layer_info import describe_layers
+from admm.formats.projections import max_rank
 from admm.nn.layers_prune import FACTOR_DIM, PrunableSVDLayer, penalty_grads, plan_prune, svd_params
 from admm.nn.surgery import get_submodule, manifest_of, set_manifest, set_submodule
-from admm.planner import select
-from admm.projections import max_rank
+from admm.planning.layer_info import describe_layers
+from admm.planning.planner import select
 from trainer.component import Component, ComponentBase
 from trainer.config import RankPruneConfig, WorkerConfig
 from trainer.momentum import read_momentum, write_momentum

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from admm.cp_als import cp_reconstruct
-from admm.hooi import tucker2_reconstruct
-from admm.projections import (
+from admm.formats.cp_als import cp_reconstruct
+from admm.formats.hooi import tucker2_reconstruct
+from admm.formats.projections import (
     CP_N_ITER,
     CP_TOL,
     HOOI_SWEEPS,
@@ -35,7 +35,7 @@ from admm.projections import (
     project,
     tucker2_factors,
 )
-from admm.reshape import from_3way
+from admm.formats.reshape import from_3way
 
 __all__ = ["WARM_KEYS", "ProjectionOptions", "Warm", "project_warm"]
 
@@ -65,7 +65,7 @@ def project_warm(weight: Tensor, fmt: str, rank: RankSpec, warm: Warm | None = N
     """``(Z, new warm state)``: Z = Proj_rank(weight) in ``fmt``, started from ``warm`` where the format has one.
 
     Z has the weight's shape, dtype and device. For formats without a warm
-    state (svd, tt, lowrank_sparse) this is :func:`admm.projections.project`
+    state (svd, tt, lowrank_sparse) this is :func:`admm.formats.projections.project`
     and the state is ``{}``. ``warm`` of another shape (a changed rank) raises.
     """
     if fmt not in WARM_KEYS:

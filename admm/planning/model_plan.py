@@ -12,10 +12,10 @@ from torch import nn
 
 from admm.comm import SINGLE, Comm
 from admm.config import CompressionConfig
-from admm.layer_info import describe_layers
-from admm.owners import with_owners
-from admm.planner import plan_ranks, select
-from admm.rank_plan import RankPlan
+from admm.planning.layer_info import describe_layers
+from admm.planning.owners import with_owners
+from admm.planning.planner import plan_ranks, select
+from admm.planning.rank_plan import RankPlan
 
 
 def plan_for_model(model: nn.Module, compression: CompressionConfig, world: int = 1,

@@ -6,8 +6,8 @@ FLOPs per image (``budget="flops"``, :data:`BUDGET_COSTS`): explicit
 ranks by layer name where given; the other layers either share one per-layer
 keep fraction, found by bisection (``allocation="uniform"``), or get ranks
 allocated from the budget to minimise the summed relative projection error of
-their current weights (``allocation="error"``, :mod:`admm.allocate`).
-The plan itself is :mod:`admm.rank_plan`; its owners, :mod:`admm.owners`.
+their current weights (``allocation="error"``, :mod:`admm.planning.allocate`).
+The plan itself is :mod:`admm.planning.rank_plan`; its owners, :mod:`admm.planning.owners`.
 
 Each layer carries its own format (``LayerPlan.fmt``): a 1x1 conv or Linear
 planned as tucker2 is planned as svd (:func:`layer_format`).
@@ -22,12 +22,12 @@ from typing import Callable, Mapping, Sequence
 
 from torch import Tensor
 
-from admm.accounting import dense_flops, dense_params, factored_flops, factored_params, rank_for_keep_ratio
-from admm.allocate import Ladder, allocate, rank_ladder, relative_errors
 from admm.config import ALLOCATIONS, BUDGETS
-from admm.projections import RankSpec, max_rank, validate_rank
-from admm.rank_plan import LayerInfo, LayerPlan, RankPlan
-from admm.reshape import kernel_shape
+from admm.formats.projections import RankSpec, max_rank, validate_rank
+from admm.formats.reshape import kernel_shape
+from admm.planning.accounting import dense_flops, dense_params, factored_flops, factored_params, rank_for_keep_ratio
+from admm.planning.allocate import Ladder, allocate, rank_ladder, relative_errors
+from admm.planning.rank_plan import LayerInfo, LayerPlan, RankPlan
 
 ONE_BY_ONE_NOTE = ("1x1 convs and Linear layers planned as tucker2 are planned as svd: for them Tucker-2 is the "
                    "same projection plus an r x r core, i.e. more parameters for the same Z")
@@ -127,7 +127,7 @@ def _within_limits(layer: LayerInfo, fmt: str, rank: RankSpec, min_rank_ratio: f
 
 def error_ladder(layer: LayerInfo, fmt: str, weight: Tensor, *, rank_multiple: int = 1, sparse_fraction: float = 0.1,
                  min_rank_ratio: float = 0.0, max_keep: float = 1.0, budget: str = "params") -> Ladder:
-    """The rank options of one layer for :func:`admm.allocate.allocate`: rounded to ``rank_multiple``,
+    """The rank options of one layer for :func:`admm.planning.allocate.allocate`: rounded to ``rank_multiple``,
     within the per-layer limits, cheapest first, with their costs in ``budget``'s unit (parameters, or
     FLOPs per image) and relative squared errors.
 
@@ -171,7 +171,7 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
         ranks: explicit ranks by layer name; these layers are fixed, the rest share the budget.
         allocation: ``"uniform"``: the free layers keep one shared fraction of their parameters
             (bisection); ``"error"``: ranks minimise the summed relative squared projection error
-            of ``weights`` (:mod:`admm.allocate`), each layer's ranks within ``min_rank_ratio`` of
+            of ``weights`` (:mod:`admm.planning.allocate`), each layer's ranks within ``min_rank_ratio`` of
             its full ranks and ``max_keep`` of its dense parameters. The plan then ends within
             one rank step of the budget, and its layers carry their ``error``.
         weights: the current weight of every planned layer by name (needed for ``"error"``).
@@ -247,7 +247,7 @@ class _Budget:
 
 def _allocate_by_error(task: _Budget, weights: Mapping[str, Tensor], *, rank_multiple: int, sparse_fraction: float,
                        min_rank_ratio: float, max_keep: float) -> RankPlan:
-    """Ranks that minimise the summed relative squared projection error within the budget (admm.allocate)."""
+    """Ranks that minimise the summed relative squared projection error within the budget (admm.planning.allocate)."""
     cost, fmts, fixed, free = BUDGET_COSTS[task.budget], task.fmts, task.fixed, task.free
     # The free layers' budget: what is left after dense layers and the fixed layers.
     rest = task.cost_total - sum(cost(layer, fmts[layer.name], None) for layer in free)

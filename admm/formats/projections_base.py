@@ -6,8 +6,8 @@ A rank spec (``RankSpec``) is an int for svd/tt/cp, a pair for tucker2
 returns W); ``validate_rank`` checks a spec and names the field, shape and
 allowed range. ``computing`` is the dtype / no_grad / tensorly-backend context
 every projection runs its arithmetic in. The projections themselves:
-:mod:`admm.projections` (svd, tucker2, tt, cp, and the dispatch by format) and
-:mod:`admm.lowrank_sparse`.
+:mod:`admm.formats.projections` (svd, tucker2, tt, cp, and the dispatch by format) and
+:mod:`admm.formats.lowrank_sparse`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from admm.config import FORMATS
-from admm.reshape import kernel_shape, tt_layout
+from admm.formats.reshape import kernel_shape, tt_layout
 
 __all__ = ["FORMATS", "RankSpec", "max_rank", "validate_rank"]
 

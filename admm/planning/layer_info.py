@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from admm.rank_plan import LayerInfo
+from admm.planning.rank_plan import LayerInfo
 
 
 def describe_layers(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> list[LayerInfo]:

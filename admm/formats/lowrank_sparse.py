@@ -7,8 +7,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from admm.projections_base import computing, svd_truncate, validate_rank
-from admm.reshape import from_matrix, to_matrix
+from admm.formats.projections_base import computing, svd_truncate, validate_rank
+from admm.formats.reshape import from_matrix, to_matrix
 
 __all__ = ["LOWRANK_SPARSE_N_ITER", "LOWRANK_SPARSE_TOL", "lowrank_sparse_parts", "project_lowrank_sparse", "top_k"]
 

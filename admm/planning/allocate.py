@@ -43,9 +43,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from admm.accounting import factored_params, rank_for_keep_ratio
-from admm.projections import RankSpec, max_rank, project
-from admm.reshape import kernel_shape, to_3way, to_matrix
+from admm.formats.projections import RankSpec, max_rank, project
+from admm.formats.reshape import kernel_shape, to_3way, to_matrix
+from admm.planning.accounting import factored_params, rank_for_keep_ratio
 
 __all__ = ["Ladder", "allocate", "projection_errors", "rank_ladder", "relative_errors"]
 

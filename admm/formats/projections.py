@@ -3,7 +3,7 @@
 Each ``project_*`` is a pure function ``(weight, rank spec) -> Z`` with Z of the
 weight's shape, dtype and device. Conv kernels ``(C_out, C_in, kh, kw)`` and Linear
 weights ``(out, in)`` (treated as ``kh = kw = 1``) are seen through the views of
-:mod:`admm.reshape`. The arithmetic runs in float32 (float64 stays float64;
+:mod:`admm.formats.reshape`. The arithmetic runs in float32 (float64 stays float64;
 bf16/fp16 are upcast, because SVDs in half precision are neither supported on
 every device nor accurate) under ``torch.no_grad`` on a detached tensor.
 
@@ -14,12 +14,12 @@ format          rank spec          constraint set / algorithm
 ==============  =================  ==============================================
 svd             int r              rank(C_out x C_in*k*k) <= r; Eckart-Young
 tucker2         (r_out, r_in)      multilinear ranks of modes C_out, C_in (Kim et
-                                   al. 2016); HOOI from HOSVD or warm (admm.hooi)
+                                   al. 2016); HOOI from HOSVD or warm (admm.formats.hooi)
 tt              int r (max bond)   TT ranks of the channel-aligned view (o.., k*k,
                 or one rank/bond   i..) of the TT-ADMM code <= r, each bond capped
                                    at what it can hold; TT-SVD (Oseledets 2011)
 cp              int R              CP rank of (C_out, C_in, k*k) <= R; ALS from the
-                                   svd init or warm (admm.cp_als)
+                                   svd init or warm (admm.formats.cp_als)
 lowrank_sparse  (r, k)             W ~ L + S, rank(L) <= r, nnz(S) <= k (Yu et al.
                                    2017); alternating hard projections (GoDec)
 ==============  =================  ==============================================
@@ -28,12 +28,12 @@ Only svd, tucker2 and tt are exact or quasi-optimal projections, idempotent to
 round-off; cp and lowrank_sparse are projections onto non-convex sets computed
 by a few iterations of a local method, deterministic but, started cold, not
 idempotent (cp: see :func:`project_cp`). tucker2 and cp can start from the
-factors of the previous call (:mod:`admm.warm`, what the ADMM Z-update does);
+factors of the previous call (:mod:`admm.formats.warm`, what the ADMM Z-update does);
 warm-started, cp returns its own output to round-off as well.
 
 Rank specs (``RankSpec``, ``max_rank``, ``validate_rank``) live in
-:mod:`admm.projections_base`, low-rank + sparse in :mod:`admm.lowrank_sparse`;
-both are re-exported here, so ``from admm.projections import ...`` stays the one
+:mod:`admm.formats.projections_base`, low-rank + sparse in :mod:`admm.formats.lowrank_sparse`;
+both are re-exported here, so ``from admm.formats.projections import ...`` stays the one
 import for every projection and rank helper.
 """
 
@@ -47,17 +47,17 @@ from tensorly.decomposition import tensor_train
 from torch import Tensor
 
 from admm.config import FORMATS
-from admm.cp_als import cp_als, cp_reconstruct
-from admm.hooi import hooi_factors, tucker2_reconstruct
-from admm.lowrank_sparse import (
+from admm.formats.cp_als import cp_als, cp_reconstruct
+from admm.formats.hooi import hooi_factors, tucker2_reconstruct
+from admm.formats.lowrank_sparse import (
     LOWRANK_SPARSE_N_ITER,
     LOWRANK_SPARSE_TOL,
     lowrank_sparse_parts,
     project_lowrank_sparse,
     top_k,
 )
-from admm.projections_base import RankSpec, check_format, computing, max_rank, svd_truncate, validate_rank
-from admm.reshape import (
+from admm.formats.projections_base import RankSpec, check_format, computing, max_rank, svd_truncate, validate_rank
+from admm.formats.reshape import (
     from_3way,
     from_matrix,
     from_tt,
@@ -92,8 +92,8 @@ __all__ = [
     "validate_rank",
 ]
 
-# HOOI sweeps per tucker2 projection (admm.hooi), after HOSVD on a cold call and
-# from the previous Z-update's factors in ADMM (admm.warm). Chosen from
+# HOOI sweeps per tucker2 projection (admm.formats.hooi), after HOSVD on a cold call and
+# from the previous Z-update's factors in ADMM (admm.formats.warm). Chosen from
 # `bench/zupdate.py --hooi --max-layers 4` (ResNet-50 convs of all four stages at
 # keep 0.5, CPU, bench/README.md "Tucker-2 by warm-started HOOI"): after a weight
 # change of 1e-3 ||W||, one warm sweep is within 1.5e-6 (relative, worst layer)
@@ -105,7 +105,7 @@ HOOI_SWEEPS = 1
 # (0: always run HOOI_SWEEPS; a tolerance only pays with many sweeps).
 HOOI_TOL = 0.0
 
-# ALS sweeps for CP (admm.cp_als), from the svd init on a cold call and from the
+# ALS sweeps for CP (admm.formats.cp_als), from the svd init on a cold call and from the
 # previous Z-update's factors in ADMM. A sweep costs about 6 C_out C_in k^2 R flops;
 # cold, 20 sweeps get most of the error reduction that 100 get at a fifth of the
 # cost; warm, the sweeps accumulate across Z-updates. CP_TOL > 0 stops after a
@@ -131,7 +131,7 @@ def tucker2_factors(weight: Tensor, rank: Sequence[int], n_iter: int = HOOI_SWEE
                     init: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Tucker-2 factors ``(core (r_out, r_in, k*k), U_out (C_out, r_out), U_in (C_in, r_in))`` of ``weight``.
 
-    HOSVD, then ``n_iter`` HOOI sweeps (:func:`admm.hooi.hooi_factors`); with
+    HOSVD, then ``n_iter`` HOOI sweeps (:func:`admm.formats.hooi.hooi_factors`); with
     ``init`` = the ``(U_out, U_in)`` of an earlier call, the sweeps start from
     those instead (warm start, ``n_iter >= 1``). The factors are orthonormal,
     in the compute dtype (float32/float64), on the weight's device.
@@ -151,11 +151,11 @@ def project_tucker2(weight: Tensor, rank: Sequence[int], n_iter: int = HOOI_SWEE
     Truncated HOSVD, then ``n_iter`` (default ``HOOI_SWEEPS``) HOOI sweeps, each
     of which can only lower the error; ``n_iter = 0`` is the one-shot HOSVD
     (quasi-optimal: error <= sqrt(2) x best). Written with torch
-    (:mod:`admm.hooi`) rather than tensorly's ``partial_tucker``: the same
+    (:mod:`admm.formats.hooi`) rather than tensorly's ``partial_tucker``: the same
     iterates (tests/test_hooi.py: 1e-8 in float64), and a warm sweep took 1/4
     of partial_tucker's time with the same init on ResNet-50 layers (bench/README.md).
     Exact on tensors that already have Tucker-2 ranks ``(r_out, r_in)``, so
-    idempotent to round-off. The ADMM Z-update warm-starts it (:mod:`admm.warm`).
+    idempotent to round-off. The ADMM Z-update warm-starts it (:mod:`admm.formats.warm`).
     """
     core, u_out, u_in = tucker2_factors(weight, rank, n_iter, tol)
     with torch.no_grad():
@@ -164,7 +164,7 @@ def project_tucker2(weight: Tensor, rank: Sequence[int], n_iter: int = HOOI_SWEE
 
 
 def tt_cores(weight: Tensor, rank: RankSpec) -> list[Tensor]:
-    """TT-SVD (Oseledets 2011) cores of the channel-aligned TT view (see :mod:`admm.reshape`).
+    """TT-SVD (Oseledets 2011) cores of the channel-aligned TT view (see :mod:`admm.formats.reshape`).
 
     ``rank``: an int (each bond ``min(rank, cap)``) or one rank per bond. Returns
     cores ``G_j`` of shapes ``tt_layout(weight.shape).core_shapes(rank)``, i.e.
@@ -193,7 +193,7 @@ def project_tt(weight: Tensor, rank: RankSpec) -> Tensor:
 
 def cp_factors(weight: Tensor, rank: int, n_iter: int = CP_N_ITER, tol: float = CP_TOL,
                init: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """CP factors ``(A (C_out, R), B (C_in, R), C (k*k, R))`` of ``weight`` by ALS (:mod:`admm.cp_als`).
+    """CP factors ``(A (C_out, R), B (C_in, R), C (k*k, R))`` of ``weight`` by ALS (:mod:`admm.formats.cp_als`).
 
     ``n_iter`` ALS sweeps (stopping early by ``tol``) from the svd init, or from
     ``init`` = the factors of an earlier call (warm start). At ``R = max_rank``
@@ -230,7 +230,7 @@ def _exact_cp(w3: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
 def project_cp(weight: Tensor, rank: int, n_iter: int = CP_N_ITER, tol: float = CP_TOL) -> Tensor:
     """CP/PARAFAC of rank ``R`` of the ``(C_out, C_in, k*k)`` view (Lebedev et al. 2015).
 
-    ALS (:mod:`admm.cp_als`, the iteration of tensorly's ``parafac`` written in
+    ALS (:mod:`admm.formats.cp_als`, the iteration of tensorly's ``parafac`` written in
     torch) from the svd init for ``n_iter`` sweeps (default ``CP_N_ITER`` = 20).
     The best rank-R CP approximation may not exist (border rank), so this is a
     local, approximate projection. Started cold it is NOT idempotent at the
@@ -241,7 +241,7 @@ def project_cp(weight: Tensor, rank: int, n_iter: int = CP_N_ITER, tol: float = 
     R=1142 after 5 sweeps (6 s a sweep on one CPU core): ALS from the svd init
     does not find the exact rank-R decomposition that Proj(W) has, and more
     sweeps do not fix that at any affordable cost. Warm-started from the factors
-    of Proj(W) -- what the ADMM Z-update does (:mod:`admm.warm`) -- one sweep
+    of Proj(W) -- what the ADMM Z-update does (:mod:`admm.formats.warm`) -- one sweep
     returns Proj(W) to 2e-6..4e-5 (float32). At ``R = max_rank`` W is
     returned unchanged.
     """

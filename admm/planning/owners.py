@@ -8,9 +8,9 @@ from __future__ import annotations
 import heapq
 from typing import Sequence
 
-from admm.projections import RankSpec
-from admm.rank_plan import LayerPlan, RankPlan
-from admm.reshape import kernel_shape
+from admm.formats.projections import RankSpec
+from admm.formats.reshape import kernel_shape
+from admm.planning.rank_plan import LayerPlan, RankPlan
 
 # Weight of a matmul flop against the m n min(m, n) unit of a dense factorisation (SVD, eigh): fitted on the
 # measured Z-update times of ResNet-50's planned layers (bench/zupdate.py --json, CPU; bench/README.md).
@@ -21,7 +21,7 @@ def projection_cost(shape: Sequence[int], fmt: str, rank: RankSpec | None = None
     """Relative cost of one Z-update of a layer, for balancing owners (units: m n min(m, n) of one dense SVD).
 
     svd, tt, cp, lowrank_sparse: an SVD of the ``(C_out, C_in k^2)`` unfolding, ``m n min(m, n)``.
-    tucker2 at ``rank`` ``(r_out, r_in)``: what a warm HOOI sweep (admm/hooi.py, every Z-update after the
+    tucker2 at ``rank`` ``(r_out, r_in)``: what a warm HOOI sweep (admm/formats/hooi.py, every Z-update after the
     first) does: ``eigh`` of the two Gram matrices, ``C_out^3 + C_in^3``, plus its matmuls (mode products,
     Gram matrices, core, reconstruction) at ``_MATMUL_WEIGHT`` per flop. Costing tucker2 as two full SVDs
     instead made its 3x3 layers look 4-5x dearer than they are beside the svd-planned 1x1 layers: on

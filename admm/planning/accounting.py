@@ -19,7 +19,7 @@ for a kernel ``(C_out, C_in, kh, kw)``, ``s = kh*kw``:
 * tucker2 (r_out, r_in), Kim et al. 2016: 1x1 ``C_in -> r_in``, kxk ``r_in -> r_out``,
   1x1 ``r_out -> C_out``.
 * tt (r), the TT-ADMM code's channel-aligned layout: cores of
-  :meth:`admm.reshape.TTLayout.core_shapes` over modes ``(o_1..o_p, s, i_1..i_q)``,
+  :meth:`admm.formats.reshape.TTLayout.core_shapes` over modes ``(o_1..o_p, s, i_1..i_q)``,
   bonds ``(1, a_1..a_p, b_0..b_{q-1}, 1)`` (``a_p`` left of ``s``, ``b_0`` right of it).
   In-channel cores ``i_q .. i_1``, each a matmul over channels at input resolution:
   core ``i_j`` maps ``(i_1..i_j, b_j) -> (i_1..i_{j-1}, b_{j-1})`` per pixel; then the
@@ -44,8 +44,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, NamedTuple, Sequence, TypeVar
 
-from admm.projections import RankSpec, max_rank, validate_rank
-from admm.reshape import kernel_shape, tt_layout
+from admm.formats.projections import RankSpec, max_rank, validate_rank
+from admm.formats.reshape import kernel_shape, tt_layout
 
 __all__ = [
     "ParamCount",

@@ -1,6 +1,6 @@
 """A rank plan: every planned layer's format, rank, owner and costs, with the model's totals.
 
-What planning produces (:func:`admm.planner.plan_ranks`) and every later step
+What planning produces (:func:`admm.planning.planner.plan_ranks`) and every later step
 reads: the ADMM component, decompose, the driver's table, the plan file.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from admm.projections import RankSpec
+from admm.formats.projections import RankSpec
 
 
 @dataclass(frozen=True)

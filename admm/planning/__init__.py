@@ -1,0 +1,2 @@
+"""Which layers are compressed and at what ranks: a model's layers, their parameter and FLOP
+accounting, the rank allocations (uniform, error-based), owner ranks, and the plan document."""
