@@ -50,7 +50,7 @@ ADMM_GROUP = "tdc_admm"
 
 
 class AdmmComponent:
-    """The ADMM phase's trainer component (the contract of ``trainer.component.Component``).
+    """The ADMM phase's trainer component (the contract of ``trainer.core.component.Component``).
 
     Hook points: ``prepare`` (before the engine), ``attach``, ``on_step_end``,
     ``on_epoch_end``, ``on_checkpoint``, ``detach``; state: ``state_dict`` (this

@@ -1,6 +1,6 @@
 """ADMM step throughput divided by plain step throughput: same DeepSpeed engine, same process.
 
-For each model the project's engine (trainer.engine.build_engine, world size 1,
+For each model the project's engine (trainer.core.engine.build_engine, world size 1,
 ZeRO 0 unless --zero) trains on one fixed synthetic batch in five timed runs:
 
     P1 plain -> A admm (AdmmComponent attached: hooks add rho (U - Z), the optimizer's
@@ -54,7 +54,7 @@ from bench.common import (
     time_fn,
 )
 from trainer.config import EngineConfig, OptimConfig
-from trainer.engine import build_engine, prepare_deepspeed_env, resolve_precision
+from trainer.core.engine import build_engine, prepare_deepspeed_env, resolve_precision
 from trainer.models import build_model
 
 

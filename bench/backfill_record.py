@@ -32,7 +32,7 @@ from mlflow.entities import Metric, RunTag  # noqa: E402
 
 from launcher.config import load_config  # noqa: E402
 from launcher.run_record import format_and_keep, method_of  # noqa: E402
-from trainer import checkpoint as ckpt  # noqa: E402
+from trainer.checkpoints import files as ckpt  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.phases.decompose import measured_flops  # noqa: E402
 

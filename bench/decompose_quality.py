@@ -34,9 +34,9 @@ from admm.planning.model_plan import plan_for_model
 from admm.planning.planner import RankPlan, with_errors
 from bench.common import add_json_option, device_name, pick_device, start
 from launcher.plan import load_weights
+from trainer.core.engine import Precision
+from trainer.core.loop import evaluate
 from trainer.data import load_datasets, make_loader
-from trainer.engine import Precision
-from trainer.loop import evaluate
 from trainer.models import build_model
 
 

@@ -42,7 +42,7 @@ from bench.common import (
     synthetic_batch,
 )
 from trainer.config import EngineConfig, OptimConfig
-from trainer.engine import Precision, build_engine, prepare_deepspeed_env
+from trainer.core.engine import Precision, build_engine, prepare_deepspeed_env
 from trainer.models import build_model
 
 LOSS_TOL, PRIMAL_TOL = 2e-2, 0.2  # bf16 vs fp32 after a few steps

@@ -50,7 +50,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from trainer.export import export_run
+    from trainer.export.torch_export import export_run
 
     if args.tune_batch:
         print(f"timing every factored layer's realizations at batch {args.tune_batch} (CPU, "
@@ -59,7 +59,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                      progress=lambda line: print(f"  {line}", flush=True))
     files = "model.safetensors, manifest.json"
     if args.format == "onnx":
-        from trainer.export_onnx import OPSET, TOLERANCE, write_onnx
+        from trainer.export.onnx_export import OPSET, TOLERANCE, write_onnx
 
         path, error = write_onnx(out)
         files += f", {path.name}"
@@ -73,19 +73,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Load an export with torch alone; report top-1/top-5 on the eval split and latency."""
     import torch
 
+    from trainer.core.engine import Precision
+    from trainer.core.loop import evaluate
     from trainer.data import load_datasets, make_loader
-    from trainer.engine import Precision
-    from trainer.export import load_exported
-    from trainer.latency import measure_latency
-    from trainer.loop import evaluate
-    from trainer.malloc import malloc_tuned
+    from trainer.export.latency import measure_latency
+    from trainer.export.malloc import malloc_tuned
+    from trainer.export.torch_export import load_exported
 
     onnx = args.runtime == "onnxruntime"
     if onnx and args.compile:
         print("tdcompress: --compile applies to --runtime torch, not onnxruntime", file=sys.stderr)
         return 2
     if onnx:
-        from trainer.export_onnx import load_onnx
+        from trainer.export.onnx_export import load_onnx
 
         model, manifest = load_onnx(args.export)
         layout = "NCHW input"  # onnxruntime picks its own blocked layouts inside
@@ -177,7 +177,7 @@ def _memory_format_args(p: argparse.ArgumentParser) -> None:
                    help="NCHW tensors instead of channels_last (the default: oneDNN's convs are faster in it)")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="do not re-run with glibc malloc tunables that keep activation buffers mapped "
-                        "(trainer/malloc.py; only the `tdcompress` console command re-runs)")
+                        "(trainer/export/malloc.py; only the `tdcompress` console command re-runs)")
 
 
 CONFIG_HELP = "YAML experiment file, e.g. configs/quickstart.yaml (`tdcompress configs list`: the bundled ones)"
@@ -321,15 +321,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tdcompress: {e}", file=sys.stderr)  # a wrong run or export directory: it says which and why
         return 2
     except Exception as e:  # a missing dataset, a malformed export or checkpoint: say it plainly, no traceback
-        from trainer.checkpoint import CheckpointError
+        from trainer.checkpoints.files import CheckpointError
         from trainer.data import DatasetError
-        from trainer.export import ExportError
+        from trainer.export.torch_export import ExportError
 
         kinds = {DatasetError: "data", ExportError: "export", CheckpointError: "checkpoint"}
         kind = next((k for t, k in kinds.items() if isinstance(e, t)), None)
         if kind is None:
             raise
-        from trainer.tracking_runs import error_message
+        from trainer.tracking.runs import error_message
 
         print(f"tdcompress: {kind} error: {error_message(e)}", file=sys.stderr)
         return 2
@@ -340,7 +340,7 @@ def console() -> int:
     argv = sys.argv[1:]
     timing = argv[:1] == ["evaluate"] or (argv[:1] == ["export"] and any(a.startswith("--tune-batch") for a in argv))
     if timing and "--no-malloc-tuning" not in argv:
-        from trainer.malloc import reexec_with_tuned_malloc
+        from trainer.export.malloc import reexec_with_tuned_malloc
 
         reexec_with_tuned_malloc()
     return main(argv)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from launcher.schema import ConfigError
-from trainer import tracking
+from trainer.tracking import tracker as tracking
 
 OutputFormat = Literal["table", "markdown", "csv", "json"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)

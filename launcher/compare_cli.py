@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from launcher.compare import group, mark_pareto, parent_runs, render, row_of
     from launcher.compare_plot import check_plot_path, plot
-    from trainer.tracking import resolve_tracking_uri
+    from trainer.tracking.tracker import resolve_tracking_uri
 
     plot_path = check_plot_path(Path(args.plot)) if args.plot else None  # a bad path fails before any reading
     if args.limit < 1:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from launcher.config import ConfigError
 from launcher.schema import Config
-from trainer import checkpoint as ckpt
-from trainer import tracking
+from trainer.checkpoints import files as ckpt
 from trainer.init_weights import InitError, InitSource, check_compatible, load_state, resolve_path
+from trainer.tracking import tracker as tracking
 
 # An MLflow run id (32 hex digits), bare or as mlflow:<id> / runs:/<id>.
 _RUN_ID = re.compile(r"(?:mlflow:|runs:/)?([0-9a-f]{32})/?")

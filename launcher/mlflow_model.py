@@ -4,7 +4,7 @@
 gives a model whose ``predict`` takes a float32 array ``(N, 3, H, W)`` of normalised images (the
 ONNX model's ``images`` input; the ONNX metadata says how to normalise) and returns the logits
 ``(N, num_classes)``. The same directory also holds ``model.safetensors`` + ``manifest.json``,
-so ``trainer.export.load_exported`` reads it with torch alone, no pickle.
+so ``trainer.export.torch_export.load_exported`` reads it with torch alone, no pickle.
 """
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.export import MANIFEST, WEIGHTS, read_manifest
-from trainer.export_onnx import INPUT, OUTPUT, write_onnx
+from trainer.export.onnx_export import INPUT, OUTPUT, write_onnx
+from trainer.export.torch_export import MANIFEST, WEIGHTS, read_manifest
 
 
 def save_mlflow_model(export_dir: str | Path, dest: str | Path) -> Path:
     """Write an MLflow model directory at ``dest`` (which must not exist) for the export in ``export_dir``.
 
     Writes ``model.onnx`` into ``export_dir`` first when it is not there (checked against torch,
-    :func:`trainer.export_onnx.write_onnx`). The signature fixes the input to float32
+    :func:`trainer.export.onnx_export.write_onnx`). The signature fixes the input to float32
     ``(-1, 3, S, S)`` and the output to ``(-1, num_classes)``; onnxruntime runs on the CPU
     provider with all graph optimisations.
     """

@@ -3,7 +3,7 @@
 The parent carries a descriptive name, the tags users filter on and the flattened config
 (:mod:`launcher.run_record`), MLflow's system metrics while the run lasts, the dense baseline and the
 delta against it, and on success the exported model. Phase runs are created by rank 0 when each phase
-starts and closed when it ends (:mod:`trainer.tracking_runs`), so their times are their own and a phase
+starts and closed when it ends (:mod:`trainer.tracking.runs`), so their times are their own and a phase
 that never started has none. Run states follow what happened, also after faults: a run the driver saw
 end is closed as FINISHED, FAILED or KILLED (Ctrl-C, SIGTERM); a phase run a killed worker left RUNNING
 gets the run's status (FINISHED when the checkpoints say it completed); a parent found RUNNING without a
@@ -23,8 +23,9 @@ from typing import Any
 from launcher import run_record
 from launcher.config import ConfigError, dump_yaml, flatten, to_dict
 from launcher.schema import Config
-from trainer import checkpoint as ckpt
-from trainer import tracking, tracking_runs
+from trainer.checkpoints import files as ckpt
+from trainer.tracking import runs as tracking_runs
+from trainer.tracking import tracker as tracking
 
 DRIVER_BUFFER = "tracking-buffer-driver.jsonl"  # what the driver's Trackers could not send (workers: rank0)
 
@@ -62,7 +63,7 @@ def open_runs(cfg: Config, run_name: str, run_dir: Path, state: dict[str, Any]) 
     """Create the parent and phase runs, or reopen them on resume; nothing here creates the run directory.
 
     A tracking server that does not answer is a ConfigError within seconds (the HTTP retries are
-    bounded in ``trainer.tracking``), raised before anything of the run exists.
+    bounded in ``trainer.tracking.tracker``), raised before anything of the run exists.
     """
     if not cfg.tracking.enabled:
         return None, None, [None] * len(cfg.phases)
@@ -99,7 +100,7 @@ def open_runs(cfg: Config, run_name: str, run_dir: Path, state: dict[str, Any]) 
                     client.set_tag(parent, "tdcompress.killed_attempts", str(killed))
                     print(f"mlflow: run {run_name} was left RUNNING by a driver that was killed; marked it "
                           "KILLED before resuming", flush=True)
-            # The phases this command runs reopen their own child runs when they start (trainer.tracking_runs).
+            # The phases this command runs reopen their own child runs when they start (trainer.tracking.runs).
             client.update_run(parent, status="RUNNING")
             if tracking_runs.ERROR_TAG in client.get_run(parent).data.tags:  # the last attempt's error is not this one's
                 client.delete_tag(parent, tracking_runs.ERROR_TAG)
@@ -202,7 +203,7 @@ def log_model(info: RunInfo, client: Any, register_as: str | None) -> None:
         import tempfile
 
         from launcher.mlflow_model import save_mlflow_model
-        from trainer.export import export_run
+        from trainer.export.torch_export import export_run
 
         out = export_run(info.dir)
         with tempfile.TemporaryDirectory(prefix="tdc-mlflow-model-") as tmp:
@@ -237,7 +238,7 @@ def close_runs(info: RunInfo, status: str, tracking_cfg: Any = None, error: Base
     tag of its own (its worker ended before it could close it).
 
     A tracking problem here must not replace the outcome of the run: it becomes one warning, and
-    the calls are bounded (the HTTP retries of ``trainer.tracking``; nothing more is tried once
+    the calls are bounded (the HTTP retries of ``trainer.tracking.tracker``; nothing more is tried once
     the server has not answered), and ``status`` is noted in run.json for the next command to
     apply. Phase statuses: :func:`_phase_status` (``status`` is FAILED, or KILLED on Ctrl-C).
     """

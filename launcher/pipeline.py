@@ -19,10 +19,10 @@ from launcher.init_source import record_init, resolve_init
 from launcher.mlflow_runs import DRIVER_BUFFER, RunInfo, close_runs, open_runs
 from launcher.schema import Config
 from launcher.teacher_source import pin_teachers, resolve_teachers
-from trainer import checkpoint as ckpt
-from trainer import tracking
+from trainer.checkpoints import files as ckpt
 from trainer.config import COMPRESSING_PHASES
 from trainer.data import DATASET_SHAPES, DatasetError, data_root, load_datasets
+from trainer.tracking import tracker as tracking
 
 
 def runs_root(cfg: Config) -> Path:

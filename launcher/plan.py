@@ -38,7 +38,7 @@ def _state_dict(obj: Any, source: str) -> Mapping[str, Tensor]:
 
 def load_weights(weights: str | None, run: str | None) -> tuple[Mapping[str, Tensor], str]:
     """The dense weights from ``weights`` (a file) or ``run`` (its newest checkpoint with a dense model)."""
-    from trainer import checkpoint as ckpt
+    from trainer.checkpoints import files as ckpt
 
     if weights:
         path = Path(weights)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.schema import ConfigError
-from trainer import checkpoint as ckpt
-from trainer import tracking
+from trainer.checkpoints import files as ckpt
+from trainer.tracking import tracker as tracking
 
 SCHEMA = "tdcompress-record/1"
 # Left out of every record: MLflow's bookkeeping that the import re-creates or that is large and useless offline.
@@ -65,7 +65,7 @@ def _run_part(client: Any, run: Any) -> dict[str, Any]:
 
 def record_of(uri: str, run: Any, experiment: str) -> dict[str, Any]:
     """The record of parent run ``run`` (an ``mlflow.entities.Run`` in store ``uri``) and its phase children."""
-    from trainer.tracking_runs import phase_children
+    from trainer.tracking.runs import phase_children
 
     client = tracking.client(uri)
     rec = {"schema": SCHEMA, "experiment": experiment, **_run_part(client, run)}

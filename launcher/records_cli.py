@@ -64,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from launcher.compare import store_uri
     from launcher.records import export_records
-    from trainer.tracking import resolve_tracking_uri
+    from trainer.tracking.tracker import resolve_tracking_uri
 
     uri = store_uri(resolve_tracking_uri(args.tracking_uri))
     paths = export_records(uri, args.experiment, Path(args.dir), args.runs, args.filter, args.all)
@@ -77,7 +77,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from launcher.records_import import import_records
-    from trainer.tracking import resolve_tracking_uri
+    from trainer.tracking.tracker import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     done = import_records(uri, Path(args.dir), args.experiment)

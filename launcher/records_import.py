@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trainer import tracking
+from trainer.tracking import tracker as tracking
 
 IMPORTED_TAG = "tdcompress.imported_from"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")

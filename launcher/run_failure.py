@@ -24,10 +24,10 @@ def failed_run_dir(cfg: Config) -> Path | None:
 def report_run_failure(cfg: Config, error: BaseException) -> bool:
     """Print one line for ``error`` and append its traceback to ``<run dir>/driver.log``; False (nothing
     printed) for errors that are bad input found late (dataset, checkpoint, export): the CLI says those with exit 2."""
-    from trainer.checkpoint import CheckpointError
+    from trainer.checkpoints.files import CheckpointError
     from trainer.data import DatasetError
-    from trainer.export import ExportError
-    from trainer.tracking_runs import error_text
+    from trainer.export.torch_export import ExportError
+    from trainer.tracking.runs import error_text
 
     if isinstance(error, (DatasetError, CheckpointError, ExportError)):
         return False

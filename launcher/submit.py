@@ -101,7 +101,7 @@ def plan_submission(config: str, overrides: list[str], nodes: int | None, same_h
         if problem:
             raise ConfigError(problem)
     if uri:
-        from trainer import tracking
+        from trainer.tracking import tracker as tracking
 
         why = tracking.probe(uri)
         if why and _loopback_url(uri):  # on this machine: the cluster's nodes see what this shell sees

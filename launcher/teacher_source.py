@@ -18,9 +18,9 @@ import torch
 from launcher.config import ConfigError
 from launcher.init_source import resolve_dense
 from launcher.schema import Config
-from trainer import tracking
 from trainer.init_weights import InitError, InitSource, check_compatible, load_state, resolve_path
 from trainer.models import build_model
+from trainer.tracking import tracker as tracking
 
 TEACHER_DIR = "teachers"
 

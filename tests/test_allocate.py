@@ -235,7 +235,7 @@ def test_admm_fixes_the_error_plan_and_decompose_uses_it(tiny):
     import json
 
     from launcher import pipeline
-    from trainer import checkpoint as ckpt
+    from trainer.checkpoints import files as ckpt
 
     info = pipeline.run(tiny("model.name=resnet20", "data.train_subset=256", "data.eval_subset=128",
                              "compression.format=tucker2", "compression.keep_ratio=0.4",

@@ -17,7 +17,7 @@ from cluster import jobs, local_cluster
 from cluster.ray_runtime import _beside_job_env
 from cluster.storage import storage_problem, tracking_problem
 from launcher.cli import main
-from trainer import checkpoint as ckpt
+from trainer.checkpoints import files as ckpt
 
 # tinycnn on a real CIFAR-10 subset: pretrain and ADMM on 2 workers, a few steps each.
 TINY = ["model.name=tinycnn", "data.train_subset=512", "data.eval_subset=256", "data.batch_size=64",

@@ -10,7 +10,7 @@ import pytest
 
 from launcher.cli import main
 from launcher.compare import mark_pareto
-from trainer import tracking
+from trainer.tracking import tracker as tracking
 
 
 def _run(client, exp: str, name: str, *, fmt: str, method: str = "admm", seed: int = 0, top1: float,

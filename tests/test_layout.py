@@ -18,7 +18,6 @@ from admm.config import FORMATS, AdmmConfig, CompressionConfig
 from admm.formats.projections import PROJECTIONS
 from admm.nn.layers import FACTORED_LAYERS
 from admm.planning.model_plan import plan_for_model
-from trainer.component import Component
 from trainer.config import (
     DATASET_NAMES,
     MODEL_NAMES,
@@ -29,8 +28,9 @@ from trainer.config import (
     ModelConfig,
     PhaseConfig,
 )
+from trainer.core.component import Component
+from trainer.core.faults import FailureInjector
 from trainer.data import DATASETS
-from trainer.faults import FailureInjector
 from trainer.models import MODEL_BUILDERS, build_model
 from trainer.phases import PHASES
 

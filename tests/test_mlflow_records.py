@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from launcher import pipeline
-from trainer import tracking, tracking_runs
-from trainer.component import ComponentBase
-from trainer.faults import InjectedFailure
+from trainer.core.component import ComponentBase
+from trainer.core.faults import InjectedFailure
 from trainer.phases import training as training_phase
+from trainer.tracking import runs as tracking_runs
+from trainer.tracking import tracker as tracking
 
 TWO = "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, {kind: evaluate}]"
 
@@ -153,7 +154,7 @@ def test_a_crash_leaves_the_phase_failed_with_its_error(tiny):
 
 
 def test_logged_model_loads_with_torch_alone_and_gives_the_exports_outputs(finished):
-    from trainer.export import load_exported
+    from trainer.export.torch_export import load_exported
 
     info, tmp_path = finished
     client = tracking.client(info.tracking_uri)
@@ -177,7 +178,7 @@ def test_logged_model_loads_through_mlflow_pyfunc_and_predicts_the_exports_logit
     import mlflow.pyfunc
 
     from trainer.data import load_datasets
-    from trainer.export import load_exported
+    from trainer.export.torch_export import load_exported
 
     info, tmp_path = finished
     monkeypatch.setenv("MLFLOW_TRACKING_URI", info.tracking_uri)

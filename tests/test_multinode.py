@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from launcher import pipeline
-from trainer import checkpoint as ckpt
+from trainer.checkpoints import files as ckpt
 
 pytestmark = pytest.mark.ray
 

@@ -8,7 +8,8 @@ import numpy as np
 
 from launcher.cli import main
 from launcher.config import dump_yaml
-from trainer import tracking, tracking_runs
+from trainer.tracking import runs as tracking_runs
+from trainer.tracking import tracker as tracking
 
 
 def _run(tiny, tmp_path: Path, capsys, *overrides: str) -> tuple[int, str, str]:

@@ -104,7 +104,7 @@ class OptimConfig:
     # per_phase: every training phase runs its own warmup + cosine from its lr (phases.N.lr or lr).
     # one_curve: the training phases share ONE warmup + cosine, from the first training phase's lr down
     # to min_lr_ratio at the end of the last one; a later phase continues where the one before left off
-    # (trainer/lr_curve.py), so ADMM and fine-tuning run as one schedule.
+    # (trainer/core/lr_curve.py), so ADMM and fine-tuning run as one schedule.
     schedule: LrSchedule = "per_phase"
 
     def __post_init__(self) -> None:
@@ -159,7 +159,7 @@ class TrackingConfig:
 
 @dataclass
 class DistillConfig:
-    """Knowledge distillation from a frozen dense teacher during a training phase (trainer/distill.py).
+    """Knowledge distillation from a frozen dense teacher during a training phase (trainer/core/distill.py).
 
     loss = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)),
     the T^2 keeping the soft term's gradient scale independent of T (Hinton et al. 2015).

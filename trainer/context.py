@@ -10,7 +10,7 @@ import torch
 
 from trainer.config import WorkerConfig
 from trainer.init_weights import InitSource
-from trainer.tracking import Tracker
+from trainer.tracking.tracker import Tracker
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from trainer import checkpoint as ckpt
+from trainer.checkpoints import files as ckpt
 
 InitKind = Literal["checkpoint", "file"]
 _WRAPPERS = ("state_dict", "model", "weights")  # keys under which weight files commonly nest the state_dict

@@ -4,7 +4,7 @@ Hook points, in order, for every optimizer step:
   forward + loss -> engine.backward (gradient hooks registered by components
   run here, before DeepSpeed's data-parallel average) -> engine.step ->
   ``on_step_end``; and ``on_epoch_end`` after each epoch. The full contract
-  (prepare, attach, checkpoint, detach) is :mod:`trainer.component`.
+  (prepare, attach, checkpoint, detach) is :mod:`trainer.core.component`.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.component import Component, LoopState
-from trainer.engine import Precision
+from trainer.core.component import Component, LoopState
+from trainer.core.engine import Precision
 from trainer.logs import get_logger
 from trainer.ranks import distributed, rank_and_world
 
@@ -79,7 +79,7 @@ def train_epoch(engine, loader: Iterable, state: LoopState, *, device: torch.dev
                 log: Callable[[dict[str, float], int], None], loss_fn: LossFn | None = None) -> dict[str, float]:
     """One epoch (or ``state.steps_per_epoch`` optimizer steps) through the DeepSpeed engine.
 
-    ``loss_fn`` replaces the label cross-entropy (e.g. :class:`trainer.distill.DistillLoss`); what its
+    ``loss_fn`` replaces the label cross-entropy (e.g. :class:`trainer.core.distill.DistillLoss`); what its
     ``pop_metrics()`` returns is logged with the loop's own metrics.
 
     Returns:

@@ -17,11 +17,11 @@ from torch import nn
 from admm.nn.fold import apply_folding, fold_batchnorm
 from admm.nn.realize import realize
 from admm.nn.surgery import apply_manifest, manifest_of
-from trainer import checkpoint as ckpt
+from trainer.checkpoints import files as ckpt
+from trainer.checkpoints.stateful import restore_model
 from trainer.config import MODEL_NAMES
-from trainer.latency import format_row, layer_latency_table
+from trainer.export.latency import format_row, layer_latency_table
 from trainer.models import build_model
-from trainer.stateful import restore_model
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.tracking_buffer import Unsendable, outbox_for, short_error
+from trainer.tracking.buffer import Unsendable, outbox_for, short_error
 
 # MLflow's HTTP defaults (mlflow.environment_variables: MLFLOW_HTTP_REQUEST_MAX_RETRIES=7,
 # MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2, MLFLOW_HTTP_REQUEST_TIMEOUT=120 s) block one call about
@@ -297,14 +297,14 @@ class Tracker:
         box, kind, c = self._box, entry["kind"], self._client
         run = box.resolved(entry)["run"]
         if kind == "open_phase":
-            from trainer.phase_records import open_phase_run
+            from trainer.tracking.phase_records import open_phase_run
 
             box.aliases[entry["run"]] = open_phase_run(c, entry)
             return
         if run.startswith("pending-"):  # its opening was refused by the server: nothing to log into
             raise Unsendable(f"the run of {run} was never created")
         if kind == "close_phase":
-            from trainer.phase_records import close_phase_run
+            from trainer.tracking.phase_records import close_phase_run
 
             close_phase_run(c, run, entry)
         elif kind == "metrics":

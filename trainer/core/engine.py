@@ -111,7 +111,7 @@ def build_engine(model: nn.Module, optim: OptimConfig, engine_cfg: EngineConfig,
     Args:
         batch_size: global images per optimizer step (all ranks, all micro-batches).
         total_steps: optimizer steps of the curve (sets the cosine length): the phase's, or with
-            optim.schedule=one_curve those of all training phases (trainer/lr_curve.py).
+            optim.schedule=one_curve those of all training phases (trainer/core/lr_curve.py).
         steps_per_epoch: optimizer steps per epoch (converts warmup_epochs).
         start_step: where on the curve this phase starts (the schedule's step 0 is curve step start_step).
         extra_groups: optimizer param groups the phase's components ask for (see param_groups).

@@ -1,4 +1,4 @@
-"""Sending a phase run's opening and closing records to MLflow (the buffer of :mod:`trainer.tracking` replays
+"""Sending a phase run's opening and closing records to MLflow (the buffer of :mod:`trainer.tracking.tracker` replays
 them in order); the tags that mark a phase's child run. No import of the tracker, so the tracker can call it."""
 from __future__ import annotations
 

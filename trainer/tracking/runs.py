@@ -3,7 +3,7 @@
 So a child's start and end time are the phase's own, and a phase that never ran has no child run.
 A resumed phase reopens the child it started earlier (found by the parent's id and the phase
 index), so one phase has one child over all attempts. Opening and closing a child are tracking
-records like its metrics (:class:`trainer.tracking.Tracker`): while the server is away they wait in
+records like its metrics (:class:`trainer.tracking.tracker.Tracker`): while the server is away they wait in
 the run directory's buffer under a stand-in id (:func:`pending_id`) and are replayed in order, with
 their original times, when it answers again (or by the next resume), so an outage across a phase
 start loses nothing.
@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer import tracking
-from trainer.phase_records import (  # noqa: F401 (the names other modules read here)
+from trainer.tracking import tracker as tracking
+from trainer.tracking.phase_records import (  # noqa: F401 (the names other modules read here)
     ACTIVE_TAG,
     ERROR_TAG,
     PHASE_INDEX_TAG,

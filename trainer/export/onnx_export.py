@@ -1,6 +1,6 @@
 """ONNX export of a torch export (safetensors + manifest), and an onnxruntime model that evaluates like torch.
 
-The ONNX graph is traced from the model :func:`trainer.export.load_exported`
+The ONNX graph is traced from the model :func:`trainer.export.torch_export.load_exported`
 builds, so it is the torch export operator for operator: BatchNorm already
 folded, every factored layer as its own chain of standard ONNX operators
 (Conv, MatMul, Reshape, Transpose, ...; no custom domain), the realizations
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from trainer.data import CIFAR10_STATS, CIFAR100_STATS, IMAGENET_STATS
-from trainer.export import ExportError, load_exported, validate_manifest
+from trainer.export.torch_export import ExportError, load_exported, validate_manifest
 
 ONNX_FILE = "model.onnx"
 # 18: the torch.onnx (dynamo) exporter's native opset; the issue asks for 17 or later.
@@ -167,7 +167,7 @@ def make_session(path: str | Path, threads: int | None = None):
 class OnnxRuntimeModel(nn.Module):
     """An onnxruntime session behind the ``nn.Module`` call: ``(N, 3, H, W)`` float tensor -> ``(N, classes)`` logits.
 
-    Holds no parameters: ``trainer.loop.evaluate`` and ``trainer.latency.measure_latency`` run it
+    Holds no parameters: ``trainer.core.loop.evaluate`` and ``trainer.export.latency.measure_latency`` run it
     exactly as they run a torch model. The input is made contiguous float32 (onnxruntime reads NCHW).
     """
 

@@ -6,7 +6,7 @@ momentum buffer from zero. :func:`read_momentum` gives the full (unsharded)
 buffer of every parameter, :func:`write_momentum` seeds a freshly built engine
 with buffers of the new shapes; the caller slices what changed.
 
-Where the buffers live depends on the ZeRO stage of ``trainer/engine.py``'s engine:
+Where the buffers live depends on the ZeRO stage of ``trainer/core/engine.py``'s engine:
 
 - stage 0: ``engine.optimizer`` is the torch SGD itself; its ``state[param]``
   holds ``momentum_buffer`` (the parameter's shape).

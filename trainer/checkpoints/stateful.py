@@ -12,7 +12,7 @@ under a key and a scope:
 
 ``in_phase`` entries (optimizer, scheduler) matter only to resume inside the
 phase and are left out of a phase's final checkpoint. The files are written
-by :func:`trainer.checkpoint.save_checkpoint` (atomic; tensors and plain
+by :func:`trainer.checkpoints.files.save_checkpoint` (atomic; tensors and plain
 containers only, loaded with ``weights_only=True``).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from admm.nn.surgery import apply_manifest, manifest_of
-from trainer import checkpoint as ckpt
+from trainer.checkpoints import files as ckpt
 
 Scope = Literal["shared", "rank", "sharded"]
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import DistillConfig
-from trainer.engine import Precision
+from trainer.core.engine import Precision
 from trainer.init_weights import InitSource, apply_init
 from trainer.models import build_model
 

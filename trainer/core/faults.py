@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from trainer.component import ComponentBase, LoopState
 from trainer.config import FailAt, HoldAt
+from trainer.core.component import ComponentBase, LoopState
 from trainer.ranks import barrier
 
 

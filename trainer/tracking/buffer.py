@@ -2,7 +2,7 @@
 
 With a file, the file is the buffer (JSONL, appended line by line, so a crash loses nothing already
 kept and the next process that uses the file sends it); without one, a list in memory.
-:class:`trainer.tracking.Tracker` adds to it while the server is away and drains it, in order,
+:class:`trainer.tracking.tracker.Tracker` adds to it while the server is away and drains it, in order,
 when the server answers again.
 """
 from __future__ import annotations

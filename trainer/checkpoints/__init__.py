@@ -1,0 +1,1 @@
+"""Checkpoints: the atomic, self-verifying files every rank writes, and the registry of what is in them."""

@@ -1,0 +1,2 @@
+"""The training core every phase runs on: the component contract, the DeepSpeed engine, the train and
+eval epochs, the learning-rate curve, momentum carry-over, distillation and fault injection."""

@@ -1,0 +1,2 @@
+"""The trained model outside training: safetensors + manifest, ONNX, per-layer latency and the fastest
+exact form, and the CPU allocator setting inference runs under."""
