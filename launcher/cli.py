@@ -28,11 +28,11 @@ import argparse
 import sys
 
 from launcher.config import ConfigError, dump_yaml, load_config
-from launcher.signals import sigterm_interrupts
+from launcher.run.signals import sigterm_interrupts
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from launcher import pipeline
+    from launcher.run import pipeline
 
     cfg = load_config(args.config, args.overrides)
     sigterm_interrupts()
@@ -41,7 +41,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, ConfigError):
         raise
     except Exception as e:
-        from launcher.run_failure import report_run_failure
+        from launcher.run.run_failure import report_run_failure
 
         if not report_run_failure(cfg, e):  # bad input found late (data, checkpoint): main says it plainly
             raise
@@ -121,7 +121,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     """Print the rank plan a run of CONFIG would use, without data, Ray or any training."""
-    from launcher.pipeline import make_plan
+    from launcher.run.pipeline import make_plan
     from trainer.data import DATASET_SHAPES
 
     cfg = load_config(args.config, args.overrides)
@@ -243,11 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     _memory_format_args(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
-    from launcher import compare_cli  # `tdcompress compare`: filters, grouping, Pareto fronts, output formats
+    from launcher.results import compare_cli  # `tdcompress compare`: filters, grouping, Pareto fronts, output formats
 
     compare_cli.add_parser(sub)
 
-    from launcher import records_cli  # `tdcompress records export|import|render`: runs as JSON, and back
+    from launcher.results import records_cli  # `tdcompress records export|import|render`: runs as JSON, and back
 
     records_cli.add_parser(sub)
 

@@ -100,7 +100,7 @@ def compare_table(uniform: RankPlan, error: RankPlan, model: nn.Module) -> str:
 def plan_command(cfg: Config, config_name: str, weights: str | None, run: str | None) -> int:
     """`tdcompress plan`: the driver's plan, or with weights both allocations compared on them."""
     from admm.planning.model_plan import plan_for_model
-    from launcher.pipeline import make_plan
+    from launcher.run.pipeline import make_plan
     from trainer.data import DATASET_SHAPES
 
     classes, size = DATASET_SHAPES[cfg.data.dataset]

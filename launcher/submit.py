@@ -64,7 +64,7 @@ def plan_submission(config: str, overrides: list[str], nodes: int | None, same_h
     config nor $MLFLOW_TRACKING_URI names one.
     """
     from cluster.storage import is_uri, storage_problem, tracking_problem
-    from launcher.pipeline import check_data, make_plan
+    from launcher.run.pipeline import check_data, make_plan
     from trainer.data import ROOT_ENV
 
     path = Path(config).resolve()
@@ -115,7 +115,7 @@ def plan_submission(config: str, overrides: list[str], nodes: int | None, same_h
         env_vars[ROOT_ENV] = str(Path(env[ROOT_ENV]).resolve())
     if uri:
         env_vars["MLFLOW_TRACKING_URI"] = uri
-    from launcher.run_record import GIT_COMMIT_ENV, git_commit
+    from launcher.run.run_record import GIT_COMMIT_ENV, git_commit
 
     commit = git_commit()  # the job's upload leaves .git behind: its driver records this one
     if commit:

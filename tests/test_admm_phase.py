@@ -9,7 +9,7 @@ import torch
 from admm.admm_component import ADMM_GROUP, AdmmComponent
 from admm.config import AdmmConfig, CompressionConfig
 from admm.planning.model_plan import plan_for_model
-from launcher import pipeline
+from launcher.run import pipeline
 from trainer.checkpoints import files as ckpt
 from trainer.core.engine import param_groups
 from trainer.core.faults import InjectedFailure

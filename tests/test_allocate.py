@@ -234,7 +234,7 @@ def test_admm_fixes_the_error_plan_and_decompose_uses_it(tiny):
     phase1/rank_plan.json, and the decompose phase factors exactly those ranks (not a plan from moved weights)."""
     import json
 
-    from launcher import pipeline
+    from launcher.run import pipeline
     from trainer.checkpoints import files as ckpt
 
     info = pipeline.run(tiny("model.name=resnet20", "data.train_subset=256", "data.eval_subset=128",

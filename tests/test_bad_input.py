@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import make_image_folder
 
-from launcher import pipeline
 from launcher.cli import main
 from launcher.config import ConfigError, load_config
+from launcher.run import pipeline
 from trainer.data import DatasetError, load_datasets
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"

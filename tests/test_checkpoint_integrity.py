@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import pipeline
 from launcher.config import ConfigError, load_config
+from launcher.run import pipeline
 from trainer.checkpoints import files as ckpt
 from trainer.core.faults import InjectedFailure
 

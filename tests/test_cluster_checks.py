@@ -18,7 +18,7 @@ from cluster.config import ClusterConfig
 from cluster.storage import check_cluster_run, relative_path_problem, storage_problem, tracking_problem
 from launcher.cli import main
 from launcher.config import ConfigError, load_config
-from launcher.pipeline import make_plan
+from launcher.run.pipeline import make_plan
 from trainer.data import DATASET_SHAPES
 
 PROJECT = Path(__file__).resolve().parents[1]

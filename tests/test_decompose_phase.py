@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from launcher import pipeline
+from launcher.run import pipeline
 from trainer.checkpoints import files as ckpt
 from trainer.checkpoints.stateful import restore_model
 from trainer.export.torch_export import export_run, load_exported

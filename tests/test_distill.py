@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import pipeline
 from launcher.config import ConfigError
+from launcher.run import pipeline
 from trainer.checkpoints import files as ckpt
 from trainer.config import DistillConfig
 from trainer.core.distill import DistillLoss, distillation_loss

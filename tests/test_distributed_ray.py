@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import pipeline
+from launcher.run import pipeline
 from trainer.checkpoints import files as ckpt
 from trainer.tracking import tracker as tracking
 

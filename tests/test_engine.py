@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from launcher import pipeline
+from launcher.run import pipeline
 from trainer.checkpoints import files as ckpt
 from trainer.config import EngineConfig, OptimConfig
 from trainer.core.engine import Precision, deepspeed_config, warmup_cosine

@@ -96,8 +96,8 @@ def test_quickstart_model_in_onnxruntime_matches_torch_on_2000_real_images(tiny,
     """A trained, decomposed and fine-tuned ResNet-20 (the quickstart's phases, shortened) exported with
     --format onnx: onnxruntime's logits on 2,000 real CIFAR-10 test images are torch's within 1e-4 relative,
     and evaluate reports the same top-1/top-5."""
-    from launcher import pipeline
     from launcher.cli import main
+    from launcher.run import pipeline
     from trainer.data import load_datasets, make_loader
     from trainer.export.torch_export import load_exported
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from admm.feature_fit import FEATURE_FIT_FORMATS, fit_layer, layer_columns, output_error
 from admm.nn.layers import factorize_module
-from launcher import pipeline
 from launcher.config import ConfigError
+from launcher.run import pipeline
 from trainer.data import load_datasets
 from trainer.models import build_model
 from trainer.tracking import tracker as tracking

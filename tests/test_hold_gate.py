@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher import pipeline
 from launcher.config import ConfigError, load_config
+from launcher.run import pipeline
 from trainer.checkpoints import files as ckpt
 from trainer.config import HoldAt
 from trainer.core.component import LoopState

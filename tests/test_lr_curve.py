@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import pipeline
 from launcher.config import ConfigError
+from launcher.run import pipeline
 from trainer.checkpoints import files as ckpt
 from trainer.core.engine import warmup_cosine
 from trainer.core.lr_curve import phase_curve

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from launcher import pipeline
+from launcher.run import pipeline
 from trainer.core.component import ComponentBase
 from trainer.core.faults import InjectedFailure
 from trainer.phases import training as training_phase
@@ -91,7 +91,7 @@ def test_tags_dataset_input_and_dense_baseline_on_the_parent(finished, cifar_roo
 
 
 def test_compressed_run_name_and_method_tags(tiny):
-    from launcher.run_record import describe, method_of
+    from launcher.run.run_record import describe, method_of
 
     cfg = tiny("phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 1}, {kind: decompose}, {kind: evaluate}]",
                "compression.format=svd", "compression.keep_ratio=0.4")

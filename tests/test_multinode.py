@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import pipeline
+from launcher.run import pipeline
 from trainer.checkpoints import files as ckpt
 
 pytestmark = pytest.mark.ray

@@ -8,8 +8,8 @@ from torch import nn
 from admm.nn.layers import SVDLayer
 from admm.nn.layers_prune import PrunableSVDLayer, penalty_grads, plan_prune, svd_params
 from admm.nn.surgery import module_from_spec
-from launcher import pipeline
 from launcher.config import ConfigError
+from launcher.run import pipeline
 from trainer.checkpoints import files as ckpt
 from trainer.checkpoints.stateful import restore_model
 from trainer.export.torch_export import export_run, load_exported

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from launcher.cli import main
-from launcher.compare import parent_runs, row_of
-from launcher.records import export_records, load_records, search_records
-from launcher.records_import import import_records
+from launcher.results.compare import parent_runs, row_of
+from launcher.results.records import export_records, load_records, search_records
+from launcher.results.records_import import import_records
 from trainer.tracking import tracker as tracking
 
 

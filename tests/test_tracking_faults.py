@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from launcher import pipeline
 from launcher.config import ConfigError
+from launcher.run import pipeline
 from trainer.core.component import ComponentBase
 from trainer.core.faults import InjectedFailure
 from trainer.phases import training as training_phase

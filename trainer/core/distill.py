@@ -2,7 +2,7 @@
 
 The teacher is the dense model the driver resolved (``distill.teacher``: model.init's weights, or a
 run, checkpoint or weights file; a pinned copy in the run directory, see
-:mod:`launcher.teacher_source`). Every worker builds it in its own process on its own device at the
+:mod:`launcher.run.teacher_source`). Every worker builds it in its own process on its own device at the
 start of the phase (also on resume: it holds no state, so a resumed phase sees the same teacher),
 keeps it in eval mode (BatchNorm uses its running statistics) with no gradients, and runs it on the
 same micro-batch as the student, under the same precision. The loss replaces the label loss of the

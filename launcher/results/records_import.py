@@ -1,4 +1,4 @@
-"""`tdcompress records import DIR`: load run records (launcher/records.py) into an MLflow store.
+"""`tdcompress records import DIR`: load run records (launcher/results/records.py) into an MLflow store.
 
 Each record becomes a parent run (its name, tags, params, start and end time, status) with one child
 run per phase (tagged with the parent and the phase index, as `tdcompress run` makes them), and every
@@ -90,6 +90,6 @@ def import_record(uri: str, rec: dict[str, Any], experiment: str | None = None) 
 
 def import_records(uri: str, records_dir: Path, experiment: str | None = None) -> list[tuple[str, str, bool]]:
     """Import every record of ``records_dir``; returns (run name, run id in ``uri``, newly imported) per record."""
-    from launcher.records import load_records
+    from launcher.results.records import load_records
 
     return [(rec["name"], *import_record(uri, rec, experiment)) for rec in load_records(records_dir)]

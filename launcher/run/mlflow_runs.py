@@ -1,7 +1,7 @@
 """The MLflow runs of one `tdcompress run`: the parent (opened, reopened and closed here) and its phase runs.
 
 The parent carries a descriptive name, the tags users filter on and the flattened config
-(:mod:`launcher.run_record`), MLflow's system metrics while the run lasts, the dense baseline and the
+(:mod:`launcher.run.run_record`), MLflow's system metrics while the run lasts, the dense baseline and the
 delta against it, and on success the exported model. Phase runs are created by rank 0 when each phase
 starts and closed when it ends (:mod:`trainer.tracking.runs`), so their times are their own and a phase
 that never started has none. Run states follow what happened, also after faults: a run the driver saw
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher import run_record
 from launcher.config import ConfigError, dump_yaml, flatten, to_dict
+from launcher.run import run_record
 from launcher.schema import Config
 from trainer.checkpoints import files as ckpt
 from trainer.tracking import runs as tracking_runs
@@ -196,13 +196,13 @@ def _note_phase_ids(info: RunInfo) -> None:
 def log_model(info: RunInfo, client: Any, register_as: str | None) -> None:
     """Export the finished run's model and log it as the parent's ``model/`` artifact: an MLflow model
     (ONNX flavor, loads with ``mlflow.pyfunc.load_model``) that also holds the torch export (safetensors +
-    JSON manifest, loads with torch alone; launcher/mlflow_model.py); with ``register_as`` also as a new
+    JSON manifest, loads with torch alone; launcher/run/mlflow_model.py); with ``register_as`` also as a new
     version of that registered model. Never raises: a run that trained is not failed by its model's logging.
     A model that cannot be written as ONNX is logged as the torch export alone, with a warning saying so."""
     try:
         import tempfile
 
-        from launcher.mlflow_model import save_mlflow_model
+        from launcher.run.mlflow_model import save_mlflow_model
         from trainer.export.torch_export import export_run
 
         out = export_run(info.dir)

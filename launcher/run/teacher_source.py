@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from launcher.config import ConfigError
-from launcher.init_source import resolve_dense
+from launcher.run.init_source import resolve_dense
 from launcher.schema import Config
 from trainer.init_weights import InitError, InitSource, check_compatible, load_state, resolve_path
 from trainer.models import build_model

@@ -3,7 +3,7 @@
 Rows are parent runs (one per `tdcompress run`), selected with MLflow filter strings
 (``params.compression.format = 'tucker2'``), FINISHED only unless asked otherwise. Output: an
 aligned table, markdown (what RESULTS.md is made of), CSV or JSON; the plot is in
-:mod:`launcher.compare_plot`. Reading never creates a store.
+:mod:`launcher.results.compare_plot`. Reading never creates a store.
 """
 from __future__ import annotations
 

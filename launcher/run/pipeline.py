@@ -15,10 +15,10 @@ from typing import Any
 import yaml
 
 from launcher.config import ConfigError, dump_yaml, flatten, from_dict, to_dict
-from launcher.init_source import record_init, resolve_init
-from launcher.mlflow_runs import DRIVER_BUFFER, RunInfo, close_runs, open_runs
+from launcher.run.init_source import record_init, resolve_init
+from launcher.run.mlflow_runs import DRIVER_BUFFER, RunInfo, close_runs, open_runs
+from launcher.run.teacher_source import pin_teachers, resolve_teachers
 from launcher.schema import Config
-from launcher.teacher_source import pin_teachers, resolve_teachers
 from trainer.checkpoints import files as ckpt
 from trainer.config import COMPRESSING_PHASES
 from trainer.data import DATASET_SHAPES, DatasetError, data_root, load_datasets

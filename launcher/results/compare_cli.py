@@ -18,7 +18,7 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from launcher.compare import GROUP_KEYS, OUTPUT_FORMATS
+    from launcher.results.compare import GROUP_KEYS, OUTPUT_FORMATS
 
     p = sub.add_parser("compare", help="finished runs side by side from MLflow, grouped over seeds, Pareto fronts",
                        description="Compare the runs recorded in MLflow: accuracy (dense, right after decomposition, "
@@ -48,15 +48,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.compare import group, mark_pareto, parent_runs, render, row_of
-    from launcher.compare_plot import check_plot_path, plot
+    from launcher.results.compare import group, mark_pareto, parent_runs, render, row_of
+    from launcher.results.compare_plot import check_plot_path, plot
     from trainer.tracking.tracker import resolve_tracking_uri
 
     plot_path = check_plot_path(Path(args.plot)) if args.plot else None  # a bad path fails before any reading
     if args.limit < 1:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
     if args.records:
-        from launcher.records import search_records
+        from launcher.results.records import search_records
 
         if args.tracking_uri:
             raise ConfigError("--records and --tracking-uri: give one source of runs, not both")

@@ -12,7 +12,7 @@ from launcher.schema import Config
 
 def failed_run_dir(cfg: Config) -> Path | None:
     """The run directory of the run that just failed: ``run_name``, else the one whose run.json changed last."""
-    from launcher.pipeline import runs_root
+    from launcher.run.pipeline import runs_root
 
     root = runs_root(cfg)
     if cfg.run_name:

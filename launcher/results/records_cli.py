@@ -1,7 +1,7 @@
 """`tdcompress records export|import|render`: run records as small JSON files, and documents built from them.
 
-    tdcompress records export DIR [--filter EXPR] [RUN ...]   one JSON per parent run (launcher/records.py)
-    tdcompress records import DIR [--tracking-uri URI]        back into an MLflow store (launcher/records_import.py)
+    tdcompress records export DIR [--filter EXPR] [RUN ...]   one JSON per parent run (launcher/results/records.py)
+    tdcompress records import DIR [--tracking-uri URI]        back into an MLflow store (launcher/results/records_import.py)
     tdcompress records render RESULTS.md [--check]            regenerate the file's `tdcompress compare` tables
 
 A table in a rendered file is the output of the `tdcompress compare` command written in the HTML comment
@@ -62,8 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from launcher.compare import store_uri
-    from launcher.records import export_records
+    from launcher.results.compare import store_uri
+    from launcher.results.records import export_records
     from trainer.tracking.tracker import resolve_tracking_uri
 
     uri = store_uri(resolve_tracking_uri(args.tracking_uri))
@@ -76,7 +76,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from launcher.records_import import import_records
+    from launcher.results.records_import import import_records
     from trainer.tracking.tracker import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -89,7 +89,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def table(command: str, tracking_uri: str | None) -> str:
     """What ``command`` (a `tdcompress compare` line) prints, run in this process; ends in a newline."""
-    from launcher import compare_cli
+    from launcher.results import compare_cli
 
     argv = shlex.split(command)[1:]
     if "--tracking-uri" in argv:

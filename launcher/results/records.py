@@ -9,7 +9,7 @@ images/s) are kept only at the steps where an epoch ended (where the phase logge
 MLflow's system metrics and the per-layer ``layers/`` series are left out. Files are written with
 sorted keys and atomically, so re-exporting an unchanged run gives the same bytes.
 
-``as_run`` turns a record back into an ``mlflow.entities.Run``, so :mod:`launcher.compare` reads
+``as_run`` turns a record back into an ``mlflow.entities.Run``, so :mod:`launcher.results.compare` reads
 records exactly as it reads a store, filter strings included (MLflow's own in-memory search).
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ def export_records(uri: str, experiment: str, out_dir: Path, names: list[str] | 
 
     Two runs of one name (a run made again) would overwrite each other's file: refused, naming them.
     """
-    from launcher.compare import parent_runs
+    from launcher.results.compare import parent_runs
 
     runs = parent_runs(uri, experiment, names, limit, filter_string, include_all)
     seen: dict[str, str] = {}
@@ -151,7 +151,7 @@ def as_run(rec: dict[str, Any], experiment_id: str = "0") -> Any:
 
 def search_records(records_dir: Path, experiment: str | None, names: list[str] | None = None, limit: int = 100,
                    filter_string: str = "", include_all: bool = False) -> list[Any]:
-    """What :func:`launcher.compare.parent_runs` returns for a store, from the records in ``records_dir``:
+    """What :func:`launcher.results.compare.parent_runs` returns for a store, from the records in ``records_dir``:
     newest first, FINISHED only unless ``include_all``, ``filter_string`` in MLflow's search syntax."""
     from mlflow.exceptions import MlflowException
     from mlflow.utils.search_utils import SearchUtils

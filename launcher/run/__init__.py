@@ -1,0 +1,2 @@
+"""One `tdcompress run` on the driver: the pipeline, the MLflow parent run and its records, where
+`model.init` and distillation teachers come from, signals and failures."""
