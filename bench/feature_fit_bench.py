@@ -32,13 +32,14 @@ from admm.planning.model_plan import plan_for_model
 from bench.common import add_json_option, device_name, init_process_group, start
 from trainer.checkpoints import files as ckpt
 from trainer.checkpoints.stateful import restore_model
-from trainer.config import EngineConfig, OptimConfig, RankPruneConfig, WorkerConfig
+from trainer.config import EngineConfig, OptimConfig, RankPruneConfig
 from trainer.core.engine import Precision, build_engine, prepare_deepspeed_env
 from trainer.core.loop import evaluate
 from trainer.data import load_datasets, make_loader
 from trainer.models import build_model
 from trainer.phases.feature_decompose import calibration_sample, decompose_by_features
 from trainer.phases.rank_prune import RankPruner, planned_shapes, prunable_layers, to_prunable
+from trainer.worker_config import WorkerConfig
 
 
 def _engine(model: torch.nn.Module, batch: int, extra_groups: list) -> object:

@@ -25,7 +25,7 @@ def _real_inputs(root, n: int) -> torch.Tensor:
 
 
 def test_feature_fit_formats_match_the_config_check():
-    from trainer.config import WorkerConfig, check_methods
+    from trainer.worker_config import WorkerConfig, check_methods
 
     for fmt in ("svd", "tucker2", "tt", "cp", "lowrank_sparse"):
         cfg = WorkerConfig()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from trainer.config import WorkerConfig
+from trainer.worker_config import WorkerConfig
 
 
 @dataclass(frozen=True)

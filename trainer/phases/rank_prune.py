@@ -35,12 +35,13 @@ from admm.nn.layers_prune import FACTOR_DIM, PrunableSVDLayer, penalty_grads, pl
 from admm.nn.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 from admm.planning.layer_info import describe_layers
 from admm.planning.planner import select
-from trainer.config import RankPruneConfig, WorkerConfig
+from trainer.config import RankPruneConfig
 from trainer.core.component import Component, ComponentBase
 from trainer.core.momentum import read_momentum, write_momentum
 from trainer.phases.checkpoint import registry_for
 from trainer.phases.training import TrainingPhase, TrainingRun
 from trainer.tracking.plots import plot_series
+from trainer.worker_config import WorkerConfig
 
 
 def planned_shapes(model: nn.Module, cfg: WorkerConfig) -> dict[str, tuple[int, ...]]:
