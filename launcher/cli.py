@@ -50,24 +50,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    """Print the rank plan a run of CONFIG would use, without data, Ray or any training."""
-    from launcher.run.pipeline import make_plan
-    from trainer.data import DATASET_SHAPES
+    """Print the rank plan a run of CONFIG would use, without data, Ray or any training (launcher/plan.py)."""
+    from launcher.plan import plan_command
 
-    cfg = load_config(args.config, args.overrides)
-    if args.weights or args.run:  # both allocations on trained weights: launcher/plan.py
-        from launcher.plan import plan_command
-
-        return plan_command(cfg, args.config, args.weights, args.run)
-    classes, size = DATASET_SHAPES[cfg.data.dataset]
-    plan = make_plan(cfg, classes, size)
-    if plan is None:
-        print(f"{args.config}: no admm or decompose phase, nothing to plan")
-        return 0
-    c = cfg.compression
-    print(f"rank plan ({c.format}, keep_ratio {c.keep_ratio}, rank_multiple {c.rank_multiple}, owners for "
-          f"{cfg.cluster.num_workers} workers; {cfg.model.name} at {size} px):\n{plan.table()}")
-    return 0
+    return plan_command(load_config(args.config, args.overrides), args.config, args.weights, args.run)
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
