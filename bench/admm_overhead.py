@@ -149,6 +149,7 @@ def interleaved(plain: Callable[[], None], naive: Callable[[], None], comp: Admm
     return out
 
 
+# long: one interleaved timing cycle; split, its parts would share the engine, batches and timers
 def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, device: torch.device, zero: int,
                 fmt: str, size: int | None, inter: bool) -> list[dict]:
     """``rounds`` cycles of P1 A P2 N P3 on one engine; one result row per cycle."""

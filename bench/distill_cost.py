@@ -38,6 +38,7 @@ from trainer.core.engine import build_engine, prepare_deepspeed_env, resolve_pre
 from trainer.models import build_model
 
 
+# long: the benchmark's options, then its steps in the order it prints them
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=128)

@@ -83,6 +83,7 @@ def rank_prune_engine(dense: torch.nn.Module, batch: int, prune_keep: float | No
     return eng, pruner
 
 
+# long: the benchmark's options, then its steps in the order it prints them
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run directory (its latest)")

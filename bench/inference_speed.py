@@ -48,6 +48,7 @@ def timed(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, 
         return measure_latency(model, shape, repeats=repeats, warmup=3, device=device, channels_last=channels_last)
 
 
+# long: the benchmark's options, then its steps in the order it prints them
 def main() -> None:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")

@@ -174,6 +174,7 @@ def decode_only(shards: Path, n: int, rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
+# long: the benchmark's options, then its steps in the order it prints them
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=3, help="links per sample image in train/ (250 x repeat images)")

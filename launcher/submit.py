@@ -54,6 +54,7 @@ def _absolute_sqlite(uri: str) -> str:
     return uri if path.startswith("/") else f"sqlite:///{Path(path).resolve()}"
 
 
+# long: one check per cluster setting, in the order a user meets them
 def plan_submission(config: str, overrides: list[str], nodes: int | None, same_host: bool,
                     cluster_mlflow: str | None, env: dict[str, str]) -> Submission:
     """Validate ``config`` + ``overrides`` for a cluster of ``nodes`` nodes (None: unknown) and build the job.

@@ -59,6 +59,7 @@ def _phase_status(index: int, done: int, status: str) -> str:
     return "FINISHED" if index <= done else status if index == done + 1 else "KILLED"
 
 
+# long: creating and reopening share the tags and child runs; split, each half would pass all of them
 def open_runs(cfg: Config, run_name: str, run_dir: Path, state: dict[str, Any]) -> tuple[str | None, str | None, list]:
     """Create the parent and phase runs, or reopen them on resume; nothing here creates the run directory.
 

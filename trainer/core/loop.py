@@ -74,6 +74,7 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+# long: one step is one sequence (forward, loss, backward, hooks, optimizer, log) best read unbroken
 def train_epoch(engine, loader: Iterable, state: LoopState, *, device: torch.device, precision: Precision,
                 label_smoothing: float, hooks: Sequence[Component], log_every: int,
                 log: Callable[[dict[str, float], int], None], loss_fn: LossFn | None = None) -> dict[str, float]:
