@@ -9,7 +9,7 @@ ZeRO 0 unless --zero) trains on one fixed synthetic batch in five timed runs:
 
 A is reported against mean(P1, P2) and N against mean(P2, P3), so drift over
 the run shows up as a P1/P2/P3 spread instead of as overhead. "naive" is the
-alternative DESIGN.md warns against, built here only as the baseline: the
+alternative the in-place gradient hook replaces, built here only as the baseline: the
 penalty as a Python sum of per-layer rho/2 ||W - Z + U||^2 added to the loss,
 using the component's own Z, U and rho. Both variants add the same gradient
 rho (W - Z + U) (checked once before timing and printed as `grad check`).

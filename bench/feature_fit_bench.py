@@ -1,4 +1,4 @@
-"""Issue 13 figures: decompose one trained ResNet-20 by weight-only vs feature fit; rank_prune step vs a plain step.
+"""Feature fit and rank pruning: decompose one trained ResNet-20 by weight-only vs feature fit; rank_prune step vs a plain step.
 
     python -m bench.feature_fit_bench CHECKPOINT [--keep 0.5 0.33] [--formats svd lowrank_sparse tucker2]
 

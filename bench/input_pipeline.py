@@ -44,7 +44,7 @@ from trainer.data.shard_writer import PackOptions, pack
 # <wnid>/<file>.JPEG folders of real ImageNet images; TDC_IMAGENET_SAMPLE points at another copy.
 SAMPLE = Path(os.environ.get("TDC_IMAGENET_SAMPLE",
                              Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"))
-H100 = {"ResNet-50": 4000, "ResNet-18": 12000}  # images/s one H100 trains (DESIGN.md, bf16, channels_last)
+H100 = {"ResNet-50": 4000, "ResNet-18": 12000}  # images/s one H100 trains (bf16, channels_last): the rate the input pipeline must feed
 
 
 def build_tree(root: Path, repeat: int, sample: Path = SAMPLE, limit: int = 0) -> Path:
