@@ -2,7 +2,7 @@
 
 Output of every pipeline: 224 px RandomResizedCrop + horizontal flip batches (train).
   (a) torchvision's usual: ImageFolder, Pillow decode, RandomResizedCrop, flip, ToTensor, Normalize
-  (b) the project's ImageFolder path (data.dataset=imagenet: trainer/data.py ImageNetTransform)
+  (b) the project's ImageFolder path (data.dataset=imagenet: trainer/data/images.py ImageNetTransform)
   (c) the packed path (data.dataset=shards): tar shards, uint8 crop in the loader processes with
       Pillow's DCT-domain reduced decode (draft); normalisation is left to the training device,
       so the batches timed here are uint8 (B, 224, 224, 3)
