@@ -1,6 +1,6 @@
 """The ADMM phase as a trainer component: owner-sharded Z/U updates and a nearly free penalty.
 
-Owner sharding: every planned layer has one owner rank (``admm.owners.with_owners``).
+Owner sharding: every planned layer has one owner rank (``admm.planning.owners.with_owners``).
 Only the owner keeps Z and U and runs the projection. The penalty gradient
 rho (W - Z + U) is added by a gradient hook on the owner's weight, scaled by
 the world size, *before* DeepSpeed's data-parallel average; the other ranks
@@ -40,17 +40,17 @@ from torch import nn
 
 from admm.comm import SINGLE, Comm
 from admm.config import AdmmConfig, CompressionConfig
-from admm.model_plan import plan_for_model
-from admm.rank_plan import RankPlan
+from admm.formats.warm import ProjectionOptions
+from admm.planning.model_plan import plan_for_model
+from admm.planning.rank_plan import RankPlan
 from admm.state import AdmmState, LayerState, UpdateStats
-from admm.warm import ProjectionOptions
 
 # Marks the optimizer param group of the ADMM-penalized weights (a plain key: DeepSpeed keeps it).
 ADMM_GROUP = "tdc_admm"
 
 
 class AdmmComponent:
-    """The ADMM phase's trainer component (the contract of ``trainer.component.Component``).
+    """The ADMM phase's trainer component (the contract of ``trainer.core.component.Component``).
 
     Hook points: ``prepare`` (before the engine), ``attach``, ``on_step_end``,
     ``on_epoch_end``, ``on_checkpoint``, ``detach``; state: ``state_dict`` (this

@@ -11,16 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-# The one list of decomposition formats; admm.projections keys its projections by it.
+# The one list of decomposition formats; admm.formats.projections keys its projections by it.
 FormatName = Literal["svd", "tucker2", "tt", "cp", "lowrank_sparse"]
 FORMATS: tuple[str, ...] = get_args(FormatName)
 
-# How the free layers share the budget (admm.planner.plan_ranks): one keep fraction for every layer, or
-# ranks that minimise the summed relative projection error of the trained weights (admm.allocate).
+# How the free layers share the budget (admm.planning.planner.plan_ranks): one keep fraction for every layer, or
+# ranks that minimise the summed relative projection error of the trained weights (admm.planning.allocate).
 AllocationName = Literal["uniform", "error"]
 ALLOCATIONS: tuple[str, ...] = get_args(AllocationName)
 
-# What compression.keep_ratio is a fraction of (admm.planner.BUDGET_COSTS counts each): the conv/linear weights, or
+# What compression.keep_ratio is a fraction of (admm.planning.planner.BUDGET_COSTS counts each): the conv/linear weights, or
 # their FLOPs per image at the dataset's input size (TT-ADMM reports ImageNet results as FLOPs reductions).
 BudgetName = Literal["params", "flops"]
 BUDGETS: tuple[str, ...] = get_args(BudgetName)
@@ -52,7 +52,7 @@ class CompressionConfig:
     # uniform: every free layer keeps the same fraction of its parameters (planned from shapes alone; under
     # budget=flops that shared fraction is the largest whose total FLOPs fit).
     # error: ranks from the one budget, minimising sum_l ||W_l - Proj(W_l)||^2 / ||W_l||^2 of the weights the
-    # phase starts from (admm.allocate); the driver can only print the uniform plan as an estimate.
+    # phase starts from (admm.planning.allocate); the driver can only print the uniform plan as an estimate.
     allocation: AllocationName = "uniform"
     # error allocation only: each layer keeps at least this fraction of its full rank (per rank field, >= 1)...
     min_rank_ratio: float = 0.0
@@ -88,8 +88,8 @@ class AdmmConfig:
     unit: Literal["epoch", "step"] = "epoch"
     # Log the error of decomposing W now every N Z-updates (0 = never): it costs one more projection.
     decomp_every: int = 1
-    # Iterative projections, warm-started at every Z-update from the layer's previous factors (admm.warm).
-    # Defaults: admm.projections.HOOI_SWEEPS / HOOI_TOL / CP_N_ITER / CP_TOL (why: the comments there).
+    # Iterative projections, warm-started at every Z-update from the layer's previous factors (admm.formats.warm).
+    # Defaults: admm.formats.projections.HOOI_SWEEPS / HOOI_TOL / CP_N_ITER / CP_TOL (why: the comments there).
     hooi_sweeps: int = 1  # tucker2: HOOI sweeps per Z-update (the first update adds them to HOSVD)
     hooi_tol: float = 0.0  # stop HOOI after a sweep lowering ||W - Z|| by < hooi_tol * ||W|| (0 = never)
     cp_sweeps: int = 20  # cp: ALS sweeps per Z-update

@@ -1,7 +1,7 @@
 """Data-aware decomposition: fit a layer's factors to its outputs on calibration inputs, not to its weights.
 
 For a layer with weight matrix ``W`` ``(C_out, n)``, ``n = C_in*kh*kw`` (the
-:func:`admm.reshape.to_matrix` view), and calibration inputs unfolded to the
+:func:`admm.formats.reshape.to_matrix` view), and calibration inputs unfolded to the
 columns ``X`` ``(n, P)`` (one column per output pixel and image, the order of
 ``torch.nn.functional.unfold``), the output error of an approximation ``A`` is
 
@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from admm.formats.projections import RankSpec, lowrank_sparse_parts, top_k, validate_rank
+from admm.formats.reshape import kernel_shape, to_3way
 from admm.nn.layers import FactoredLayer, Geometry, LowRankSparseLayer, SVDLayer, Tucker2Layer, assign
-from admm.projections import RankSpec, lowrank_sparse_parts, top_k, validate_rank
-from admm.reshape import kernel_shape, to_3way
 
 __all__ = ["DAMPING", "FEATURE_FIT_FORMATS", "conv_columns", "fit_layer", "fit_lowrank_sparse", "fit_svd",
            "fit_tucker2", "layer_columns", "output_error"]
@@ -134,7 +134,7 @@ def fit_lowrank_sparse(weight: Tensor, sigma: Tensor, rank: Sequence[int], n_ite
                        iht_steps: int = 5) -> tuple[Tensor, Tensor]:
     """``(L, S)`` with rank(L) <= r, nnz(S) <= k minimising the output error ``||(W - L - S) X||``.
 
-    Starts at the weight-only GoDec parts (:func:`admm.projections.lowrank_sparse_parts`)
+    Starts at the weight-only GoDec parts (:func:`admm.formats.projections.lowrank_sparse_parts`)
     and alternates ``n_iter`` times: L exactly (whitened SVD), S by ``iht_steps``
     hard-thresholded gradient steps. A step that would raise the error is never taken.
     Both parts have the weight's shape and dtype.

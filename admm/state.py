@@ -8,7 +8,7 @@ When rho changes, the scaled dual U = Y / rho is rescaled by rho_old / rho_new
 (Boyd section 3.4.1) so the unscaled multiplier Y is unchanged.
 
 tucker2 and cp projections are iterative (HOOI, ALS): each layer also keeps the
-factors its last projection ended with (``warm``, :mod:`admm.warm`) and its next
+factors its last projection ended with (``warm``, :mod:`admm.formats.warm`) and its next
 Z-update starts from them. They are part of the state (and of checkpoints), so a
 resumed run projects exactly as the uninterrupted one.
 """
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from admm.projections import RankSpec
-from admm.warm import ProjectionOptions, Warm, project_warm
+from admm.formats.projections import RankSpec
+from admm.formats.warm import ProjectionOptions, Warm, project_warm
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """ADMM step throughput divided by plain step throughput: same DeepSpeed engine, same process.
 
-For each model the project's engine (trainer.engine.build_engine, world size 1,
+For each model the project's engine (trainer.core.engine.build_engine, world size 1,
 ZeRO 0 unless --zero) trains on one fixed synthetic batch in five timed runs:
 
     P1 plain -> A admm (AdmmComponent attached: hooks add rho (U - Z), the optimizer's
@@ -9,7 +9,7 @@ ZeRO 0 unless --zero) trains on one fixed synthetic batch in five timed runs:
 
 A is reported against mean(P1, P2) and N against mean(P2, P3), so drift over
 the run shows up as a P1/P2/P3 spread instead of as overhead. "naive" is the
-alternative DESIGN.md warns against, built here only as the baseline: the
+alternative the in-place gradient hook replaces, built here only as the baseline: the
 penalty as a Python sum of per-layer rho/2 ||W - Z + U||^2 added to the loss,
 using the component's own Z, U and rho. Both variants add the same gradient
 rho (W - Z + U) (checked once before timing and printed as `grad check`).
@@ -54,7 +54,7 @@ from bench.common import (
     time_fn,
 )
 from trainer.config import EngineConfig, OptimConfig
-from trainer.engine import build_engine, prepare_deepspeed_env, resolve_precision
+from trainer.core.engine import build_engine, prepare_deepspeed_env, resolve_precision
 from trainer.models import build_model
 
 
@@ -149,6 +149,7 @@ def interleaved(plain: Callable[[], None], naive: Callable[[], None], comp: Admm
     return out
 
 
+# long: one interleaved timing cycle; split, its parts would share the engine, batches and timers
 def bench_model(name: str, batch: int, steps: int, warmup: int, rounds: int, device: torch.device, zero: int,
                 fmt: str, size: int | None, inter: bool) -> list[dict]:
     """``rounds`` cycles of P1 A P2 N P3 on one engine; one result row per cycle."""

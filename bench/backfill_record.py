@@ -13,7 +13,7 @@ run is marked ``tdcompress.backfilled`` with the date, so a reader can tell.
 ``--init-sizes``: a compressed run started from ``model.init`` before runs logged their init model's
 size: ``init_params`` and ``init_flops`` recomputed from the init model's architecture (the run's own
 ``model.name``, as trainer.init_weights builds it before loading the weights), then ``compression`` and
-``flops_reduction`` against the run's final ``params`` and ``flops``, as launcher.mlflow_runs derives them.
+``flops_reduction`` against the run's final ``params`` and ``flops``, as launcher.run.mlflow_runs derives them.
 
     python bench/backfill_record.py --tracking-uri sqlite:////work/study/mlruns.db r20-rankprune-3x-s0 --init-sizes
 """
@@ -31,8 +31,8 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, RunTag  # noqa: E402
 
 from launcher.config import load_config  # noqa: E402
-from launcher.run_record import format_and_keep, method_of  # noqa: E402
-from trainer import checkpoint as ckpt  # noqa: E402
+from launcher.run.run_record import format_and_keep, method_of  # noqa: E402
+from trainer.checkpoints import files as ckpt  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.phases.decompose import measured_flops  # noqa: E402
 

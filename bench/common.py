@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from cluster.dist import init_local_group
-from trainer.malloc import malloc_tuned, reexec_with_tuned_malloc
+from trainer.export.malloc import malloc_tuned, reexec_with_tuned_malloc
 
 __all__ = ["SCHEMA", "Report", "Timing", "add_json_option", "add_malloc_option", "apply_malloc_option", "banner", "banner_line", "classes_for", "cpu_count",
            "device_name", "image_size", "init_process_group", "peak_memory_gib", "pick_device", "start", "sync",
@@ -81,7 +81,7 @@ def _version(package: str) -> str:
 def add_malloc_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="CPU: keep glibc's default malloc (CPU training workers and `tdcompress evaluate` "
-                             "run with trainer.malloc's tunables)")
+                             "run with trainer.export.malloc's tunables)")
 
 
 def apply_malloc_option(args: argparse.Namespace, device: torch.device) -> None:

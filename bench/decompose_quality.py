@@ -2,7 +2,7 @@
 
 For each format and target compression the same parameter budget is planned
 twice -- ``compression.allocation=uniform`` (one keep fraction for every layer)
-and ``error`` (admm.allocate: ranks that minimise the summed relative
+and ``error`` (admm.planning.allocate: ranks that minimise the summed relative
 projection error of these weights) -- the model is decomposed (admm.nn.surgery,
 the decompose phase's code) and evaluated at once, without fine-tuning:
 
@@ -29,14 +29,14 @@ import torch
 from torch import nn
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.surgery import decompose_model
-from admm.planner import RankPlan, with_errors
+from admm.planning.model_plan import plan_for_model
+from admm.planning.planner import RankPlan, with_errors
 from bench.common import add_json_option, device_name, pick_device, start
 from launcher.plan import load_weights
+from trainer.core.engine import Precision
+from trainer.core.loop import evaluate
 from trainer.data import load_datasets, make_loader
-from trainer.engine import Precision
-from trainer.loop import evaluate
 from trainer.models import build_model
 
 

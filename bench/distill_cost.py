@@ -1,9 +1,9 @@
 """What distillation costs per training step: a factored student with and without its dense teacher.
 
 The student is ResNet-20 decomposed at ``--keep-ratio`` (default 0.33: 3x fewer conv/linear
-parameters, tucker2) and trained through the project's engine (trainer.engine.build_engine, world
+parameters, tucker2) and trained through the project's engine (trainer.core.engine.build_engine, world
 size 1, ZeRO 0) on one fixed synthetic batch. The distilled step is the train loop's: the student's
-forward, :class:`trainer.distill.DistillLoss` (the frozen dense ResNet-20 teacher's forward under
+forward, :class:`trainer.core.distill.DistillLoss` (the frozen dense ResNet-20 teacher's forward under
 no_grad, KL on softened logits + CE), backward, SGD step. Both steps run in this process, in
 alternating rounds (plain, distill, plain, ...), so drift shows up as spread across rounds rather
 than as cost; the teacher's forward alone is timed too.
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.surgery import decompose_model
+from admm.planning.model_plan import plan_for_model
 from bench.common import (
     add_json_option,
     add_malloc_option,
@@ -33,11 +33,12 @@ from bench.common import (
     time_fn,
 )
 from trainer.config import DistillConfig, EngineConfig, OptimConfig
-from trainer.distill import DistillLoss
-from trainer.engine import build_engine, prepare_deepspeed_env, resolve_precision
+from trainer.core.distill import DistillLoss
+from trainer.core.engine import build_engine, prepare_deepspeed_env, resolve_precision
 from trainer.models import build_model
 
 
+# long: the benchmark's options, then its steps in the order it prints them
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=128)

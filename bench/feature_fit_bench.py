@@ -1,4 +1,4 @@
-"""Issue 13 figures: decompose one trained ResNet-20 by weight-only vs feature fit; rank_prune step vs a plain step.
+"""Feature fit and rank pruning: decompose one trained ResNet-20 by weight-only vs feature fit; rank_prune step vs a plain step.
 
     python -m bench.feature_fit_bench CHECKPOINT [--keep 0.5 0.33] [--formats svd lowrank_sparse tucker2]
 
@@ -26,19 +26,20 @@ import torch
 import torch.nn.functional as F
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.layers_prune import plan_prune
 from admm.nn.surgery import decompose_model
+from admm.planning.model_plan import plan_for_model
 from bench.common import add_json_option, device_name, init_process_group, start
-from trainer import checkpoint as ckpt
-from trainer.config import EngineConfig, OptimConfig, RankPruneConfig, WorkerConfig
+from trainer.checkpoints import files as ckpt
+from trainer.checkpoints.stateful import restore_model
+from trainer.config import EngineConfig, OptimConfig, RankPruneConfig
+from trainer.core.engine import Precision, build_engine, prepare_deepspeed_env
+from trainer.core.loop import evaluate
 from trainer.data import load_datasets, make_loader
-from trainer.engine import Precision, build_engine, prepare_deepspeed_env
-from trainer.loop import evaluate
 from trainer.models import build_model
 from trainer.phases.feature_decompose import calibration_sample, decompose_by_features
 from trainer.phases.rank_prune import RankPruner, planned_shapes, prunable_layers, to_prunable
-from trainer.stateful import restore_model
+from trainer.worker_config import WorkerConfig
 
 
 def _engine(model: torch.nn.Module, batch: int, extra_groups: list) -> object:
@@ -82,6 +83,7 @@ def rank_prune_engine(dense: torch.nn.Module, batch: int, prune_keep: float | No
     return eng, pruner
 
 
+# long: the benchmark's options, then its steps in the order it prints them
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run directory (its latest)")

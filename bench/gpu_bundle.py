@@ -172,7 +172,7 @@ export TDC_BUNDLE_SITE="${{TDC_BUNDLE_SITE:-/tmp/tdc-site}}"
 export PYTHONPATH="$PWD:$TDC_BUNDLE_SITE${{PYTHONPATH:+:$PYTHONPATH}}"
 export TDC_DATA_ROOT="$_tdc_b/data/cifar10" TDC_IMAGENET_SAMPLE="$_tdc_b/data/imagenet-sample/val"
 export DS_ACCELERATOR="${{DS_ACCELERATOR:-$("$_tdc_py" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}}"
-"$_tdc_py" -c "import deepspeed, tensorly, hjson, pydantic, trainer.engine, admm.admm_component; print('bundle ok:', 'deepspeed', deepspeed.__version__, 'tensorly', tensorly.__version__, 'from', '$TDC_BUNDLE_SITE')" \
+"$_tdc_py" -c "import deepspeed, tensorly, hjson, pydantic, trainer.core.engine, admm.admm_component; print('bundle ok:', 'deepspeed', deepspeed.__version__, 'tensorly', tensorly.__version__, 'from', '$TDC_BUNDLE_SITE')" \
     || return 1 2>/dev/null || exit 1
 """
 

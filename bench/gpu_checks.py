@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from admm.admm_component import AdmmComponent
 from admm.config import AdmmConfig, CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.fold import fold_batchnorm
 from admm.nn.surgery import decompose_model
+from admm.planning.model_plan import plan_for_model
 from bench.common import (
     Report,
     add_json_option,
@@ -42,7 +42,7 @@ from bench.common import (
     synthetic_batch,
 )
 from trainer.config import EngineConfig, OptimConfig
-from trainer.engine import Precision, build_engine, prepare_deepspeed_env
+from trainer.core.engine import Precision, build_engine, prepare_deepspeed_env
 from trainer.models import build_model
 
 LOSS_TOL, PRIMAL_TOL = 2e-2, 0.2  # bf16 vs fp32 after a few steps

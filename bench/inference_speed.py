@@ -5,14 +5,14 @@ factored model (admm.nn.surgery.decompose_model with a plan from the same
 planner the runs use) is timed against the dense model built from the same
 weights: CPU fp32 at batch 1 and 32; on a GPU bf16 at batch 1 and 256,
 eager, (``--compile``) torch.compile'd and (``--onnx``) in onnxruntime (the model exported by
-trainer.export_onnx, CPU execution provider, all graph optimisations, torch's thread count).
+trainer.export.onnx_export, CPU execution provider, all graph optimisations, torch's thread count).
 Ratios below 1 are reported as they are; ``of FLOPs`` is the speed-up divided by the FLOPs ratio.
 
 Both models always get the same treatment: BN folded into the convs (``--no-fold``
 to keep BN), channels_last (``--contiguous`` for NCHW), and on Linux/glibc the
-process re-runs itself with trainer.malloc's tunables (``--no-malloc-tuning`` to
+process re-runs itself with trainer.export.malloc's tunables (``--no-malloc-tuning`` to
 measure without). ``--tune`` adds a third column: the factored model after the
-per-layer latency table (trainer.latency) picked each layer's fastest exact
+per-layer latency table (trainer.export.latency) picked each layer's fastest exact
 realization at that batch, as ``tdcompress export --tune-batch`` does.
 ``--tt-per-core`` adds, for tt, the same factored model with its chains forced to run
 core by core (``TTLayer.merge_chains = False``, the forward before the merged chains),
@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.fold import fold_batchnorm
 from admm.nn.layers_tt import TTLayer
 from admm.nn.realize import realize
 from admm.nn.surgery import decompose_model, manifest_of
+from admm.planning.model_plan import plan_for_model
 from bench.common import add_json_option, add_malloc_option, apply_malloc_option, classes_for, start
-from trainer.export import FORMAT_VERSION
-from trainer.export_onnx import OnnxRuntimeModel, export_onnx, make_session
-from trainer.latency import format_row, layer_latency_table, measure_latency
+from trainer.export.latency import format_row, layer_latency_table, measure_latency
+from trainer.export.onnx_export import OnnxRuntimeModel, export_onnx, make_session
+from trainer.export.torch_export import FORMAT_VERSION
 from trainer.models import build_model
 
 
@@ -48,6 +48,7 @@ def timed(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, 
         return measure_latency(model, shape, repeats=repeats, warmup=3, device=device, channels_last=channels_last)
 
 
+# long: the benchmark's options, then its steps in the order it prints them
 def main() -> None:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")

@@ -2,7 +2,7 @@
 
 Output of every pipeline: 224 px RandomResizedCrop + horizontal flip batches (train).
   (a) torchvision's usual: ImageFolder, Pillow decode, RandomResizedCrop, flip, ToTensor, Normalize
-  (b) the project's ImageFolder path (data.dataset=imagenet: trainer/data.py ImageNetTransform)
+  (b) the project's ImageFolder path (data.dataset=imagenet: trainer/data/images.py ImageNetTransform)
   (c) the packed path (data.dataset=shards): tar shards, uint8 crop in the loader processes with
       Pillow's DCT-domain reduced decode (draft); normalisation is left to the training device,
       so the batches timed here are uint8 (B, 224, 224, 3)
@@ -44,7 +44,7 @@ from trainer.data.shard_writer import PackOptions, pack
 # <wnid>/<file>.JPEG folders of real ImageNet images; TDC_IMAGENET_SAMPLE points at another copy.
 SAMPLE = Path(os.environ.get("TDC_IMAGENET_SAMPLE",
                              Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"))
-H100 = {"ResNet-50": 4000, "ResNet-18": 12000}  # images/s one H100 trains (DESIGN.md, bf16, channels_last)
+H100 = {"ResNet-50": 4000, "ResNet-18": 12000}  # images/s one H100 trains (bf16, channels_last): the rate the input pipeline must feed
 
 
 def build_tree(root: Path, repeat: int, sample: Path = SAMPLE, limit: int = 0) -> Path:
@@ -174,6 +174,7 @@ def decode_only(shards: Path, n: int, rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
+# long: the benchmark's options, then its steps in the order it prints them
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=3, help="links per sample image in train/ (250 x repeat images)")

@@ -1,7 +1,7 @@
 """Training throughput: the project's DeepSpeed step divided by a plain PyTorch loop, same process.
 
 For each model: a plain loop (SGD, bf16 autocast + channels_last on a GPU,
-fp32 on CPU) and the project's engine (trainer.engine.build_engine with the
+fp32 on CPU) and the project's engine (trainer.core.engine.build_engine with the
 config the project uses on that device) run the same synthetic batch; both
 are timed A/B/A so drift shows. On a GPU it also reports peak memory per
 ZeRO stage 0/1/2. ``--fused 1,0`` times both SGD kernels (torch's fused one,
@@ -32,7 +32,7 @@ from bench.common import (
     time_fn,
 )
 from trainer.config import EngineConfig, OptimConfig
-from trainer.engine import Precision, build_engine, prepare_deepspeed_env, resolve_precision
+from trainer.core.engine import Precision, build_engine, prepare_deepspeed_env, resolve_precision
 from trainer.models import build_model
 
 

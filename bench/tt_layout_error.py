@@ -16,8 +16,8 @@ import statistics
 
 import torch
 
-from admm.accounting import dense_params, factored_params
-from admm.projections import max_rank, project_tt
+from admm.formats.projections import max_rank, project_tt
+from admm.planning.accounting import dense_params, factored_params
 from bench.common import add_json_option, start
 from tests.test_tt_layout import (
     channel_structured,

@@ -1,12 +1,12 @@
 """Z-update wall time of all planned ResNet-50 layers, on one rank and sharded over 2/4/8 owners.
 
 For each format the plan comes from the project's planner
-(admm.model_plan.plan_for_model(build_model('resnet50', 1000),
+(admm.planning.model_plan.plan_for_model(build_model('resnet50', 1000),
 CompressionConfig(format=fmt, keep_ratio=...), world)). Every planned layer's
 projection Z = project(W + U, fmt, rank) is timed once (after one untimed
 warmup projection), on the GPU when there is one, else on the CPU. The
 one-rank total is the sum; for world size w the owner map of the plan for w
-(admm.planner.assign_owners, longest-first on projection_cost) is applied to
+(admm.planning.planner.assign_owners, longest-first on projection_cost) is applied to
 the measured per-layer times and the largest shard is reported: with one
 owner per rank and ranks working in parallel, that shard is the Z-update's
 wall time. Also shown: the largest shard if owners were balanced on the
@@ -22,7 +22,7 @@ logged decomposition error; this benchmark times the Z-update proper.
 
 A format may name a method: ``tucker2:hosvd`` (no HOOI sweep), ``tucker2:warm`` /
 ``cp:warm`` (started from the factors of the projection of W, as every
-Z-update after the first is, admm.warm); a plain ``tucker2`` / ``cp`` is the cold
+Z-update after the first is, admm.formats.warm); a plain ``tucker2`` / ``cp`` is the cold
 first Z-update (HOSVD + HOOI_SWEEPS sweeps / svd init + CP_N_ITER ALS sweeps).
 
 ``--dedupe``: time each distinct (shape, format, rank) once per sweep and give that time to
@@ -54,10 +54,10 @@ from typing import Any, Callable
 import torch
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
-from admm.owners import assign_owners
-from admm.projections import max_rank, project
-from admm.warm import ProjectionOptions, project_warm
+from admm.formats.projections import max_rank, project
+from admm.formats.warm import ProjectionOptions, project_warm
+from admm.planning.model_plan import plan_for_model
+from admm.planning.owners import assign_owners
 from bench.common import add_json_option, classes_for, pick_device, start, time_fn
 from trainer.models import build_model
 
@@ -146,7 +146,7 @@ def _tensorly_hooi(w2: torch.Tensor, rank: tuple[int, int], prev: dict, sweeps: 
     import tensorly as tl
     from tensorly.decomposition import partial_tucker
 
-    from admm.reshape import to_3way
+    from admm.formats.reshape import to_3way
 
     w3 = to_3way(w2)
     u_out, u_in = prev["u_out"], prev["u_in"]
@@ -220,8 +220,8 @@ def print_hooi(r: dict, device: str) -> None:
 
 def bench_cp_idempotence(device: torch.device, big: bool) -> list[dict]:
     """||P(P(W)) - P(W)|| / ||P(W)|| of cp, cold (svd init, 20 and 100 sweeps) and warm (its own factors, 1 sweep)."""
-    from admm.cp_als import cp_reconstruct
-    from admm.projections import cp_factors
+    from admm.formats.cp_als import cp_reconstruct
+    from admm.formats.projections import cp_factors
 
     rows = []
     shapes = [(32, 32, 3, 3), (64, 64, 3, 3)] + ([(512, 512, 3, 3)] if big else [])

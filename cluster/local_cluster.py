@@ -18,12 +18,13 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from cluster.processes import alive, group_alive, group_members, spawn
 
 STATE_ENV = "TDC_CLUSTER_DIR"  # where `cluster up` keeps its state, logs, token and MLflow store
 STATE_FILE = "cluster.json"
@@ -84,32 +85,9 @@ def read_state(directory: str | Path | None = None) -> ClusterState | None:
         raise ClusterError(f"{f} is not a cluster state file ({e}); stop its processes by hand and delete it") from None
 
 
-def _alive(pid: int, markers: tuple[str, ...]) -> bool:
-    """True when ``pid`` runs and is one of ours (its command line names our state or Ray temp dir): pids get
-    reused."""
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return any(m in cmd for m in markers)
-
-
 def _ray_temp_dir(d: Path) -> str:
     """A short Ray temp dir for state dir ``d``: Ray's socket paths under it must fit AF_UNIX's 107 bytes."""
     return f"/tmp/tdc-ray-{hashlib.sha1(str(d).encode()).hexdigest()[:10]}"
-
-
-def _members(pgid: int) -> list[int]:
-    """The pids of process group ``pgid`` (Linux /proc)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # after "pid (comm)": state, ppid, pgrp
-            out.append(int(stat.parent.name))
-    return out
 
 
 def running(state: ClusterState) -> list[int]:
@@ -118,15 +96,7 @@ def running(state: ClusterState) -> list[int]:
     A group whose leader exited (a node's `ray start` after its raylet was killed) can still hold
     Ray processes; it is still ours while one of them names the state dir.
     """
-    return [g for g in state.pids() if any(_alive(p, state.markers()) for p in _members(g))]
-
-
-def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> int:
-    """Start ``cmd`` in a new session (its own process group, so `down` stops its whole tree)."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True, cwd=log.parent)
-    return proc.pid
+    return [g for g in state.pids() if any(alive(p, state.markers()) for p in group_members(g))]
 
 
 def _wait_for(what: str, ready, pids: list[int], marker: tuple[str, ...], log: Path, timeout: float) -> None:
@@ -134,7 +104,7 @@ def _wait_for(what: str, ready, pids: list[int], marker: tuple[str, ...], log: P
     while time.monotonic() < deadline:
         if ready():
             return
-        if not all(_alive(p, marker) for p in pids):
+        if not all(alive(p, marker) for p in pids):
             raise ClusterError(f"{what} exited while starting; see {log}")
         time.sleep(0.5)
     raise ClusterError(f"{what} did not start within {timeout:.0f} s; see {log}")
@@ -165,6 +135,7 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+# long: the start-up in order (ports, token, head, workers, MLflow, state file) with its rollback on failure
 def up(nodes: int, cpus_per_node: int = 1, mlflow: bool = True, directory: str | Path | None = None,
        object_store_mb: int = 256) -> ClusterState:
     """Start a head and ``nodes - 1`` workers (``cpus_per_node`` CPUs each) and an MLflow server; returns the state.
@@ -203,7 +174,7 @@ def up(nodes: int, cpus_per_node: int = 1, mlflow: bool = True, directory: str |
     try:
         head_log = d / "logs" / "head.log"
         head_log.unlink(missing_ok=True)
-        pid = _spawn(node + ["--head", f"--temp-dir={state.temp_dir}", f"--port={gcs_port}",
+        pid = spawn(node + ["--head", f"--temp-dir={state.temp_dir}", f"--port={gcs_port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
                              f"--ray-client-server-port={free_port()}", *_node_ports()], head_log,
                      {**env, **metrics_port_env()})
@@ -214,7 +185,7 @@ def up(nodes: int, cpus_per_node: int = 1, mlflow: bool = True, directory: str |
             mlflow_log = d / "logs" / "mlflow.log"
             # Without MLflow's job runner (GenAI scorer jobs, unused here): it slows the server's start and its
             # exit on SIGTERM (the standalone server of the tracking-fault tests: twice the start, ~15 s to stop).
-            state.mlflow_pid = _spawn([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+            state.mlflow_pid = spawn([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
                                        str(port), "--workers", "1", "--backend-store-uri",
                                        f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination",
                                        str(d / "mlflow-artifacts")], mlflow_log,
@@ -242,7 +213,7 @@ def _start_worker(state: ClusterState, node: list[str], env: dict[str, str], log
     """
     for attempt in range(attempts):
         log.unlink(missing_ok=True)
-        pid = _spawn(node + [f"--address={state.gcs_address}", f"--temp-dir={state.temp_dir}-{log.stem}",
+        pid = spawn(node + [f"--address={state.gcs_address}", f"--temp-dir={state.temp_dir}-{log.stem}",
                              *_node_ports()], log, env)
         state.nodes.append({"role": "worker", "pid": pid, "log": str(log)})
         _write(state)
@@ -252,7 +223,7 @@ def _start_worker(state: ClusterState, node: list[str], env: dict[str, str], log
         except ClusterError:
             if attempt == attempts - 1:
                 raise
-            if _members(pid):
+            if group_members(pid):
                 os.killpg(pid, signal.SIGKILL)
             state.nodes.pop()
             _write(state)
@@ -263,18 +234,6 @@ def _write(state: ClusterState) -> None:
     tmp = f.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(state), indent=1))
     os.replace(tmp, f)
-
-
-def _group_alive(pgid: int) -> bool:
-    """A member of ``pgid`` still runs. Zombies do not count: a group leader `up` started from this process stays
-    a zombie until reaped, and waiting on it would only spend `down`'s whole grace."""
-    for pid in _members(pgid):
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                return True
-        except (OSError, IndexError):
-            continue
-    return False
 
 
 def down(directory: str | Path | None = None, grace_s: float = 20.0) -> list[int]:
@@ -294,10 +253,10 @@ def down(directory: str | Path | None = None, grace_s: float = 20.0) -> list[int
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+    while time.monotonic() < deadline and any(group_alive(g) for g in groups):
         time.sleep(0.3)
     for pgid in groups:
-        if _group_alive(pgid):
+        if group_alive(pgid):
             os.killpg(pgid, signal.SIGKILL)
     (d / STATE_FILE).unlink(missing_ok=True)
     return groups

@@ -21,7 +21,7 @@ from cluster.config import ClusterConfig
 from cluster.dist import free_port, init_local_group
 from cluster.local_cluster import metrics_port_env
 from trainer.context import WorkerJob
-from trainer.malloc import has_glibc, with_tunables
+from trainer.export.malloc import has_glibc, with_tunables
 from trainer.worker import train_func
 
 # Variables the workers must see, set before any DeepSpeed import.
@@ -42,7 +42,7 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
     if not use_gpu and has_glibc():
         # CPU training allocates its activations and gradients anew every step; with glibc's
-        # defaults the large ones are fresh mmaps that page-fault in each time (trainer/malloc.py).
+        # defaults the large ones are fresh mmaps that page-fault in each time (trainer/export/malloc.py).
         # Measured (bench/admm_overhead.py, plain steps): ResNet-50 49 -> 68 img/s, ResNet-18 +10-40%.
         env["GLIBC_TUNABLES"] = with_tunables(os.environ.get("GLIBC_TUNABLES", ""))
     return env

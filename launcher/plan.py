@@ -3,7 +3,7 @@
 Without weights the plan command prints the driver's plan (``pipeline.make_plan``).
 With weights -- a state_dict file, a checkpoint's ``shared.pt``, or the newest
 checkpoint of a run that still holds the dense model -- it plans the same
-budget twice, ``uniform`` and ``error`` (:mod:`admm.allocate`), and prints each
+budget twice, ``uniform`` and ``error`` (:mod:`admm.planning.allocate`), and prints each
 layer's ranks and relative projection error ||W - Proj(W)|| / ||W|| under both,
 with the totals.
 """
@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from admm.planner import with_errors
-from admm.rank_plan import RankPlan
+from admm.planning.planner import with_errors
+from admm.planning.rank_plan import RankPlan
 from launcher.config import ConfigError
 from launcher.schema import Config
 
@@ -38,7 +38,7 @@ def _state_dict(obj: Any, source: str) -> Mapping[str, Tensor]:
 
 def load_weights(weights: str | None, run: str | None) -> tuple[Mapping[str, Tensor], str]:
     """The dense weights from ``weights`` (a file) or ``run`` (its newest checkpoint with a dense model)."""
-    from trainer import checkpoint as ckpt
+    from trainer.checkpoints import files as ckpt
 
     if weights:
         path = Path(weights)
@@ -99,8 +99,8 @@ def compare_table(uniform: RankPlan, error: RankPlan, model: nn.Module) -> str:
 
 def plan_command(cfg: Config, config_name: str, weights: str | None, run: str | None) -> int:
     """`tdcompress plan`: the driver's plan, or with weights both allocations compared on them."""
-    from admm.model_plan import plan_for_model
-    from launcher.pipeline import make_plan
+    from admm.planning.model_plan import plan_for_model
+    from launcher.run.pipeline import make_plan
     from trainer.data import DATASET_SHAPES
 
     classes, size = DATASET_SHAPES[cfg.data.dataset]

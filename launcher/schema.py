@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields, replace
 
 from admm.config import check
 from cluster.config import ClusterConfig
-from trainer.config import TrackingConfig, WorkerConfig
+from trainer.config import TrackingConfig
+from trainer.worker_config import WorkerConfig
 
 
 def _plain_name(text: str) -> bool:

@@ -54,6 +54,7 @@ def _absolute_sqlite(uri: str) -> str:
     return uri if path.startswith("/") else f"sqlite:///{Path(path).resolve()}"
 
 
+# long: one check per cluster setting, in the order a user meets them
 def plan_submission(config: str, overrides: list[str], nodes: int | None, same_host: bool,
                     cluster_mlflow: str | None, env: dict[str, str]) -> Submission:
     """Validate ``config`` + ``overrides`` for a cluster of ``nodes`` nodes (None: unknown) and build the job.
@@ -64,7 +65,7 @@ def plan_submission(config: str, overrides: list[str], nodes: int | None, same_h
     config nor $MLFLOW_TRACKING_URI names one.
     """
     from cluster.storage import is_uri, storage_problem, tracking_problem
-    from launcher.pipeline import check_data, make_plan
+    from launcher.run.pipeline import check_data, make_plan
     from trainer.data import ROOT_ENV
 
     path = Path(config).resolve()
@@ -101,7 +102,7 @@ def plan_submission(config: str, overrides: list[str], nodes: int | None, same_h
         if problem:
             raise ConfigError(problem)
     if uri:
-        from trainer import tracking
+        from trainer.tracking import tracker as tracking
 
         why = tracking.probe(uri)
         if why and _loopback_url(uri):  # on this machine: the cluster's nodes see what this shell sees
@@ -115,7 +116,7 @@ def plan_submission(config: str, overrides: list[str], nodes: int | None, same_h
         env_vars[ROOT_ENV] = str(Path(env[ROOT_ENV]).resolve())
     if uri:
         env_vars["MLFLOW_TRACKING_URI"] = uri
-    from launcher.run_record import GIT_COMMIT_ENV, git_commit
+    from launcher.run.run_record import GIT_COMMIT_ENV, git_commit
 
     commit = git_commit()  # the job's upload leaves .git behind: its driver records this one
     if commit:

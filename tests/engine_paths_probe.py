@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from admm.admm_component import AdmmComponent
 from admm.config import AdmmConfig, CompressionConfig
-from admm.model_plan import plan_for_model
+from admm.planning.model_plan import plan_for_model
 from cluster.ray_runtime import init_local_group
 from trainer.config import EngineConfig, OptimConfig
-from trainer.engine import build_engine, resolve_precision
+from trainer.core.engine import build_engine, resolve_precision
 from trainer.models import build_model
 
 BATCH = 16

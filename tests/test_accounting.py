@@ -1,4 +1,4 @@
-"""Params/FLOPs accounting (admm.accounting) checked against real modules and FlopCounterMode."""
+"""Params/FLOPs accounting (admm.planning.accounting) checked against real modules and FlopCounterMode."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from admm.accounting import (
+from admm.formats.projections import FORMATS, max_rank, tt_cores
+from admm.formats.reshape import tt_layout
+from admm.planning.accounting import (
     dense_flops,
     dense_params,
     factored_flops,
@@ -18,8 +20,6 @@ from admm.accounting import (
     factored_params,
     rank_for_keep_ratio,
 )
-from admm.projections import FORMATS, max_rank, tt_cores
-from admm.reshape import tt_layout
 
 
 def n_params(module: nn.Module) -> int:
@@ -122,11 +122,11 @@ def tt_matrices(cores: list[torch.Tensor], shape) -> tuple[torch.Tensor, torch.T
 
 def tt_forward(x: torch.Tensor, cores: list[torch.Tensor], shape, stride=1, padding=0,
                matrices: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Reference TT layer in the order admm.accounting documents, written with einsum in NCHW:
+    """Reference TT layer in the order admm.planning.accounting documents, written with einsum in NCHW:
     in-channel cores i_q..i_1, the spatial core as a kxk conv, out-channel cores o_p..o_1; a chain
     runs as its one contracted matrix (``matrices``, contracted beforehand as TTLayer caches them for
     inference) where ``tt_chain_costs`` says that costs fewer MACs per pixel."""
-    from admm.accounting import tt_chain_costs
+    from admm.planning.accounting import tt_chain_costs
 
     layout = tt_layout(shape)
     p, q = len(layout.out_factors), len(layout.in_factors)

@@ -6,7 +6,7 @@ import torch
 
 from admm.admm_component import AdmmComponent
 from admm.config import AdmmConfig, CompressionConfig
-from admm.model_plan import plan_for_model
+from admm.planning.model_plan import plan_for_model
 from trainer.models import build_model
 
 CC = CompressionConfig(format="svd", keep_ratio=0.5, exclude=[], min_channels=3)

@@ -8,13 +8,13 @@ import torch
 
 from admm.admm_component import ADMM_GROUP, AdmmComponent
 from admm.config import AdmmConfig, CompressionConfig
-from admm.model_plan import plan_for_model
-from launcher import pipeline
-from trainer import checkpoint as ckpt
-from trainer import tracking
-from trainer.engine import param_groups
-from trainer.faults import InjectedFailure
+from admm.planning.model_plan import plan_for_model
+from launcher.run import pipeline
+from trainer.checkpoints import files as ckpt
+from trainer.core.engine import param_groups
+from trainer.core.faults import InjectedFailure
 from trainer.models import build_model
+from trainer.tracking import tracker as tracking
 
 # tinycnn with every layer planned as SVD (its layers are narrow: min_channels 3).
 SMALL_SVD = CompressionConfig(format="svd", keep_ratio=0.6, exclude=[], min_channels=3)
@@ -162,7 +162,7 @@ def test_penalty_hooks_run_before_zero_gradient_hooks():
     """
     from cluster.ray_runtime import init_local_group
     from trainer.config import EngineConfig, OptimConfig
-    from trainer.engine import Precision, build_engine
+    from trainer.core.engine import Precision, build_engine
 
     init_local_group(gpu=False)
     torch.manual_seed(0)

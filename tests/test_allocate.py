@@ -1,4 +1,4 @@
-"""Non-uniform ranks from one budget (admm.allocate), 1x1 layers under tucker2 planned as svd, `tdcompress plan`."""
+"""Non-uniform ranks from one budget (admm.planning.allocate), 1x1 layers under tucker2 planned as svd, `tdcompress plan`."""
 from __future__ import annotations
 
 import pytest
@@ -6,13 +6,13 @@ import torch
 from torch import nn
 
 from admm.admm_component import AdmmComponent
-from admm.allocate import Ladder, allocate, relative_errors, svd_errors, tucker2_errors
 from admm.config import CompressionConfig
-from admm.layer_info import describe_layers
-from admm.model_plan import plan_for_model
-from admm.planner import error_ladder, select
-from admm.projections import project_svd, project_tucker2
-from admm.rank_plan import RankPlan
+from admm.formats.projections import project_svd, project_tucker2
+from admm.planning.allocate import Ladder, allocate, relative_errors, svd_errors, tucker2_errors
+from admm.planning.layer_info import describe_layers
+from admm.planning.model_plan import plan_for_model
+from admm.planning.planner import error_ladder, select
+from admm.planning.rank_plan import RankPlan
 from trainer.phases.plan_file import PLAN_FILE, load_plan, save_plan
 
 
@@ -68,7 +68,7 @@ def _ladders(model: nn.Module, cfg: CompressionConfig):
     layers = describe_layers(model)
     planned = select(layers, cfg.include, cfg.exclude, cfg.min_channels)
     mods = dict(model.named_modules())
-    from admm.planner import layer_format
+    from admm.planning.planner import layer_format
 
     return planned, [error_ladder(layer, layer_format(layer.shape, cfg.format), mods[layer.name].weight,
                                   rank_multiple=cfg.rank_multiple, min_rank_ratio=cfg.min_rank_ratio,
@@ -234,8 +234,8 @@ def test_admm_fixes_the_error_plan_and_decompose_uses_it(tiny):
     phase1/rank_plan.json, and the decompose phase factors exactly those ranks (not a plan from moved weights)."""
     import json
 
-    from launcher import pipeline
-    from trainer import checkpoint as ckpt
+    from launcher.run import pipeline
+    from trainer.checkpoints import files as ckpt
 
     info = pipeline.run(tiny("model.name=resnet20", "data.train_subset=256", "data.eval_subset=128",
                              "compression.format=tucker2", "compression.keep_ratio=0.4",
@@ -274,7 +274,7 @@ SHAPE = (1, 3, 16, 16)
 
 def test_budget_registry_is_the_literal():
     from admm.config import BUDGETS
-    from admm.planner import BUDGET_COSTS
+    from admm.planning.planner import BUDGET_COSTS
 
     assert tuple(BUDGET_COSTS) == BUDGETS == ("params", "flops")
 
@@ -287,7 +287,7 @@ def test_flops_budget_met_within_one_rank_step(strided, fmt, multiple):
     left = 0.4 * plan.dense_flops_total - plan.flops_after_total
     assert left >= 0 and plan.kept == pytest.approx(plan.flops_after_total / plan.dense_flops_total)
     layers = {layer.name: layer for layer in describe_layers(strided, SHAPE)}
-    from admm.planner import layer_format
+    from admm.planning.planner import layer_format
 
     mods = dict(strided.named_modules())
     steps = []

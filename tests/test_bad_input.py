@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import make_image_folder
 
-from launcher import pipeline
 from launcher.cli import main
 from launcher.config import ConfigError, load_config
+from launcher.run import pipeline
 from trainer.data import DatasetError, load_datasets
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -73,7 +73,7 @@ def test_undecodable_image_is_named_or_skipped(tmp_path, capsys):
 
 
 def _export(tmp_path: Path, tiny) -> Path:
-    from trainer.export import export_run
+    from trainer.export.torch_export import export_run
 
     info = pipeline.run(tiny("run_name=exp", "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 1}]"))
     return export_run(info.dir, tmp_path / "export")
@@ -104,7 +104,7 @@ def test_truncated_weights_are_refused_with_exit_2(tmp_path, tiny, capsys):
 
 
 def test_resume_refuses_a_changed_method_and_keeps_the_original_config(tiny):
-    from trainer.faults import InjectedFailure
+    from trainer.core.faults import InjectedFailure
 
     base = ("run_name=same", "phases.0.epochs=2", "debug.fail_at={phase: 0, epoch: 1}")
     with pytest.raises(InjectedFailure):
@@ -122,7 +122,7 @@ def test_resume_refuses_a_changed_method_and_keeps_the_original_config(tiny):
 
 
 def test_invalid_run_state_is_named(tiny):
-    from trainer.faults import InjectedFailure
+    from trainer.core.faults import InjectedFailure
 
     base = ("run_name=state", "phases.0.epochs=2", "debug.fail_at={phase: 0, epoch: 1}")
     with pytest.raises(InjectedFailure):

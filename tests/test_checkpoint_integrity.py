@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import pipeline
 from launcher.config import ConfigError, load_config
-from trainer import checkpoint as ckpt
-from trainer.faults import InjectedFailure
+from launcher.run import pipeline
+from trainer.checkpoints import files as ckpt
+from trainer.core.faults import InjectedFailure
 
 
 def _save(root: Path, index: int, value: float = 1.0) -> Path:

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import local_cluster, ray_runtime
+from cluster import local_cluster, processes, ray_runtime
 from cluster.config import ClusterConfig
 from cluster.storage import check_cluster_run, relative_path_problem, storage_problem, tracking_problem
 from launcher.cli import main
 from launcher.config import ConfigError, load_config
-from launcher.pipeline import make_plan
+from launcher.run.pipeline import make_plan
 from trainer.data import DATASET_SHAPES
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -159,9 +159,9 @@ def test_down_waits_on_running_processes_not_on_zombies():
     try:
         while Path(f"/proc/{done.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
             time.sleep(0.01)  # until it has exited; it is not reaped before done.wait() below
-        assert local_cluster._members(done.pid) == [done.pid]
-        assert not local_cluster._group_alive(done.pid)
-        assert local_cluster._group_alive(live.pid)
+        assert processes.group_members(done.pid) == [done.pid]
+        assert not processes.group_alive(done.pid)
+        assert processes.group_alive(live.pid)
     finally:
         live.kill()
         live.wait()

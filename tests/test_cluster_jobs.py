@@ -17,7 +17,7 @@ from cluster import jobs, local_cluster
 from cluster.ray_runtime import _beside_job_env
 from cluster.storage import storage_problem, tracking_problem
 from launcher.cli import main
-from trainer import checkpoint as ckpt
+from trainer.checkpoints import files as ckpt
 
 # tinycnn on a real CIFAR-10 subset: pretrain and ADMM on 2 workers, a few steps each.
 TINY = ["model.name=tinycnn", "data.train_subset=512", "data.eval_subset=256", "data.batch_size=64",
@@ -152,7 +152,7 @@ def test_cluster_submit_two_nodes_mlflow_and_stop(cluster2, tmp_path, cifar_root
     assert all(r.info.status == "FINISHED" for r in children)
     # Provenance under Ray Jobs: the job's id (from Ray's job config in the driver's environment) and the
     # client's git commit (the job's upload has no .git; submit passes it with the job).
-    from launcher.run_record import git_commit
+    from launcher.run.run_record import git_commit
 
     assert parent[0].data.tags["ray_job_id"] == job and parent[0].data.tags["mlflow.source.type"] == "JOB"
     assert git_commit() and parent[0].data.tags["mlflow.source.git.commit"] == git_commit()

@@ -24,7 +24,7 @@ from conftest import cmdline, is_loopback, listeners, pids_naming, process_tree,
 
 from cluster import jobs
 from launcher.cli import main
-from trainer import checkpoint as ckpt
+from trainer.checkpoints import files as ckpt
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/quickstart.yaml"

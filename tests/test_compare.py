@@ -9,8 +9,8 @@ import json
 import pytest
 
 from launcher.cli import main
-from launcher.compare import mark_pareto
-from trainer import tracking
+from launcher.results.compare import mark_pareto
+from trainer.tracking import tracker as tracking
 
 
 def _run(client, exp: str, name: str, *, fmt: str, method: str = "admm", seed: int = 0, top1: float,
@@ -141,7 +141,7 @@ def test_no_store_is_created_and_an_empty_store_is_an_error(store, tmp_path, cap
 def test_plot_draws_one_baseline_per_distinct_dense_model(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from launcher import compare_plot
+    from launcher.results import compare_plot
 
     rows = [{"run": "a", "model": "resnet20", "method": "admm", "format": "svd", "top1": 40.0, "params": 1e5,
              "flops": 1e7, "dense_top1": 22.6},

@@ -146,7 +146,7 @@ def test_plan_command_prints_the_plan_without_data(capsys, monkeypatch):
     from launcher.cli import main
 
     monkeypatch.delenv("TDC_DATA_ROOT", raising=False)  # no data needed
-    from launcher.pipeline import make_plan
+    from launcher.run.pipeline import make_plan
 
     config = CONFIGS / "imagenet_resnet50_svd.yaml"
     assert main(["plan", str(config)]) == 0

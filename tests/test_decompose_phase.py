@@ -7,12 +7,12 @@ import sys
 
 import torch
 
-from launcher import pipeline
-from trainer import checkpoint as ckpt
-from trainer import tracking
-from trainer.export import export_run, load_exported
+from launcher.run import pipeline
+from trainer.checkpoints import files as ckpt
+from trainer.checkpoints.stateful import restore_model
+from trainer.export.torch_export import export_run, load_exported
 from trainer.models import build_model
-from trainer.stateful import restore_model
+from trainer.tracking import tracker as tracking
 
 BASE = ("model.name=resnet20", "data.train_subset=2048", "data.eval_subset=512", "optim.lr=0.05",
         "compression.format=tucker2", "compression.keep_ratio=0.3", "admm.rho=0.05", "admm.rho_growth=1.3",
@@ -66,7 +66,7 @@ def test_finetune_export_and_torch_only_load(tiny, tmp_path):
         torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     # A fresh interpreter that never imports Ray, DeepSpeed or MLflow can load and run it.
-    code = ("import sys, torch; from trainer.export import load_exported; m, _ = load_exported(sys.argv[1]); "
+    code = ("import sys, torch; from trainer.export.torch_export import load_exported; m, _ = load_exported(sys.argv[1]); "
             "m(torch.randn(1, 3, 32, 32)); "
             "bad = [k for k in ('ray', 'deepspeed', 'mlflow') if k in sys.modules]; assert not bad, bad; print('ok')")
     res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import tracking
+from launcher.run import pipeline
 from trainer.data import load_datasets, make_loader, random_crop_flip, set_loader_epoch
 from trainer.data.device_cache import DeviceDataset, DeviceLoader, crop_flip, make_device_loader
+from trainer.tracking import tracker as tracking
 
 PAD, SIDE = 4, 32
 CHI2_8DOF_P001 = 26.12  # chi-square quantile, 8 degrees of freedom, p = 0.001

@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import checkpoint as ckpt
-from trainer import tracking
+from launcher.run import pipeline
+from trainer.checkpoints import files as ckpt
 from trainer.config import DistillConfig
-from trainer.distill import DistillLoss, distillation_loss
-from trainer.engine import Precision
+from trainer.core.distill import DistillLoss, distillation_loss
+from trainer.core.engine import Precision
 from trainer.models import build_model
+from trainer.tracking import tracker as tracking
 
 # tinycnn (no BatchNorm): decomposed at 0.6 of its parameters, fine-tuned 2 short epochs with the init as teacher.
 DISTILL = ("compression.format=svd", "compression.keep_ratio=0.6", "compression.exclude=[]",
@@ -97,7 +97,7 @@ def _final(info) -> dict[str, torch.Tensor]:
 def test_finetune_with_distill_resumes_with_the_pinned_teacher(tiny, tmp_path):
     """Cut after the first fine-tuning epoch, the teacher's source file replaced by NaNs, resumed: the same
     final model as the uninterrupted run (the resume rebuilt the teacher from the run's own copy)."""
-    from trainer.faults import InjectedFailure
+    from trainer.core.faults import InjectedFailure
 
     torch.manual_seed(5)
     file = tmp_path / "dense.pt"

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import pipeline
-from trainer import checkpoint as ckpt
-from trainer import tracking
+from launcher.run import pipeline
+from trainer.checkpoints import files as ckpt
+from trainer.tracking import tracker as tracking
 
 pytestmark = pytest.mark.ray
 
@@ -122,7 +122,7 @@ def test_worker_failure_restarts_from_checkpoint(tiny, ray_local, reference):
 
 
 def test_cut_on_two_workers_resumes_on_one(tiny, ray_local, reference):
-    from trainer.faults import InjectedFailure
+    from trainer.core.faults import InjectedFailure
 
     with pytest.raises(InjectedFailure, match="injected failure"):  # the worker's own error, out of Ray's
         pipeline.run(tiny(*RAY2, *SHARDED, *FAIL, "run_name=moved"))
@@ -138,12 +138,12 @@ def test_reported_accuracy_is_the_saved_models(tiny, ray_local, tmp_path):
     was not the saved model's. Here the logged top-1, the checkpoint's and the export's agree
     on the same images, and both ranks hold the same model.
     """
+    from trainer.checkpoints.stateful import restore_model
+    from trainer.core.engine import Precision
+    from trainer.core.loop import evaluate
     from trainer.data import load_datasets, make_loader
-    from trainer.engine import Precision
-    from trainer.export import export_run, load_exported
-    from trainer.loop import evaluate
+    from trainer.export.torch_export import export_run, load_exported
     from trainer.models import build_model
-    from trainer.stateful import restore_model
 
     cfg = tiny(*RAY2, "model.name=resnet20", "run_name=bn",
                "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 4}, {kind: evaluate}]")

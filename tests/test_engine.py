@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from launcher import pipeline
-from trainer import checkpoint as ckpt
+from launcher.run import pipeline
+from trainer.checkpoints import files as ckpt
 from trainer.config import EngineConfig, OptimConfig
-from trainer.engine import Precision, deepspeed_config, warmup_cosine
-from trainer.faults import InjectedFailure
+from trainer.core.engine import Precision, deepspeed_config, warmup_cosine
+from trainer.core.faults import InjectedFailure
 
 
 def _weights(info):
@@ -76,7 +76,7 @@ def test_one_rank_skips_the_identity_all_reduce():
     Also: the SGD under the engine is torch's fused one unless ``optim.fused=false``.
     """
     from cluster.ray_runtime import init_local_group
-    from trainer.engine import build_engine
+    from trainer.core.engine import build_engine
     from trainer.models import build_model
 
     init_local_group(gpu=False)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.fold import fold_batchnorm
 from admm.nn.surgery import decompose_model, manifest_of
-from trainer.export import FORMAT_VERSION, ExportError
-from trainer.export_onnx import INPUT, OPSET, TOLERANCE, export_onnx, load_onnx, manifest_from_metadata
+from admm.planning.model_plan import plan_for_model
+from trainer.export.onnx_export import INPUT, OPSET, TOLERANCE, export_onnx, load_onnx, manifest_from_metadata
+from trainer.export.torch_export import FORMAT_VERSION, ExportError
 from trainer.models import build_model
 
 # Conv nodes each factored conv becomes when its chain is kept (svd: kxk + 1x1; tucker2, cp: three convs).
@@ -96,10 +96,10 @@ def test_quickstart_model_in_onnxruntime_matches_torch_on_2000_real_images(tiny,
     """A trained, decomposed and fine-tuned ResNet-20 (the quickstart's phases, shortened) exported with
     --format onnx: onnxruntime's logits on 2,000 real CIFAR-10 test images are torch's within 1e-4 relative,
     and evaluate reports the same top-1/top-5."""
-    from launcher import pipeline
     from launcher.cli import main
+    from launcher.run import pipeline
     from trainer.data import load_datasets, make_loader
-    from trainer.export import load_exported
+    from trainer.export.torch_export import load_exported
 
     cfg = tiny("model.name=resnet20", "data.train_subset=2048", "compression.format=tucker2",
                "compression.keep_ratio=0.5",

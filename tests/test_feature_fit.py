@@ -10,11 +10,11 @@ from torch import nn
 
 from admm.feature_fit import FEATURE_FIT_FORMATS, fit_layer, layer_columns, output_error
 from admm.nn.layers import factorize_module
-from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import tracking
+from launcher.run import pipeline
 from trainer.data import load_datasets
 from trainer.models import build_model
+from trainer.tracking import tracker as tracking
 
 RANKS = {"svd": 4, "tucker2": (6, 4), "lowrank_sparse": (3, 64)}
 
@@ -25,7 +25,7 @@ def _real_inputs(root, n: int) -> torch.Tensor:
 
 
 def test_feature_fit_formats_match_the_config_check():
-    from trainer.config import WorkerConfig, check_methods
+    from trainer.worker_config import WorkerConfig, check_methods
 
     for fmt in ("svd", "tucker2", "tt", "cp", "lowrank_sparse"):
         cfg = WorkerConfig()
@@ -106,7 +106,7 @@ def test_trained_resnet20_decomposes_better_and_sparse_part_stays_sparse(tiny, t
     """Top-1 right after decomposition is higher with the feature fit; the exported S stores only k values."""
     from safetensors import safe_open
 
-    from trainer.export import export_run, load_exported
+    from trainer.export.torch_export import export_run, load_exported
 
     pre = pipeline.run(tiny(*R20, "run_name=pre", "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 16}]"))
     runs = {}

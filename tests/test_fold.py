@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.fold import apply_folding, fold_batchnorm
 from admm.nn.surgery import apply_manifest, decompose_model, manifest_of
+from admm.planning.model_plan import plan_for_model
 from trainer.models import build_model
 
 

@@ -157,7 +157,7 @@ def test_bundle_builds_under_the_limit_and_installs_into_a_fresh_venv_from_its_o
                                     capture_output=True, text=True, check=True).stdout.strip())
     (venv_site / "image.pth").write_text(str(_image_site(tmp_path / "image")) + "\n")
     clean = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    probe = ("import importlib.util, deepspeed, tensorly, pydantic, trainer.engine; "
+    probe = ("import importlib.util, deepspeed, tensorly, pydantic, trainer.core.engine; "
              "print('FROM', deepspeed.__file__, tensorly.__file__); "
              "print('PRESENT', [m for m in ('ray', 'mlflow') if importlib.util.find_spec(m)])")
     script = (f". {tmp_path / 'bundle' / 'setup.sh'} && python -c {probe!r} && "

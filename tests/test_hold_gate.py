@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from launcher import pipeline
 from launcher.config import ConfigError, load_config
-from trainer import checkpoint as ckpt
-from trainer.component import LoopState
+from launcher.run import pipeline
+from trainer.checkpoints import files as ckpt
 from trainer.config import HoldAt
-from trainer.faults import HoldGate
+from trainer.core.component import LoopState
+from trainer.core.faults import HoldGate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -12,11 +12,11 @@ from tensorly.decomposition import partial_tucker
 
 from admm.admm_component import AdmmComponent
 from admm.config import AdmmConfig, CompressionConfig
-from admm.hooi import hooi_factors, tucker2_reconstruct
-from admm.model_plan import plan_for_model
-from admm.projections import HOOI_SWEEPS, max_rank, project, project_tucker2
-from admm.reshape import to_3way
-from admm.warm import ProjectionOptions, project_warm
+from admm.formats.hooi import hooi_factors, tucker2_reconstruct
+from admm.formats.projections import HOOI_SWEEPS, max_rank, project, project_tucker2
+from admm.formats.reshape import to_3way
+from admm.formats.warm import ProjectionOptions, project_warm
+from admm.planning.model_plan import plan_for_model
 from launcher.config import ConfigError, load_config
 from trainer.models import build_model
 

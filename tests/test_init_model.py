@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import checkpoint as ckpt
-from trainer import tracking
+from launcher.run import pipeline
+from trainer.checkpoints import files as ckpt
 from trainer.init_weights import InitError, check_compatible, load_state, resolve_path
 from trainer.models import build_model
+from trainer.tracking import tracker as tracking
 
 
 def _final_weights(run_dir) -> dict[str, torch.Tensor]:
@@ -107,7 +107,7 @@ def test_shape_mismatch_and_bad_sources_are_refused_before_training(tiny, tmp_pa
 
 
 def test_resume_does_not_reapply_init(tiny, tmp_path):
-    from trainer.faults import InjectedFailure
+    from trainer.core.faults import InjectedFailure
 
     file = tmp_path / "init.pt"
     torch.save(build_model("tinycnn", 10).state_dict(), file)

@@ -1,4 +1,4 @@
-"""Factored layers (admm.nn.layers): exactness against the projections, counts against admm.accounting."""
+"""Factored layers (admm.nn.layers): exactness against the projections, counts against admm.planning.accounting."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from admm.accounting import factored_flops, factored_param_count, factored_params, per_forward_flops
+from admm.formats.projections import FORMATS, lowrank_sparse_parts, max_rank, project
 from admm.nn.layers import FACTORED_LAYERS, FactoredLayer, factorize_module
 from admm.nn.surgery import module_from_spec
-from admm.projections import FORMATS, lowrank_sparse_parts, max_rank, project
+from admm.planning.accounting import factored_flops, factored_param_count, factored_params, per_forward_flops
 
 # (C_out, C_in, kernel, stride, padding, dilation, bias, H)
 CONVS = [
@@ -70,7 +70,7 @@ def test_conv_full_and_reduced_rank(fmt, spec):
     torch.testing.assert_close(layer(x), expect, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(layer.to_dense_weight(), z, rtol=1e-9, atol=1e-10)
     assert not torch.allclose(z, conv.weight)  # the reduced rank really is a constraint
-    # Parameters (bias excluded) are those admm.accounting promises.
+    # Parameters (bias excluded) are those admm.planning.accounting promises.
     count = factored_param_count(shape, fmt, rank)
     assert _weight_params(layer) == count.params
     assert sum(b.numel() for b in layer.buffers()) == count.extra

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import checkpoint as ckpt
-from trainer import tracking
-from trainer.engine import warmup_cosine
-from trainer.lr_curve import phase_curve
+from launcher.run import pipeline
+from trainer.checkpoints import files as ckpt
+from trainer.core.engine import warmup_cosine
+from trainer.core.lr_curve import phase_curve
+from trainer.tracking import tracker as tracking
 
 # tinycnn: 2 ADMM epochs of 4 steps, decompose, 2 fine-tuning epochs of 3 steps (14 steps in all), lr logged every step.
 ADMM_FT = ("compression.format=svd", "compression.keep_ratio=0.6", "compression.exclude=[]",
@@ -50,7 +50,7 @@ def _lr_series(info) -> list[tuple[int, float]]:
 
 
 def test_one_curve_continues_from_admm_into_finetune_and_resumes(tiny):
-    from trainer.faults import InjectedFailure
+    from trainer.core.faults import InjectedFailure
 
     full = pipeline.run(tiny(*ADMM_FT, "optim.schedule=one_curve", "run_name=full"))
     series = _lr_series(full)

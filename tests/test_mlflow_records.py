@@ -11,11 +11,12 @@ import json
 import pytest
 import torch
 
-from launcher import pipeline
-from trainer import tracking, tracking_runs
-from trainer.component import ComponentBase
-from trainer.faults import InjectedFailure
+from launcher.run import pipeline
+from trainer.core.component import ComponentBase
+from trainer.core.faults import InjectedFailure
 from trainer.phases import training as training_phase
+from trainer.tracking import runs as tracking_runs
+from trainer.tracking import tracker as tracking
 
 TWO = "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, {kind: evaluate}]"
 
@@ -90,7 +91,7 @@ def test_tags_dataset_input_and_dense_baseline_on_the_parent(finished, cifar_roo
 
 
 def test_compressed_run_name_and_method_tags(tiny):
-    from launcher.run_record import describe, method_of
+    from launcher.run.run_record import describe, method_of
 
     cfg = tiny("phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 1}, {kind: decompose}, {kind: evaluate}]",
                "compression.format=svd", "compression.keep_ratio=0.4")
@@ -153,7 +154,7 @@ def test_a_crash_leaves_the_phase_failed_with_its_error(tiny):
 
 
 def test_logged_model_loads_with_torch_alone_and_gives_the_exports_outputs(finished):
-    from trainer.export import load_exported
+    from trainer.export.torch_export import load_exported
 
     info, tmp_path = finished
     client = tracking.client(info.tracking_uri)
@@ -177,7 +178,7 @@ def test_logged_model_loads_through_mlflow_pyfunc_and_predicts_the_exports_logit
     import mlflow.pyfunc
 
     from trainer.data import load_datasets
-    from trainer.export import load_exported
+    from trainer.export.torch_export import load_exported
 
     info, tmp_path = finished
     monkeypatch.setenv("MLFLOW_TRACKING_URI", info.tracking_uri)

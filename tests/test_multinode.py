@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import pipeline
-from trainer import checkpoint as ckpt
+from launcher.run import pipeline
+from trainer.checkpoints import files as ckpt
 
 pytestmark = pytest.mark.ray
 

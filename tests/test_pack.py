@@ -258,8 +258,8 @@ def test_resnet18_trains_from_shards_through_ray_and_deepspeed(unique: Path, tmp
 
     from cluster.config import ClusterConfig
     from cluster.ray_runtime import ensure_ray
-    from launcher import pipeline
-    from trainer import checkpoint as ckpt
+    from launcher.run import pipeline
+    from trainer.checkpoints import files as ckpt
 
     cfg = tiny_config(tmp_path, unique, overrides=[
         "model.name=resnet18", "data.dataset=shards", f"data.root={unique}", "data.train_subset=0",

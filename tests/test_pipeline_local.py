@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import checkpoint as ckpt
-from trainer import tracking
+from launcher.run import pipeline
+from trainer.checkpoints import files as ckpt
+from trainer.tracking import tracker as tracking
 
 
 def _final_weights(info) -> dict[str, torch.Tensor]:
@@ -42,7 +42,7 @@ def test_run_creates_mlflow_runs_metrics_and_checkpoint(tiny):
 
 
 def test_resume_after_failure_matches_uninterrupted_run(tiny):
-    from trainer.faults import InjectedFailure
+    from trainer.core.faults import InjectedFailure
 
     full = pipeline.run(tiny("run_name=full", "phases.0.epochs=3"))
     with pytest.raises(InjectedFailure, match="after phase 0 epoch 1"):

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 
 from admm.config import CompressionConfig
-from admm.layer_info import describe_layers
-from admm.model_plan import plan_for_model
-from admm.owners import assign_owners, projection_cost
-from admm.planner import select
+from admm.planning.layer_info import describe_layers
+from admm.planning.model_plan import plan_for_model
+from admm.planning.owners import assign_owners, projection_cost
+from admm.planning.planner import select
 from trainer.models import build_model
 
 
@@ -72,7 +72,7 @@ def test_flops_come_from_a_forward_pass():
 
 
 def test_round_rank():
-    from admm.planner import round_rank
+    from admm.planning.planner import round_rank
 
     assert round_rank((64, 64, 3, 3), "svd", 33, 16) == 32
     assert round_rank((64, 64, 3, 3), "svd", 41, 16) == 48
@@ -107,7 +107,7 @@ def test_tucker2_owner_cost_follows_the_warm_hooi_sweep(resnet50_layers):
     """tucker2's cost is that of its warm HOOI sweep at the planned ranks (two eigh + matmuls), so it grows with
     the ranks, and a ResNet-50 3x3 layer is not costed as two full SVDs (measured: about one svd of a 1x1 layer
     of the same stage, bench/README.md); owners are assigned on the costs at the plan's ranks."""
-    from admm.owners import with_owners
+    from admm.planning.owners import with_owners
 
     shape = (512, 512, 3, 3)
     assert projection_cost(shape, "tucker2", (64, 64)) < projection_cost(shape, "tucker2", (265, 265))

@@ -1,4 +1,4 @@
-"""Projections Z = Proj_r(W) and the kernel views behind them (admm.projections, admm.reshape)."""
+"""Projections Z = Proj_r(W) and the kernel views behind them (admm.formats.projections, admm.formats.reshape)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import tensorly as tl
 import torch
 
-from admm.projections import (
+from admm.formats.projections import (
     FORMATS,
     lowrank_sparse_parts,
     max_rank,
@@ -20,7 +20,7 @@ from admm.projections import (
     tt_cores,
     validate_rank,
 )
-from admm.reshape import factorize, from_tt, to_3way, to_tt, tt_layout
+from admm.formats.reshape import factorize, from_tt, to_3way, to_tt, tt_layout
 
 SHAPES = [(16, 8, 3, 3), (32, 16, 3, 3), (64, 32, 1, 1), (10, 64)]
 
@@ -269,7 +269,7 @@ def test_error_non_increasing_with_rank(fmt, shape):
 
 @pytest.mark.parametrize("n_iter", [1, 3, 10])
 def test_cp_als_runs_the_iteration_of_tensorly_parafac(n_iter):
-    """The torch ALS (admm.cp_als) is parafac's iteration: same svd init (R <= every mode size), same sweeps."""
+    """The torch ALS (admm.formats.cp_als) is parafac's iteration: same svd init (R <= every mode size), same sweeps."""
     from tensorly.decomposition import parafac
 
     w = weight((16, 12, 3, 3)).double()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from launcher import run_record
 from launcher.config import load_config
+from launcher.run import run_record
 
 PROJECT = Path(__file__).resolve().parents[1]
 QUICKSTART = PROJECT / "configs" / "quickstart.yaml"

@@ -8,13 +8,13 @@ from torch import nn
 from admm.nn.layers import SVDLayer
 from admm.nn.layers_prune import PrunableSVDLayer, penalty_grads, plan_prune, svd_params
 from admm.nn.surgery import module_from_spec
-from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import checkpoint as ckpt
-from trainer import tracking
-from trainer.export import export_run, load_exported
+from launcher.run import pipeline
+from trainer.checkpoints import files as ckpt
+from trainer.checkpoints.stateful import restore_model
+from trainer.export.torch_export import export_run, load_exported
 from trainer.models import build_model
-from trainer.stateful import restore_model
+from trainer.tracking import tracker as tracking
 
 # tinycnn with both convs planned; aggressive settings so a few steps prune something.
 TINY = ("compression.exclude=[fc]", "compression.min_channels=3", "rank_prune.l1=0.3", "rank_prune.threshold=0.2",
@@ -106,8 +106,8 @@ def test_prune_carries_momentum_into_the_new_engine(stage):
 
     from cluster.dist import init_local_group
     from trainer.config import EngineConfig, OptimConfig
-    from trainer.engine import Precision, build_engine, prepare_deepspeed_env
-    from trainer.momentum import read_momentum, write_momentum
+    from trainer.core.engine import Precision, build_engine, prepare_deepspeed_env
+    from trainer.core.momentum import read_momentum, write_momentum
     from trainer.phases.rank_prune import carry_momentum, to_prunable
 
     prepare_deepspeed_env()
@@ -167,7 +167,7 @@ def test_bad_rank_prune_config_fails_before_workers(tiny, tmp_path):
 
 def test_ranks_fall_resume_matches_and_export_loads(tiny, tmp_path):
     """Ranks fall (logged per layer), a resume after a prune reproduces the run, the export gives its outputs."""
-    from trainer.faults import InjectedFailure
+    from trainer.core.faults import InjectedFailure
 
     full = pipeline.run(tiny(*TINY, "run_name=full", TINY_PHASES))
     client = tracking.client(full.tracking_uri)
@@ -220,7 +220,7 @@ def test_cut_on_two_ray_workers_after_a_prune_resumes_on_one(tiny):
 
     from cluster.config import ClusterConfig
     from cluster.ray_runtime import ensure_ray
-    from trainer.faults import InjectedFailure
+    from trainer.core.faults import InjectedFailure
 
     ref = pipeline.run(tiny(*TINY, "run_name=ref", TINY_PHASES))
     ensure_ray(ClusterConfig())

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
 from admm.nn.fold import apply_folding, fold_batchnorm
 from admm.nn.layers import SVDLayer, factorize_module
 from admm.nn.realize import alternatives, merged_module, realize
 from admm.nn.surgery import apply_manifest, decompose_model, manifest_of
-from trainer.latency import factored_input_shapes, layer_latency_table, measure_latency
-from trainer.malloc import TUNABLES, has_glibc, malloc_tuned, tuned_env
+from admm.planning.model_plan import plan_for_model
+from trainer.export.latency import factored_input_shapes, layer_latency_table, measure_latency
+from trainer.export.malloc import TUNABLES, has_glibc, malloc_tuned, tuned_env
 from trainer.models import build_model
 
 CASES = [  # (dense module, format, rank)
@@ -119,7 +119,7 @@ def test_tuned_env_keeps_other_tunables():
 
 @pytest.mark.skipif(not has_glibc(), reason="glibc only")
 def test_reexec_sets_the_tunables_once():
-    code = ("import os, sys; print('start', flush=True); from trainer.malloc import reexec_with_tuned_malloc; "
+    code = ("import os, sys; print('start', flush=True); from trainer.export.malloc import reexec_with_tuned_malloc; "
             "reexec_with_tuned_malloc(); print('tunables', os.environ['GLIBC_TUNABLES'])")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "TDC_MALLOC_TUNED")}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)

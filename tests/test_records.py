@@ -7,10 +7,10 @@ import json
 import pytest
 
 from launcher.cli import main
-from launcher.compare import parent_runs, row_of
-from launcher.records import export_records, load_records, search_records
-from launcher.records_import import import_records
-from trainer import tracking
+from launcher.results.compare import parent_runs, row_of
+from launcher.results.records import export_records, load_records, search_records
+from launcher.results.records_import import import_records
+from trainer.tracking import tracker as tracking
 
 
 def _parent(client, exp: str, name: str, *, fmt: str, method: str, top1: float, status: str = "FINISHED",
@@ -94,7 +94,7 @@ def test_round_trip_through_a_new_store(store, tmp_path):
     client = tracking.client(new)
     a = next(r for r in new_runs if r.info.run_name == "a")
     assert a.data.tags["tdcompress.imported_from"] == ids["a"] and len(a.data.params) == 135
-    from trainer.tracking_runs import phase_children
+    from trainer.tracking.runs import phase_children
 
     kids = phase_children(new, a.info.run_id)
     assert sorted(kids) == [0, 1] and kids[0].info.status == "FINISHED"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.records_cli import render
+from launcher.results.records_cli import render
 
 REPO = Path(__file__).resolve().parents[1]
 

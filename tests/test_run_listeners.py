@@ -22,7 +22,7 @@ import pytest
 from conftest import cmdline, is_loopback, listeners, process_tree, wait_for_path
 
 from cluster import ray_runtime
-from trainer import checkpoint as ckpt
+from trainer.checkpoints import files as ckpt
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

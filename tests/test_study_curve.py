@@ -8,8 +8,8 @@ import json
 import pytest
 
 from launcher.cli import main
-from launcher.records import SCHEMA
-from launcher.study_curve import curve, study_rows, variant
+from launcher.results.records import SCHEMA
+from launcher.results.study_curve import curve, study_rows, variant
 
 DENSE = 88.0
 
@@ -53,7 +53,7 @@ def records(tmp_path):
 
 
 def test_rows_read_budget_variant_and_every_stage(records):
-    from launcher.records import load_records
+    from launcher.results.records import load_records
 
     rows = {r["run"]: r for r in study_rows(load_records(records))}
     assert "dense" not in rows and "failed" not in rows  # only finished compressed rows
@@ -66,7 +66,7 @@ def test_rows_read_budget_variant_and_every_stage(records):
 
 
 def test_curve_pairs_by_budget_seed_and_distillation(records):
-    from launcher.records import load_records
+    from launcher.results.records import load_records
 
     cells = {(c["keep_ratio"], c["variant"], c["budget"]): c for c in curve(study_rows(load_records(records)))}
     assert set(cells) == {("0.33", "plain", 5), ("0.33", "plain", 20), ("0.33", "fixed-rho", 20),

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_for_model
+from admm.formats.projections import project
 from admm.nn.layers import FactoredLayer
 from admm.nn.surgery import apply_manifest, decompose_model, get_submodule, manifest_of, set_submodule
-from admm.projections import project
+from admm.planning.model_plan import plan_for_model
 from trainer.models import build_model
 
 

@@ -16,8 +16,8 @@ import yaml
 from conftest import wait_for_path
 
 from launcher.cli import main
-from trainer import checkpoint as ckpt
-from trainer import tracking
+from trainer.checkpoints import files as ckpt
+from trainer.tracking import tracker as tracking
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = "phases=[{{kind: decompose}}, {{kind: finetune, epochs: {e}, steps_per_epoch: 2}}, {{kind: evaluate}}]"

@@ -109,7 +109,7 @@ def test_a_row_started_by_hand_is_recorded_and_tagged(tmp_path):
     import json
 
     from launcher.sweep.run import export_record
-    from trainer import tracking
+    from trainer.tracking import tracker as tracking
 
     path = _sweep(tmp_path, records=str(tmp_path / "records"))
     sweep = load_sweep(path)

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from launcher import pipeline
 from launcher.config import ConfigError
-from trainer import tracking, tracking_runs
-from trainer.component import ComponentBase
-from trainer.faults import InjectedFailure
+from launcher.run import pipeline
+from trainer.core.component import ComponentBase
+from trainer.core.faults import InjectedFailure
 from trainer.phases import training as training_phase
+from trainer.tracking import runs as tracking_runs
+from trainer.tracking import tracker as tracking
 
 TRAIN_PHASES = "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, {kind: admm, epochs: 1, steps_per_epoch: 2}, " \
                "{kind: evaluate}]"
@@ -314,7 +315,7 @@ def test_a_phase_opened_while_the_server_is_away_is_created_by_the_next_process(
     exists with its own start and end time, its params, every step and its state."""
     import time as _time
 
-    from trainer import tracking_buffer
+    from trainer.tracking import buffer as tracking_buffer
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)

@@ -19,7 +19,12 @@ from tensorly.decomposition import tensor_train
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from admm.accounting import (
+from admm.formats.projections import max_rank, project, project_svd, project_tt, tt_cores
+from admm.formats.reshape import factorize, to_tt, tt_layout
+from admm.nn.layers import SVDLayer, TTLayer, Tucker2Layer, factorize_module
+from admm.nn.realize import alternatives
+from admm.nn.surgery import apply_manifest, decompose_model, manifest_of, module_from_spec
+from admm.planning.accounting import (
     dense_flops,
     dense_params,
     factored_flops,
@@ -27,13 +32,8 @@ from admm.accounting import (
     per_forward_flops,
     rank_for_keep_ratio,
 )
-from admm.nn.layers import SVDLayer, TTLayer, Tucker2Layer, factorize_module
-from admm.nn.realize import alternatives
-from admm.nn.surgery import apply_manifest, decompose_model, manifest_of, module_from_spec
-from admm.planner import plan_ranks
-from admm.projections import max_rank, project, project_svd, project_tt, tt_cores
-from admm.rank_plan import LayerInfo
-from admm.reshape import factorize, to_tt, tt_layout
+from admm.planning.planner import plan_ranks
+from admm.planning.rank_plan import LayerInfo
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Failures inside workers (issue 23, item 4): the one line is the worker's own message, bad data is exit 2,
+"""Failures inside workers: the one line is the worker's own message, bad data is exit 2,
 the resume hint only when there is a checkpoint to resume, and a FAILED phase run carries its error tag."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 
 from launcher.cli import main
 from launcher.config import dump_yaml
-from trainer import tracking, tracking_runs
+from trainer.tracking import runs as tracking_runs
+from trainer.tracking import tracker as tracking
 
 
 def _run(tiny, tmp_path: Path, capsys, *overrides: str) -> tuple[int, str, str]:

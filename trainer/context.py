@@ -8,9 +8,9 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from trainer.config import WorkerConfig
 from trainer.init_weights import InitSource
-from trainer.tracking import Tracker
+from trainer.tracking.tracker import Tracker
+from trainer.worker_config import WorkerConfig
 
 
 @dataclass

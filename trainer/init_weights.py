@@ -1,7 +1,7 @@
 """``model.init``: start a run from trained weights (another run's checkpoint or a weights file).
 
 The driver resolves the source once (:func:`resolve_path`; an MLflow run id is turned into its run
-directory by :mod:`launcher.init_source`), loads it and checks it against the model this run builds
+directory by :mod:`launcher.run.init_source`), loads it and checks it against the model this run builds
 (:func:`check_compatible`), all before any worker starts. The result, an :class:`InitSource`, pins
 the exact file and its sha256; every worker re-reads that file, verifies the hash (a source run that
 moved on since is an error, not a silent different start) and loads it into its freshly built model
@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from trainer import checkpoint as ckpt
+from trainer.checkpoints import files as ckpt
 
 InitKind = Literal["checkpoint", "file"]
 _WRAPPERS = ("state_dict", "model", "weights")  # keys under which weight files commonly nest the state_dict

@@ -15,12 +15,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer import tracking_runs
+from trainer.checkpoints import files as ckpt
+from trainer.checkpoints.stateful import restore_model
 from trainer.config import COMPRESSING_PHASES, DataConfig
 from trainer.context import WorkerContext, WorkerJob
+from trainer.core.engine import prepare_deepspeed_env
 from trainer.data import dataset_identity, load_datasets, make_loader
-from trainer.engine import prepare_deepspeed_env
 from trainer.init_weights import apply_init
 from trainer.logs import get_logger
 from trainer.models import build_model
@@ -28,8 +28,8 @@ from trainer.phases import run_phase
 from trainer.phases.init_report import report_init_accuracy
 from trainer.phases.training import step_offset
 from trainer.ranks import barrier, rank_and_world
-from trainer.stateful import restore_model
-from trainer.tracking import Tracker
+from trainer.tracking import runs as tracking_runs
+from trainer.tracking.tracker import Tracker
 
 logger = get_logger(__name__)
 
@@ -75,7 +75,7 @@ def build_context(job: WorkerJob) -> WorkerContext:
     # What the tracking server does not take waits in this file (shared by these Trackers) until it answers.
     buffer = Path(job.run_dir) / "tracking-buffer-rank0.jsonl"
     parent = Tracker(job.tracking_uri, job.parent_run_id if lead else None, buffer=buffer)
-    # No-ops until their phase starts: _tracked_phase opens each phase's MLflow run then (trainer.tracking_runs).
+    # No-ops until their phase starts: _tracked_phase opens each phase's MLflow run then (trainer.tracking.runs).
     phases = [Tracker(None, None) for _ in cfg.phases]
     if lead:
         parent.tags({"device": describe_device(device, world)})

@@ -1,6 +1,6 @@
-"""Factored layers, one per format of :mod:`admm.projections`, and the dispatch by format / spec.
+"""Factored layers, one per format of :mod:`admm.formats.projections`, and the dispatch by format / spec.
 
-Each layer matches, parameter for parameter, the module :mod:`admm.accounting`
+Each layer matches, parameter for parameter, the module :mod:`admm.planning.accounting`
 documents (bias excluded there, kept here). For a kernel ``(C_out, C_in, kh, kw)``
 (Linear: ``(out, in)`` with ``kh = kw = 1``), parameters in the order they apply:
 
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from admm.formats.projections import RankSpec, cp_factors, lowrank_sparse_parts, max_rank, tucker2_factors
+from admm.formats.reshape import to_3way, to_matrix
 from admm.nn.layers_base import FactoredLayer, Geometry, Padding, assign
 from admm.nn.layers_tt import TTLayer
-from admm.projections import RankSpec, cp_factors, lowrank_sparse_parts, max_rank, tucker2_factors
-from admm.reshape import to_3way, to_matrix
 
 __all__ = [
     "CPLayer",
@@ -84,7 +84,7 @@ class SVDLayer(FactoredLayer):
 
         ``U_r sqrt(S_r)`` and ``sqrt(S_r) V_r^T`` give both factors the same scale,
         which keeps their gradients balanced during fine-tuning. The product is
-        exactly what :func:`admm.projections.project_svd` returns.
+        exactly what :func:`admm.formats.projections.project_svd` returns.
         """
         r = self.low_rank
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
@@ -121,7 +121,7 @@ class LowRankSparseLayer(SVDLayer):
     ascending). The forward pass materialises S as a dense kernel for one extra
     conv/linear (the values stay the only stored floats); FlopCounterMode
     therefore counts that conv densely, not the ``2*k`` FLOPs per pixel
-    :func:`admm.accounting.factored_flops` assumes for a sparse kernel.
+    :func:`admm.planning.accounting.factored_flops` assumes for a sparse kernel.
     """
 
     format = "lowrank_sparse"

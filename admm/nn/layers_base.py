@@ -3,9 +3,9 @@
 A factored layer replaces one ``nn.Conv2d`` (groups == 1, zero padding) or
 ``nn.Linear`` of a trained model. It keeps the dense layer's geometry
 (channels, kernel size, stride, padding, dilation) and its bias, and holds the
-factors of one format of :mod:`admm.projections` as raw ``nn.Parameter``\\ s
+factors of one format of :mod:`admm.formats.projections` as raw ``nn.Parameter``\\ s
 applied with ``torch.nn.functional``. Raw parameters rather than ``nn.Conv2d``
-children on purpose: :func:`admm.layer_info.describe_layers` plans every
+children on purpose: :func:`admm.planning.layer_info.describe_layers` plans every
 ``nn.Conv2d``/``nn.Linear`` it finds, and the factors of a decomposed model must
 not look like fresh dense layers to compress.
 
@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
-from admm.projections_base import RankSpec, computing, validate_rank
+from admm.formats.projections_base import RankSpec, computing, validate_rank
 
 __all__ = ["FactoredLayer", "Geometry", "Padding", "assign"]
 
@@ -70,7 +70,7 @@ class Geometry:
 
         Raises:
             ValueError: a conv with ``groups != 1`` (grouped/depthwise convs are never
-                planned: :func:`admm.layer_info.describe_layers` skips them, and the
+                planned: :func:`admm.planning.layer_info.describe_layers` skips them, and the
                 formats factor a full ``C_out x C_in`` kernel) or a padding mode other
                 than ``'zeros'`` (the factor chains pad with zeros).
             TypeError: any other module type.

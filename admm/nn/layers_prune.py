@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from admm.formats.reshape import to_matrix
 from admm.nn.layers import SVDLayer
 from admm.nn.layers_base import FactoredLayer, Geometry, assign
-from admm.reshape import to_matrix
 
 __all__ = ["FACTOR_DIM", "PARAMETRIZATION", "PrunableSVDLayer", "fixed_signs", "penalty_grads", "plan_prune",
            "svd_params"]

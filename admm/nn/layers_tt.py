@@ -1,10 +1,10 @@
 """The TT-conv layer in the channel-aligned layout of the TT-ADMM code (Yin et al., CVPR 2021).
 
-The kernel is held as the TT cores of :func:`admm.projections.tt_cores`, shapes
+The kernel is held as the TT cores of :func:`admm.formats.projections.tt_cores`, shapes
 ``TTLayout.core_shapes(rank)`` = ``(r_{j-1}, n_j, r_j)`` over the modes
 ``(o_1..o_p, kh*kw, i_1..i_q)`` (no ``kh*kw`` for 1x1 convs and Linear). Name the
 bonds ``(1, a_1..a_p, b_0..b_{q-1}, 1)``: ``a_p`` sits left of the spatial mode,
-``b_0`` right of it. The forward pass is the chain :mod:`admm.accounting` counts:
+``b_0`` right of it. The forward pass is the chain :mod:`admm.planning.accounting` counts:
 
 1. in-channel cores ``i_q, ..., i_1``: with the input channels-last as
    ``(N*H*W, i_1..i_q)``, core ``i_j`` is one matmul that maps the trailing
@@ -21,7 +21,7 @@ Every step is a plain 2-D matmul on a channels-last activation (a
 ``channels_last`` input needs no copy), which is also how the TT-ADMM code runs
 its TT conv. A chain runs instead as its one contracted matrix (:meth:`TTLayer.in_matrix`,
 :meth:`TTLayer.out_matrix`) when that costs fewer MACs per pixel
-(:func:`admm.accounting.tt_chain_costs`). The matrices are contracted from the cores at every
+(:func:`admm.planning.accounting.tt_chain_costs`). The matrices are contracted from the cores at every
 forward, in training and inference alike: a cache keyed on the cores' version counters went stale
 under torch's fused SGD, which updates parameters without bumping them (eval accuracy fell ~11
 points in a study run), and the contraction costs MACs per forward, not per image (ResNet-50 at 2x,
@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from admm.accounting import tt_chain_costs
+from admm.formats.projections import tt_cores
+from admm.formats.reshape import TTLayout, from_tt, tt_layout
 from admm.nn.layers_base import FactoredLayer, assign
-from admm.projections import tt_cores
-from admm.reshape import TTLayout, from_tt, tt_layout
+from admm.planning.accounting import tt_chain_costs
 
 __all__ = ["TTLayer"]
 
@@ -54,7 +54,7 @@ class TTLayer(FactoredLayer):
 
     Conv input ``(N, C_in, H, W)`` -> ``(N, C_out, H_out, W_out)`` (channels-last
     strides); Linear input ``(*, in)`` -> ``(*, out)``. ``rank`` is an int (each bond
-    ``min(rank, cap)``) or one rank per bond, :meth:`admm.reshape.TTLayout.ranks`.
+    ``min(rank, cap)``) or one rank per bond, :meth:`admm.formats.reshape.TTLayout.ranks`.
     """
 
     format = "tt"

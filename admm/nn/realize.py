@@ -4,7 +4,7 @@ A factored layer's map can be computed in more than one way. All of these give
 the same output (up to float rounding); they differ in FLOPs, in how many
 activation tensors they read and write, and in how well the kernels fit the
 hardware. Which is fastest depends on the device, the batch and the layer
-shape, so :mod:`trainer.latency` measures them and this module only builds them:
+shape, so :mod:`trainer.export.latency` measures them and this module only builds them:
 
 ``factored``
     the layer as trained (e.g. tucker2: 1x1 -> kxk -> 1x1).

@@ -4,7 +4,7 @@ Works on the unwrapped ``nn.Module`` (before a DeepSpeed engine is built around
 it). The surgery manifest ``{dotted layer name: FactoredLayer.spec()}`` is a
 plain JSON-able dict stored on the model (read it with :func:`manifest_of`); checkpoints
 save it, and :func:`apply_manifest` replays it on a freshly built dense model
-before ``load_state_dict`` (trainer.stateful.restore_model, trainer.export).
+before ``load_state_dict`` (trainer.checkpoints.stateful.restore_model, trainer.export.torch_export).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from admm.nn.layers import FactoredLayer, Geometry, factorize_module, layer_clas
 from admm.nn.layers_prune import PrunableSVDLayer
 
 if TYPE_CHECKING:  # keep apply_manifest's import light for torch-only export loading
-    from admm.rank_plan import RankPlan
+    from admm.planning.rank_plan import RankPlan
 
 __all__ = ["apply_manifest", "decompose_model", "get_submodule", "manifest_of", "module_from_spec",
            "set_submodule", "set_manifest"]

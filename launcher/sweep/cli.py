@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
         failed = run_jobs(sweep, at, args.address, only)
     else:
-        from launcher.signals import sigterm_interrupts
+        from launcher.run.signals import sigterm_interrupts
         from launcher.sweep.run import run_local
 
         sigterm_interrupts()

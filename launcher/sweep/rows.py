@@ -16,7 +16,7 @@ from pathlib import Path
 from launcher.config import load_config
 from launcher.schema import Config
 from launcher.sweep.spec import Row, Sweep
-from trainer import checkpoint as ckpt
+from trainer.checkpoints import files as ckpt
 
 SWEEP_TAG = "tdcompress.sweep"
 
@@ -31,7 +31,7 @@ class Where:
 
 
 def where(sweep: Sweep) -> Where:
-    from trainer.tracking import resolve_tracking_uri
+    from trainer.tracking.tracker import resolve_tracking_uri
 
     return Where(storage=Path(sweep.storage).expanduser().resolve(),
                  tracking_uri=resolve_tracking_uri(sweep.tracking_uri),

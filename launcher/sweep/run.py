@@ -45,8 +45,8 @@ def export_record(sweep: Sweep, at: Where, row: Row, cfg: Config, run_dir: Path)
     """
     if at.records is None or not cfg.tracking.enabled:
         return None
-    from launcher.records import export_records
-    from trainer import tracking
+    from launcher.results.records import export_records
+    from trainer.tracking import tracker as tracking
 
     try:
         parent = json.loads((run_dir / "run.json").read_text()).get("parent_id")

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from trainer.checkpoint import atomic_write_text, file_digest
+from trainer.checkpoints.files import atomic_write_text, file_digest
 
 INDEX, PLAN, FORMAT = "index.json", "pack-plan.json", "tdcompress-shards/1"
 SPLITS = ("train", "val")

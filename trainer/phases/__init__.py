@@ -12,11 +12,11 @@ from typing import Callable
 
 from torch import nn
 
-from trainer.component import LoopState
 from trainer.context import WorkerContext
-from trainer.engine import resolve_precision
+from trainer.core.component import LoopState
+from trainer.core.engine import resolve_precision
+from trainer.core.loop import evaluate
 from trainer.logs import get_logger
-from trainer.loop import evaluate
 from trainer.phases.admm import AdmmPhase
 from trainer.phases.checkpoint import registry_for, save_phase_checkpoint
 from trainer.phases.decompose import decompose_model_phase, measured_flops

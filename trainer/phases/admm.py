@@ -14,13 +14,13 @@ from typing import Callable
 from torch import nn
 
 from admm.admm_component import AdmmComponent
-from trainer.component import Component
 from trainer.context import WorkerContext
+from trainer.core.component import Component
 from trainer.logs import get_logger
 from trainer.phases.plan_file import PLAN_FILE, load_plan, save_plan
 from trainer.phases.training import TrainingPhase, TrainingRun
-from trainer.plots import plot_series
 from trainer.ranks import TorchComm
+from trainer.tracking.plots import plot_series
 
 logger = get_logger(__name__)
 

@@ -12,10 +12,10 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from trainer import checkpoint as ckpt
-from trainer.component import Component, LoopState
+from trainer.checkpoints import files as ckpt
+from trainer.checkpoints.stateful import CheckpointRegistry, ModelState, ZeroOptimizerState, fingerprint
 from trainer.context import WorkerContext
-from trainer.stateful import CheckpointRegistry, ModelState, ZeroOptimizerState, fingerprint
+from trainer.core.component import Component, LoopState
 
 
 def registry_for(ctx: WorkerContext, model: nn.Module, state: LoopState, engine: Any = None,

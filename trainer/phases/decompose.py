@@ -13,12 +13,12 @@ import time
 import torch
 from torch import nn
 
-from admm.model_plan import plan_for_model
 from admm.nn.surgery import decompose_model
+from admm.planning.model_plan import plan_for_model
 from trainer.context import WorkerContext
-from trainer.engine import resolve_precision
+from trainer.core.engine import resolve_precision
+from trainer.core.loop import evaluate
 from trainer.logs import get_logger
-from trainer.loop import evaluate
 from trainer.phases.feature_decompose import calibration_sample, decompose_by_features
 from trainer.phases.plan_file import PLAN_FILE, load_plan
 from trainer.ranks import TorchComm

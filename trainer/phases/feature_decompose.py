@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from admm.feature_fit import fit_layer, layer_columns
 from admm.nn.surgery import get_submodule, manifest_of, set_manifest, set_submodule
-from admm.rank_plan import RankPlan
+from admm.planning.rank_plan import RankPlan
 from trainer.data.loaders import set_loader_epoch
 from trainer.ranks import rank_and_world
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 from torch import nn
 
 from trainer.context import WorkerContext
-from trainer.engine import resolve_precision
+from trainer.core.engine import resolve_precision
+from trainer.core.loop import evaluate
 from trainer.logs import get_logger
-from trainer.loop import evaluate
 from trainer.phases.decompose import measured_flops
 
 logger = get_logger(__name__)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from admm.config import CompressionConfig
-from admm.model_plan import plan_document, plan_from_document
-from admm.rank_plan import RankPlan
-from trainer.checkpoint import atomic_write_text
+from admm.planning.model_plan import plan_document, plan_from_document
+from admm.planning.rank_plan import RankPlan
+from trainer.checkpoints.files import atomic_write_text
 
 PLAN_FILE = "rank_plan.json"
 

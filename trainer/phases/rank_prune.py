@@ -11,7 +11,7 @@ average, identically on every rank, so the average keeps them), an L1 term on
 linear path to that budget). Shapes change then, so the engine is rebuilt
 around the pruned model: the learning-rate schedule continues where it was,
 and the SGD momentum carries over (:func:`carry_momentum`; any ZeRO stage,
-:mod:`trainer.momentum`): every parameter keeps its buffer, a pruned factor
+:mod:`trainer.core.momentum`): every parameter keeps its buffer, a pruned factor
 the slices of its kept directions. The
 epoch's checkpoint is written after the prune, so its manifest holds the new
 ranks and its optimizer state the new shapes: resume (also on another number
@@ -30,17 +30,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from admm.layer_info import describe_layers
+from admm.formats.projections import max_rank
 from admm.nn.layers_prune import FACTOR_DIM, PrunableSVDLayer, penalty_grads, plan_prune, svd_params
 from admm.nn.surgery import get_submodule, manifest_of, set_manifest, set_submodule
-from admm.planner import select
-from admm.projections import max_rank
-from trainer.component import Component, ComponentBase
-from trainer.config import RankPruneConfig, WorkerConfig
-from trainer.momentum import read_momentum, write_momentum
+from admm.planning.layer_info import describe_layers
+from admm.planning.planner import select
+from trainer.config import RankPruneConfig
+from trainer.core.component import Component, ComponentBase
+from trainer.core.momentum import read_momentum, write_momentum
 from trainer.phases.checkpoint import registry_for
 from trainer.phases.training import TrainingPhase, TrainingRun
-from trainer.plots import plot_series
+from trainer.tracking.plots import plot_series
+from trainer.worker_config import WorkerConfig
 
 
 def planned_shapes(model: nn.Module, cfg: WorkerConfig) -> dict[str, tuple[int, ...]]:

@@ -1,7 +1,7 @@
 """The one epoch loop every training phase (pretrain, admm, finetune, rank_prune) runs.
 
 A training phase builds a DeepSpeed engine around the current model, then, for
-every epoch: trains it (:func:`trainer.loop.train_epoch`, with the phase's
+every epoch: trains it (:func:`trainer.core.loop.train_epoch`, with the phase's
 components hooked in), gives the phase its epoch's end (:meth:`TrainingPhase.end_epoch`:
 where rank pruning cuts ranks and rebuilds the engine), averages BatchNorm
 statistics over the ranks, evaluates, logs, prints one progress line and writes
@@ -16,15 +16,15 @@ from typing import Any
 
 from torch import nn
 
-from trainer.component import Component, LoopState
 from trainer.context import WorkerContext
+from trainer.core.component import Component, LoopState
+from trainer.core.distill import phase_loss
+from trainer.core.engine import build_engine, resolve_precision
+from trainer.core.faults import FailureInjector, HoldGate
+from trainer.core.loop import average_batchnorm_stats, evaluate, train_epoch
+from trainer.core.lr_curve import phase_curve
 from trainer.data.loaders import set_loader_epoch
-from trainer.distill import phase_loss
-from trainer.engine import build_engine, resolve_precision
-from trainer.faults import FailureInjector, HoldGate
 from trainer.logs import get_logger
-from trainer.loop import average_batchnorm_stats, evaluate, train_epoch
-from trainer.lr_curve import phase_curve
 from trainer.phases.checkpoint import check_zero_stage, registry_for, save_phase_checkpoint
 
 logger = get_logger(__name__)

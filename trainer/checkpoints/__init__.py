@@ -1,0 +1,3 @@
+"""Checkpoints: the atomic, self-verifying files every rank writes, and the registry of what is in them.
+
+Import the modules themselves: ``trainer.checkpoints.files``, ``stateful``."""
