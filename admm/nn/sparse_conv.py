@@ -11,7 +11,7 @@ with ``S_sub`` ``(C_out, n_cols)`` the kernel's non-zero columns. The columns ar
 one ``index`` (gather) from the zero-padded input viewed pixel-major, so the
 output comes out pixel-major too (channels_last memory, as oneDNN convs prefer),
 and the product is one GEMM over ``n_cols`` instead of ``C_in*kh*kw``. It is made
-of standard operators only (Pad, Reshape, Gather, MatMul, Transpose, ScatterND),
+of standard operators only (Pad, Reshape, Transpose, GatherND, ScatterND, MatMul),
 so it traces to ONNX as it runs in torch.
 
 Of the forms measured on real fitted kernels (bench/sparse_s_bench.py: this one, a
