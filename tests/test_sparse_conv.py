@@ -172,3 +172,36 @@ def test_sparse_form_exports_to_onnx_as_gather_and_matmul(tmp_path):
     assert ops.count("Conv") == dense_convs + 2 * len(names)  # the svd pair only: no S conv left
     gathers = ops.count("Gather") + ops.count("GatherND")  # advanced indexing exports as GatherND
     assert gathers >= len(names) and ops.count("MatMul") >= len(names)
+
+
+@pytest.mark.slow
+def test_tuned_export_of_low_rank_plus_sparse_loads_and_counts_what_runs(tiny, tmp_path):
+    """--tune-batch with the sparse candidate: every choice is recorded, the export loads with the same outputs,
+    and ``flops_per_image`` is what FlopCounterMode counts on the model as exported."""
+    from launcher import pipeline
+    from trainer.export import export_run, load_exported
+
+    info = pipeline.run(tiny("model.name=resnet20", "compression.format=lowrank_sparse", "compression.keep_ratio=0.33",
+                             "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 2}, {kind: decompose}]"))
+    plain = export_run(info.dir, tmp_path / "plain")
+    tuned = export_run(info.dir, tmp_path / "tuned", tune_batch=2)
+    a, plain_manifest = load_exported(plain)
+    b, manifest = load_exported(tuned)
+    rows = manifest["latency_table"]["rows"]
+    assert rows and all(set(r["ms"]) == {"factored", "dense", "sparse"} for r in rows)
+    for row in rows:  # a gathered S stays lowrank_sparse, its form in the spec
+        spec = manifest["surgery"].get(row["layer"])
+        assert (spec is None) == (row["choice"] == "dense")
+        if spec is not None:
+            assert spec.get("sparse_form", "dense") == ("gather" if row["choice"] == "sparse" else "dense")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-4)
+    for model, m in ((a, plain_manifest), (b, manifest)):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, 3, 32, 32))
+        assert m["flops_per_image"] == counter.get_total_flops() > 0
+    gathered = realize(a, {n: "sparse" for n in plain_manifest["surgery"]})
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        gathered(torch.zeros(1, 3, 32, 32))
+    assert counter.get_total_flops() < plain_manifest["flops_per_image"]  # S at its density costs less than dense S
