@@ -38,6 +38,7 @@ from admm.formats.projections import RankSpec, cp_factors, lowrank_sparse_parts,
 from admm.formats.reshape import to_3way, to_matrix
 from admm.nn.layers_base import FactoredLayer, Geometry, Padding, assign
 from admm.nn.layers_tt import TTLayer
+from admm.nn.sparse_conv import SparseColumns, conv_padding, gather_index, sparse_columns, sparse_conv2d
 
 __all__ = [
     "CPLayer",
@@ -46,11 +47,16 @@ __all__ = [
     "Geometry",
     "LowRankSparseLayer",
     "Padding",
+    "SPARSE_FORMS",
     "SVDLayer",
     "TTLayer",
     "Tucker2Layer",
     "factorize_module",
 ]
+
+
+# How LowRankSparseLayer applies its sparse kernel (see its docstring).
+SPARSE_FORMS = ("dense", "gather")
 
 
 def _zeros(shape: tuple[int, ...], factory: dict[str, Any]) -> nn.Parameter:
@@ -118,13 +124,21 @@ class LowRankSparseLayer(SVDLayer):
 
     S is stored sparse: ``sparse_values`` ``(k,)`` (trainable) at the flat indices
     ``sparse_index`` ``(k,)`` (int64 buffer, row-major into the dense kernel,
-    ascending). The forward pass materialises S as a dense kernel for one extra
-    conv/linear (the values stay the only stored floats); FlopCounterMode
-    therefore counts that conv densely, not the ``2*k`` FLOPs per pixel
-    :func:`admm.planning.accounting.factored_flops` assumes for a sparse kernel.
+    ascending). ``sparse_form`` says how the forward pass applies S:
+
+    ``dense`` (default)
+        S materialised as a dense kernel for one extra conv/linear (the values stay
+        the only stored floats); FlopCounterMode counts that conv densely, not the
+        ``2*k`` FLOPs per pixel :func:`admm.planning.accounting.factored_flops` assumes.
+    ``gather`` (conv only)
+        :func:`admm.nn.sparse_conv.sparse_conv2d`: the input columns S touches,
+        gathered, times S's ``(n_cols, C_out)`` non-zero columns: ``2*n_cols*C_out``
+        FLOPs per pixel, ``n_cols <= k``. Same map, same state_dict; the spec
+        records the form (``sparse_form``) so an export rebuilds it.
     """
 
     format = "lowrank_sparse"
+    sparse_form = "dense"
 
     @property
     def low_rank(self) -> int:
@@ -155,6 +169,60 @@ class LowRankSparseLayer(SVDLayer):
         with torch.no_grad():
             self.sparse_index.copy_(index)
         assign(self.sparse_values, flat[index])
+        self._refresh_columns()
+
+    def use_sparse_form(self, form: str) -> "LowRankSparseLayer":
+        """Apply S as ``form`` (one of ``SPARSE_FORMS``) from now on; returns the layer."""
+        if form not in SPARSE_FORMS:
+            raise ValueError(f"sparse_form must be one of {SPARSE_FORMS}, got {form!r}")
+        if form == "gather" and self.geometry.kind != "conv":
+            raise ValueError("sparse_form 'gather' applies to conv layers only; a Linear keeps 'dense'")
+        self.sparse_form = form
+        if form == "gather" and not getattr(self, "_gather_hooked", False):
+            # The column layout derives from sparse_index: rebuild it whenever that buffer is (re)loaded.
+            self.register_load_state_dict_post_hook(lambda m, _: m._refresh_columns())
+            self._gather_hooked = True
+        self._refresh_columns()
+        return self
+
+    def _refresh_columns(self) -> None:
+        """Recompute the gather form's non-persistent layout buffers from ``sparse_index``."""
+        self._gather_cache: dict[tuple, Tensor] = {}
+        if self.sparse_form != "gather":
+            return
+        cols = sparse_columns(self.sparse_index, self.geometry.weight_shape)
+        for name, value in (("columns", cols.columns), ("col_of", cols.col_of), ("row_of", cols.row_of)):
+            self.register_buffer(f"_s_{name}", value, persistent=False)
+
+    def _gather_forward(self, x: Tensor) -> Tensor:
+        g = self.geometry
+        padding = conv_padding(g)
+        cols = SparseColumns(self._s_columns, self._s_col_of, self._s_row_of)
+        in_hw = (int(x.shape[2]), int(x.shape[3]))
+        key = (in_hw, x.device)
+        index = None if torch.compiler.is_compiling() else self._gather_cache.get(key)
+        if index is None:
+            index = gather_index(cols.columns, g.in_channels, in_hw, g.kernel_size, g.stride, padding, g.dilation)
+            if not torch.compiler.is_compiling():  # a traced graph computes it from static shapes instead
+                self._gather_cache[key] = index
+        out_hw = ((in_hw[0] + 2 * padding[0] - g.dilation[0] * (g.kernel_size[0] - 1) - 1) // g.stride[0] + 1,
+                  (in_hw[1] + 2 * padding[1] - g.dilation[1] * (g.kernel_size[1] - 1) - 1) // g.stride[1] + 1)
+        return sparse_conv2d(x, self.sparse_values, cols, index, g.out_channels, padding, out_hw)
+
+    def spec(self) -> dict[str, Any]:
+        spec = super().spec()
+        if self.sparse_form != "dense":  # absent for the default, so older manifests read the same
+            spec["sparse_form"] = self.sparse_form
+        return spec
+
+    @classmethod
+    def empty(cls, spec: dict[str, Any], *, device: torch.device | str | None = None,
+              dtype: torch.dtype | None = None) -> "FactoredLayer":
+        layer = super().empty(spec, device=device, dtype=dtype)
+        form = spec.get("sparse_form", "dense")
+        if form != "dense":
+            layer.use_sparse_form(str(form))  # type: ignore[attr-defined]
+        return layer
 
     def sparse_dense(self) -> Tensor:
         """S as a dense kernel of the weight's shape (differentiable in ``sparse_values``)."""
@@ -164,7 +232,9 @@ class LowRankSparseLayer(SVDLayer):
     def forward(self, x: Tensor) -> Tensor:
         y = self._lowrank_forward(x, self.bias)
         if self.sparse_values.numel():
-            if self.geometry.kind == "conv":
+            if self.sparse_form == "gather":
+                y = y + self._gather_forward(x)
+            elif self.geometry.kind == "conv":
                 y = y + F.conv2d(x, self.sparse_dense(), None, **self.geometry.conv_kwargs)
             else:
                 y = y + F.linear(x, self.sparse_dense())

@@ -17,28 +17,34 @@ shape, so :mod:`trainer.export.latency` measures them and this module only build
     ranks ``(a_p, b_0)`` (the bonds either side of the spatial core; an svd of the
     middle bond's rank for 1x1 kernels and Linear). Fewer, larger matmuls than the
     chain, more parameters.
+``sparse``
+    lowrank_sparse conv only: the same layer applying its sparse kernel S at its
+    real density (``sparse_form`` ``gather``, :mod:`admm.nn.sparse_conv`) instead
+    of as one more dense conv. Fewer FLOPs; an index gather the dense conv does not pay.
 ``dense``
     one ``nn.Conv2d``/``nn.Linear`` carrying :meth:`FactoredLayer.to_dense_weight`:
     more FLOPs, but a single pass over the activations.
 
 :func:`realize` swaps the chosen modules into a model and keeps its surgery
 manifest (:func:`admm.nn.surgery.manifest_of`) in step: a ``dense`` layer leaves the manifest
-(a plain layer needs no rebuilding), a ``merged`` one is recorded as svd (tt: tucker2 or svd).
+(a plain layer needs no rebuilding), a ``merged`` one is recorded as svd (tt: tucker2 or svd), a
+``sparse`` one as lowrank_sparse with ``sparse_form: gather``.
 """
 from __future__ import annotations
 
+import copy
 from typing import Mapping
 
 import torch
 from torch import nn
 
-from admm.nn.layers import SVDLayer, TTLayer, Tucker2Layer
+from admm.nn.layers import LowRankSparseLayer, SVDLayer, TTLayer, Tucker2Layer
 from admm.nn.layers_base import FactoredLayer, assign
 from admm.nn.surgery import get_submodule, manifest_of, set_manifest, set_submodule
 
-__all__ = ["REALIZATIONS", "alternatives", "dense_module", "merged_module", "realize"]
+__all__ = ["REALIZATIONS", "alternatives", "dense_module", "merged_module", "realize", "sparse_module"]
 
-REALIZATIONS = ("factored", "merged", "dense")
+REALIZATIONS = ("factored", "merged", "dense", "sparse")
 
 
 @torch.no_grad()
@@ -114,6 +120,15 @@ def _tt_merged(layer: TTLayer) -> SVDLayer | Tucker2Layer:
     return merged.train(layer.training)
 
 
+def sparse_module(layer: FactoredLayer) -> LowRankSparseLayer | None:
+    """A copy of a lowrank_sparse conv applying S by gather (None: another format, a Linear, or no non-zeros)."""
+    if not isinstance(layer, LowRankSparseLayer) or layer.geometry.kind != "conv" or layer.sparse_form == "gather":
+        return None
+    if not layer.sparse_values.numel():
+        return None
+    return copy.deepcopy(layer).use_sparse_form("gather")
+
+
 def _build(layer: FactoredLayer, choice: str) -> nn.Module | None:
     """One realization of ``layer`` (None: not available for its format)."""
     if choice == "factored":
@@ -122,6 +137,8 @@ def _build(layer: FactoredLayer, choice: str) -> nn.Module | None:
         return merged_module(layer)
     if choice == "dense":
         return dense_module(layer)
+    if choice == "sparse":
+        return sparse_module(layer)
     return None
 
 

@@ -40,6 +40,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: 
     batch (in ``channels_last`` when set) as each exact realization of
     :mod:`admm.nn.realize` (factored chain, merged, dense), and the fastest is exported;
     the table goes into the manifest as ``latency_table`` and each row to ``progress``.
+    ``flops_per_image`` in the manifest counts the model as exported (after that choice).
     """
     from safetensors.torch import save_file
 
@@ -76,11 +77,27 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fold_bn: 
     manifest = {"format_version": FORMAT_VERSION, "model": meta["model"], "num_classes": meta["num_classes"],
                 "image_size": meta["image_size"], "dataset": meta.get("dataset"), "surgery": manifest_of(model),
                 "folded_bn": folded, "source_checkpoint": str(last), "phase": meta["phase"]}
+    manifest["flops_per_image"] = _counted_flops(model, int(meta["image_size"]))
     if table:
         manifest["latency_table"] = {"batch": tune_batch, "channels_last": channels_last, "device": "cpu",
                                      "threads": torch.get_num_threads(), "rows": table}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
+
+
+@torch.no_grad()
+def _counted_flops(model: nn.Module, size: int) -> int:
+    """FLOPs (2 x MACs) of one image through the model as exported, counted by FlopCounterMode.
+
+    What runs is what is counted: a realized dense layer at its dense cost, lowrank_sparse's S
+    gathered (``sparse`` realization) as the GEMM over the columns its non-zeros touch.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.eval()(torch.zeros(1, 3, size, size))
+    return int(counter.get_total_flops())
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
