@@ -125,6 +125,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from trainer.data import DATASET_SHAPES
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.compression.budget == "latency":  # measured layer latencies, predicted vs measured: launcher/latency_plan.py
+        from launcher.latency_plan import latency_plan_command
+
+        return latency_plan_command(cfg, args.config, args.weights, args.run, args.latency_cache)
     if args.weights or args.run:  # both allocations on trained weights: launcher/plan.py
         from launcher.plan import plan_command
 
@@ -212,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "shared.pt): show the uniform and the error allocation with each layer's error")
     source.add_argument("--run", metavar="RUN_DIR", help="like --weights, from the run's newest checkpoint that "
                         "holds the dense model")
+    plan.add_argument("--latency-cache", metavar="FILE", help="compression.budget=latency: the JSON cache of "
+                      "measured layer latencies (default $TDC_LATENCY_CACHE or ~/.cache/tdcompress/latency.json)")
     plan.set_defaults(func=_cmd_plan)
 
     export = sub.add_parser("export", help="write a run's model as safetensors + JSON manifest")
