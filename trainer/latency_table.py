@@ -5,8 +5,8 @@ its factored module at each rank of :func:`admm.latency_budget.latency_candidate
 and each explicit rank) on the input that layer sees in the model, at the target's
 batch and runtime, and returns :class:`admm.latency_budget.LatencyCosts` for the
 pure planner. Each number is stored in a JSON cache keyed by everything it depends
-on (device name and thread count, torch version, runtime, batch, the layer's weight
-and input shapes and conv arguments, format, rank), so a second plan on the same
+on (device name and thread count, torch version, runtime, batch, glibc malloc tuning,
+the layer's weight and input shapes and conv arguments, format, rank), so a second plan on the same
 device measures nothing. Factored modules are timed with untrained (zero) factors:
 dense fp32 kernels do not run faster on zeros.
 """
@@ -15,8 +15,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,7 +37,7 @@ from admm.planner import layer_format, select
 from admm.projections import RankSpec, validate_rank
 from admm.rank_plan import RankPlan
 from trainer.checkpoint import atomic_write_text
-from trainer.latency import measure_latency
+from trainer.malloc import malloc_tuned
 
 CACHE_ENV = "TDC_LATENCY_CACHE"
 CACHE_VERSION = 1
@@ -102,10 +104,30 @@ class LatencyCache:
         atomic_write_text(self.path, json.dumps({"version": CACHE_VERSION, "ms": self.entries}, indent=0))
 
 
+@torch.no_grad()
 def _ms(module: nn.Module, shape: tuple[int, ...], device: torch.device, channels_last: bool, repeats: int,
         warmup: int) -> float:
-    return 1e3 * measure_latency(module.to(device), shape, repeats=repeats, warmup=warmup, device=device,
-                                 channels_last=channels_last)
+    """The fastest of ``repeats`` timed forward passes of a random batch of ``shape``, in milliseconds.
+
+    The minimum, not the median: other processes on the machine only ever add time to a pass, so the
+    fastest pass is the closest to what the layer costs when it has the cores, and a table of minima is
+    consistent from layer to layer and with the end-to-end check (which uses the same estimator).
+    """
+    module = module.to(device).eval()
+    x = torch.randn(shape, device=device)
+    if channels_last and x.dim() == 4:
+        module, x = module.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        module(x)
+    sync()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        module(x)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best
 
 
 def _time_factored(timed: Callable[[nn.Module], float], fmt: str, geometry: Geometry, rank: RankSpec) -> float:
@@ -123,7 +145,7 @@ def measure_costs(model: nn.Module, compression: CompressionConfig, input_shape:
 
     Args:
         input_shape: one image's batch shape ``(1, C, H, W)``; timing uses ``compression.latency.batch``.
-        repeats, warmup: forward passes per layer timing (the median of ``repeats`` counts).
+        repeats, warmup: forward passes per layer timing (the fastest of ``repeats`` counts).
         model_repeats: forward passes of the whole dense model.
         say: told how many numbers were measured and reused.
     Returns:
@@ -135,8 +157,9 @@ def measure_costs(model: nn.Module, compression: CompressionConfig, input_shape:
     device = torch.device(device)
     channels_last = target.runtime == "channels_last"
     batch_shape = (target.batch, *input_shape[1:])
+    # glibc's malloc tunables change how large activation buffers are paid for (trainer.malloc): part of the key
     base = {"device": device_name(device), "torch": torch.__version__, "runtime": target.runtime,
-            "batch": target.batch}
+            "batch": target.batch, "malloc_tuned": malloc_tuned()}
     model = copy.deepcopy(model).to(device).eval()
     arch = hashlib.sha256(repr(model).encode()).hexdigest()[:16]  # the module tree: layers, shapes, conv arguments
     dense_model_ms = cache.get({**base, "what": "model", "arch": arch, "input": list(batch_shape)},
@@ -168,7 +191,8 @@ def measure_costs(model: nn.Module, compression: CompressionConfig, input_shape:
             for r in dict.fromkeys(ranks)}
     cache.save()
     if say is not None:
-        say(f"latency table ({base['device']}, torch {base['torch']}, {target.runtime}, batch {target.batch}): "
+        say(f"latency table ({base['device']}, torch {base['torch']}, {target.runtime}, batch {target.batch}, "
+            f"malloc tuned {base['malloc_tuned']}): "
             f"{cache.measured} timings measured, {cache.reused} reused from {cache.path}")
     return LatencyCosts(dense_model_ms=dense_model_ms, dense_ms=dense_ms, factored_ms=factored_ms,
                         batch=target.batch, runtime=target.runtime, device=base["device"])
