@@ -149,8 +149,8 @@ def plan_latency(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], 
                     allocation=allocation, notes=notes, budget="latency", dense_latency_ms=costs.dense_model_ms)
 
 
-def _impossible(target: float, need: float, budget: float) -> ValueError:
-    return ValueError(f"compression.latency.target={target} is impossible: the fastest measured ranks of the free "
+def _impossible(target: float, need: float, budget: float, which: str) -> ValueError:
+    return ValueError(f"compression.latency.target={target} is impossible: the {which} measured ranks of the free "
                       f"layers take {need:.2f} ms where {budget:.2f} ms are left for them; raise the target, plan "
                       "more layers (include/exclude) or lower the fixed ranks")
 
@@ -173,7 +173,7 @@ def _by_error(free: Sequence[LayerInfo], fmts: Mapping[str, str], costs: Latency
     try:
         choice = allocate(ladders, budget_ms)
     except ValueError:
-        raise _impossible(target, sum(lad.costs[0] for lad in ladders), budget_ms) from None
+        raise _impossible(target, sum(lad.costs[0] for lad in ladders), budget_ms, "fastest") from None
     return {layer.name: lad.ranks[c] for layer, lad, c in zip(free, ladders, choice)}
 
 
@@ -194,7 +194,7 @@ def _uniform(free: Sequence[LayerInfo], fmts: Mapping[str, str], costs: LatencyC
 
     best = ranks_at(0.0)
     if spent(best) > budget_ms:
-        raise _impossible(target, spent(best), budget_ms)
+        raise _impossible(target, spent(best), budget_ms, "smallest")
     lo, hi = 0.0, 1.0
     for _ in range(30):  # measured times need not grow with the fraction: bisection finds one fitting fraction
         mid = (lo + hi) / 2
