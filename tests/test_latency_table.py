@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from admm.config import CompressionConfig, LatencyTarget
 from admm.model_plan import plan_for_model
@@ -21,6 +22,17 @@ SHAPE = (1, 3, 32, 32)
 CFG = CompressionConfig(format="svd", include=["layer3.*"], allocation="error", budget="latency",
                         latency=LatencyTarget(target=0.9, batch=32, points=4))
 FAST = {"repeats": 5, "warmup": 1, "model_repeats": 3}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Time on one thread: on a CPU shared with other jobs a multi-threaded pass waits at every barrier for a
+    descheduled thread, which can inflate even the fastest of a few passes many times over; one thread is only
+    ever paused. The thread count is part of the cache key, so these timings never mix with others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _fastest_fraction(costs) -> float:
