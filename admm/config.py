@@ -22,14 +22,45 @@ ALLOCATIONS: tuple[str, ...] = get_args(AllocationName)
 
 # What compression.keep_ratio is a fraction of (admm.planning.planner.BUDGET_COSTS counts each): the conv/linear weights, or
 # their FLOPs per image at the dataset's input size (TT-ADMM reports ImageNet results as FLOPs reductions).
-BudgetName = Literal["params", "flops"]
+# latency: a fraction of the dense model's measured latency (compression.latency; admm.planning.latency_budget).
+BudgetName = Literal["params", "flops", "latency"]
 BUDGETS: tuple[str, ...] = get_args(BudgetName)
+
+# How the layers of a latency budget are timed: torch eager in the default (NCHW) memory format, or eager with
+# input and weights in channels_last (how `tdcompress evaluate` serves on CPU, where oneDNN prefers it).
+LatencyRuntime = Literal["eager", "channels_last"]
+LATENCY_RUNTIMES: tuple[str, ...] = get_args(LatencyRuntime)
 
 
 def check(ok: bool, key: str, message: str) -> None:
     """Raise ``ValueError("key: message")`` unless ``ok``."""
     if not ok:
         raise ValueError(f"{key}: {message}")
+
+
+@dataclass
+class LatencyTarget:
+    """compression.latency: the target of ``compression.budget=latency``.
+
+    The plan keeps ``target`` x the dense model's latency, measured on this device in ``runtime`` at
+    ``batch`` images per forward pass; each planned layer is timed at ``points`` candidate ranks.
+    """
+
+    target: float = 0.5  # fraction of the dense model's measured latency per batch
+    batch: int = 32
+    runtime: LatencyRuntime = "eager"
+    # Candidate ranks timed per layer (an even grid over the layer's rank ladder): the plan lands within one
+    # step of this grid of the target; more points cost proportionally more measuring, once per device.
+    points: int = 16
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.target, (int, float)) and 0 < self.target <= 1, "target",
+              f"must be in (0, 1] (a fraction of the dense model's latency), got {self.target!r}")
+        check(isinstance(self.batch, int) and 1 <= self.batch <= 4096, "batch",
+              f"must be an integer in 1..4096 (images per timed forward pass), got {self.batch!r}")
+        check(self.runtime in LATENCY_RUNTIMES, "runtime", f"must be one of {LATENCY_RUNTIMES}, got {self.runtime!r}")
+        check(isinstance(self.points, int) and 2 <= self.points <= 256, "points",
+              f"must be an integer in 2..256 (candidate ranks timed per layer), got {self.points!r}")
 
 
 @dataclass
@@ -58,11 +89,19 @@ class CompressionConfig:
     min_rank_ratio: float = 0.0
     # ...and at most this fraction of its dense parameters (of its dense FLOPs under budget=flops).
     max_keep: float = 1.0
+    # budget=latency only (and then required): the latency target, e.g. {target: 0.5, batch: 32, runtime: eager}.
+    latency: LatencyTarget | None = None
 
     def __post_init__(self) -> None:
         check(self.rank_multiple >= 1, "rank_multiple", f"must be >= 1 (1 = no rounding), got {self.rank_multiple}")
         check(self.budget in BUDGETS, "budget",
               f"must be one of {BUDGETS} (what keep_ratio is a fraction of), got {self.budget!r}")
+        check(self.budget != "latency" or self.latency is not None, "latency",
+              "compression.budget=latency needs compression.latency={target: FRACTION, batch: N, runtime: "
+              f"one of {LATENCY_RUNTIMES}}}")
+        check(self.budget == "latency" or self.latency is None, "latency",
+              f"applies to compression.budget=latency only (budget is {self.budget!r}); set budget=latency or "
+              "remove compression.latency")
         check(self.allocation in ALLOCATIONS, "allocation", f"must be one of {ALLOCATIONS}, got {self.allocation!r}")
         check(0 <= self.min_rank_ratio <= 1, "min_rank_ratio", f"must be in [0, 1], got {self.min_rank_ratio}")
         check(0 < self.max_keep <= 1, "max_keep", f"must be in (0, 1], got {self.max_keep}")

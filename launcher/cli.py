@@ -53,7 +53,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     """Print the rank plan a run of CONFIG would use, without data, Ray or any training (launcher/plan.py)."""
     from launcher.plan import plan_command
 
-    return plan_command(load_config(args.config, args.overrides), args.config, args.weights, args.run)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.compression.budget == "latency":  # measured layer latencies, predicted vs measured: launcher/latency_plan.py
+        from launcher.latency_plan import latency_plan_command
+
+        return latency_plan_command(cfg, args.config, args.weights, args.run, args.latency_cache)
+    return plan_command(cfg, args.config, args.weights, args.run)
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
@@ -93,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "shared.pt): show the uniform and the error allocation with each layer's error")
     source.add_argument("--run", metavar="RUN_DIR", help="like --weights, from the run's newest checkpoint that "
                         "holds the dense model")
+    plan.add_argument("--latency-cache", metavar="FILE", help="compression.budget=latency: the JSON cache of "
+                      "measured layer latencies (default $TDC_LATENCY_CACHE or ~/.cache/tdcompress/latency.json)")
     plan.set_defaults(func=_cmd_plan)
 
     from launcher import export_cli  # `tdcompress export|evaluate`: the run's model outside training

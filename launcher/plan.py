@@ -57,7 +57,8 @@ def load_weights(weights: str | None, run: str | None) -> tuple[Mapping[str, Ten
     raise ConfigError(f"--run: no intact checkpoint with a dense (not yet decomposed) model under {root}")
 
 
-def _model_with(cfg: Config, classes: int, state: Mapping[str, Tensor], source: str) -> nn.Module:
+def model_with(cfg: Config, classes: int, state: Mapping[str, Tensor], source: str) -> nn.Module:
+    """``cfg.model.name`` with ``classes`` outputs holding ``state`` (a ConfigError naming ``source`` if it does not fit)."""
     from trainer.models import build_model
 
     model = build_model(cfg.model.name, classes)
@@ -115,7 +116,7 @@ def plan_command(cfg: Config, config_name: str, weights: str | None, run: str | 
         print(f"rank plan ({head}):\n{plan.table()}")
         return 0
     state, source = load_weights(weights, run)
-    model = _model_with(cfg, classes, state, source)
+    model = model_with(cfg, classes, state, source)
     shape = (1, 3, size, size)
     try:
         plans = {a: plan_for_model(model, c, cfg.cluster.num_workers, input_shape=shape, allocation=a)

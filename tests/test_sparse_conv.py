@@ -178,7 +178,7 @@ def test_sparse_form_exports_to_onnx_as_gather_and_matmul(tmp_path):
 def test_tuned_export_of_low_rank_plus_sparse_loads_and_counts_what_runs(tiny, tmp_path):
     """--tune-batch with the sparse candidate: every choice is recorded, the export loads with the same outputs,
     and ``flops_per_image`` is what FlopCounterMode counts on the model as exported."""
-    from launcher import pipeline
+    from launcher.run import pipeline
     from trainer.export.torch_export import export_run, load_exported
 
     info = pipeline.run(tiny("model.name=resnet20", "compression.format=lowrank_sparse", "compression.keep_ratio=0.33",

@@ -5,6 +5,7 @@ to the least loaded rank, and so on.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from typing import Sequence
 
@@ -58,6 +59,4 @@ def with_owners(plan: RankPlan, world: int) -> RankPlan:
     """A copy of ``plan`` whose layers carry owners for ``world`` ranks."""
     owners = assign_owners([projection_cost(p.shape, p.fmt, p.rank) for p in plan.layers], world)
     layers = [LayerPlan(**{**p.__dict__, "owner": o}) for p, o in zip(plan.layers, owners)]
-    return RankPlan(layers=layers, dense_params_total=plan.dense_params_total,
-                    dense_flops_total=plan.dense_flops_total, allocation=plan.allocation,
-                    notes=list(plan.notes), budget=plan.budget)
+    return dataclasses.replace(plan, layers=layers, notes=list(plan.notes))

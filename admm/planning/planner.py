@@ -64,7 +64,8 @@ BUDGET_COSTS: dict[str, Callable[[LayerInfo, str, RankSpec | None], int]] = {
     "params": _params_cost, "flops": _flops_cost}
 
 
-def _plan_layer(layer: LayerInfo, fmt: str, rank: RankSpec) -> LayerPlan:
+def plan_layer(layer: LayerInfo, fmt: str, rank: RankSpec) -> LayerPlan:
+    """One layer's plan at ``rank``: its params and FLOPs per image before and after."""
     return LayerPlan(name=layer.name, shape=layer.shape, fmt=fmt, rank=rank,
                      params_before=dense_params(layer.shape), params_after=factored_params(layer.shape, fmt, rank),
                      flops_before=dense_flops(layer.shape, layer.out_hw),
@@ -111,9 +112,12 @@ def layer_format(shape: Sequence[int], fmt: str) -> str:
     return "svd" if fmt == "tucker2" and kh * kw == 1 else fmt
 
 
-def _within_limits(layer: LayerInfo, fmt: str, rank: RankSpec, min_rank_ratio: float, max_keep: float,
-                   budget: str = "params") -> bool:
-    """Every rank field >= ``min_rank_ratio`` x its full rank (at least 1) and cost <= ``max_keep`` x dense cost."""
+def within_limits(layer: LayerInfo, fmt: str, rank: RankSpec, min_rank_ratio: float, max_keep: float,
+                  budget: str = "params", cost: Callable[[LayerInfo, str, RankSpec | None], float] | None = None) -> bool:
+    """Every rank field >= ``min_rank_ratio`` x its full rank (at least 1) and cost <= ``max_keep`` x dense cost.
+
+    ``cost`` (layer, fmt, rank or None = dense) replaces ``budget``'s cost (a latency budget's measured table).
+    """
     shape = layer.shape
     full = max_rank(shape, fmt)
     values = rank if isinstance(rank, tuple) else (rank,)
@@ -121,7 +125,7 @@ def _within_limits(layer: LayerInfo, fmt: str, rank: RankSpec, min_rank_ratio: f
     n = 1 if fmt == "lowrank_sparse" else len(values)  # lowrank_sparse: k counts kernel entries, not a rank
     if any(v < max(1, math.ceil(min_rank_ratio * c - 1e-9)) for v, c in zip(values[:n], caps[:n])):
         return False
-    cost = BUDGET_COSTS[budget]
+    cost = cost or BUDGET_COSTS[budget]
     return cost(layer, fmt, rank) <= max_keep * cost(layer, fmt, None)
 
 
@@ -135,7 +139,7 @@ def error_ladder(layer: LayerInfo, fmt: str, weight: Tensor, *, rank_multiple: i
     """
     specs = [round_rank(layer.shape, fmt, r, rank_multiple)
              for r in rank_ladder(layer.shape, fmt, sparse_share=sparse_fraction)]
-    specs = [r for r in dict.fromkeys(specs) if _within_limits(layer, fmt, r, min_rank_ratio, max_keep, budget)]
+    specs = [r for r in dict.fromkeys(specs) if within_limits(layer, fmt, r, min_rank_ratio, max_keep, budget)]
     if not specs:
         raise ValueError(f"compression.min_rank_ratio={min_rank_ratio} and compression.max_keep={max_keep} leave "
                          f"no {fmt} rank for layer {layer.name} {tuple(layer.shape)}; lower min_rank_ratio or "
@@ -150,9 +154,7 @@ def with_errors(plan: RankPlan, weights: Mapping[str, Tensor]) -> RankPlan:
     """A copy of ``plan`` whose layers carry ``error`` = ||W - Proj(W)|| / ||W|| of ``weights[name]``."""
     layers = [LayerPlan(**{**p.__dict__, "error": math.sqrt(relative_errors(weights[p.name], p.fmt, [p.rank])[0])})
               for p in plan.layers]
-    return RankPlan(layers=layers, dense_params_total=plan.dense_params_total,
-                    dense_flops_total=plan.dense_flops_total, allocation=plan.allocation,
-                    notes=list(plan.notes), budget=plan.budget)
+    return dataclasses.replace(plan, layers=layers, notes=list(plan.notes))
 
 
 def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fmt: str, keep_ratio: float,
@@ -192,11 +194,28 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
         raise ValueError(f"compression.allocation: must be one of {ALLOCATIONS}, got {allocation!r}")
     if allocation == "error" and (weights is None or not names <= set(weights)):
         raise ValueError("the error allocation needs the weights of every planned layer")
+    if budget == "latency":
+        raise ValueError("compression.budget=latency is planned from measured layer latencies "
+                         "(admm.planning.latency_budget.plan_latency), not by plan_ranks")
     if budget not in BUDGET_COSTS:
         raise ValueError(f"compression.budget: must be one of {BUDGETS}, got {budget!r}")
     dense_total = sum(dense_params(layer.shape) for layer in all_layers)
     flops_total = sum(dense_flops(layer.shape, layer.out_hw) for layer in all_layers)
     fmts = {layer.name: layer_format(layer.shape, fmt) for layer in planned}
+    task = _Budget(planned=list(planned), fmts=fmts, fixed=_fixed_ranks(ranks, planned, fmts, fmt),
+                   keep_ratio=keep_ratio, budget=budget,
+                   dense_total=dense_total, flops_total=flops_total,
+                   notes=[ONE_BY_ONE_NOTE] if any(f != fmt for f in fmts.values()) else [])
+    if allocation == "error":
+        return _allocate_by_error(task, weights, rank_multiple=rank_multiple,  # type: ignore[arg-type]
+                                  sparse_fraction=sparse_fraction, min_rank_ratio=min_rank_ratio, max_keep=max_keep)
+    plan = _allocate_uniform(task, rank_multiple=rank_multiple, sparse_fraction=sparse_fraction)
+    return with_errors(plan, weights) if weights is not None else plan
+
+
+def _fixed_ranks(ranks: Mapping[str, int | Sequence[int]], planned: Sequence[LayerInfo], fmts: Mapping[str, str],
+                 fmt: str) -> dict[str, RankSpec]:
+    """``compression.ranks`` checked against each layer's shape in the format it is planned in."""
     fixed = {}
     for n, r in ranks.items():
         shape = next(layer.shape for layer in planned if layer.name == n)
@@ -205,14 +224,7 @@ def plan_ranks(all_layers: Sequence[LayerInfo], planned: Sequence[LayerInfo], fm
         except ValueError as e:
             hint = " (a 1x1 layer under tucker2 is planned as svd: give one int)" if fmts[n] != fmt else ""
             raise ValueError(f"compression.ranks.{n}: {e}{hint}") from None
-    task = _Budget(planned=list(planned), fmts=fmts, fixed=fixed, keep_ratio=keep_ratio, budget=budget,
-                   dense_total=dense_total, flops_total=flops_total,
-                   notes=[ONE_BY_ONE_NOTE] if any(f != fmt for f in fmts.values()) else [])
-    if allocation == "error":
-        return _allocate_by_error(task, weights, rank_multiple=rank_multiple,  # type: ignore[arg-type]
-                                  sparse_fraction=sparse_fraction, min_rank_ratio=min_rank_ratio, max_keep=max_keep)
-    plan = _allocate_uniform(task, rank_multiple=rank_multiple, sparse_fraction=sparse_fraction)
-    return with_errors(plan, weights) if weights is not None else plan
+    return fixed
 
 
 @dataclass
@@ -267,7 +279,7 @@ def _allocate_by_error(task: _Budget, weights: Mapping[str, Tensor], *, rank_mul
     chosen = {layer.name: (lad.ranks[c], math.sqrt(lad.errors[c])) for layer, lad, c in zip(free, ladders, choice)}
     for n, r in fixed.items():
         chosen[n] = (r, math.sqrt(relative_errors(weights[n], fmts[n], [r])[0]))  # type: ignore[index]
-    return RankPlan(layers=[dataclasses.replace(_plan_layer(layer, fmts[layer.name], chosen[layer.name][0]),
+    return RankPlan(layers=[dataclasses.replace(plan_layer(layer, fmts[layer.name], chosen[layer.name][0]),
                                                 error=chosen[layer.name][1]) for layer in task.planned],
                     dense_params_total=task.dense_total, dense_flops_total=task.flops_total, allocation="error",
                     notes=task.notes, budget=task.budget)
@@ -284,7 +296,7 @@ def _allocate_uniform(task: _Budget, *, rank_multiple: int, sparse_fraction: flo
         return round_rank(layer.shape, f, _uniform_keep(layer, f, keep, sparse_fraction), rank_multiple)
 
     def total(keep: float) -> tuple[int, list[LayerPlan]]:
-        plans = [_plan_layer(layer, fmts[layer.name], rank_of(layer, keep)) for layer in task.planned]
+        plans = [plan_layer(layer, fmts[layer.name], rank_of(layer, keep)) for layer in task.planned]
         if task.budget == "flops":
             return task.flops_total - sum(p.flops_before - p.flops_after for p in plans), plans
         return task.dense_total - sum(p.params_before - p.params_after for p in plans), plans

@@ -117,6 +117,12 @@ def make_plan(cfg: Config, classes: int, size: int):
             raise ConfigError(str(e)) from None
     if not any(p.kind in COMPRESSING_PHASES for p in cfg.phases):
         return None
+    if cfg.compression.budget == "latency":
+        # The layers must be timed as the model will be served (all of this machine's threads, one process), not
+        # inside training workers that share the cores; `plan` does that and prints the overrides of its ranks.
+        raise ConfigError("compression.budget=latency is planned by `tdcompress plan CONFIG [--weights W]` (it times "
+                          "the layers on this device); a run takes the ranks it prints: compression.budget=params "
+                          "compression.latency=null compression.keep_ratio=1 compression.ranks={...}")
     from admm.planning.model_plan import plan_for_model
     from trainer.models import build_model
 
