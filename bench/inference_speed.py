@@ -14,12 +14,14 @@ process re-runs itself with trainer.malloc's tunables (``--no-malloc-tuning`` to
 measure without). ``--tune`` adds a third column: the factored model after the
 per-layer latency table (trainer.latency) picked each layer's fastest exact
 realization at that batch, as ``tdcompress export --tune-batch`` does.
+``--fuse`` adds the mode ``fused``: eager with every conv's ReLU and residual add run inside
+the conv's oneDNN call (trainer.fuse), for the dense and the factored models alike (CPU).
 ``--tt-per-core`` adds, for tt, the same factored model with its chains forced to run
 core by core (``TTLayer.merge_chains = False``, the forward before the merged chains),
 timed in the same dense-factored-...-dense window.
 
     python -m bench.inference_speed --formats tucker2,svd --tune
-    python -m bench.inference_speed --formats svd,tucker2 --keep 0.5,0.33 --compile --onnx
+    python -m bench.inference_speed --formats svd,tucker2 --keep 0.5,0.33 --fuse --compile --onnx
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from admm.nn.surgery import decompose_model, manifest_of
 from bench.common import add_json_option, add_malloc_option, apply_malloc_option, classes_for, start
 from trainer.export import FORMAT_VERSION
 from trainer.export_onnx import OnnxRuntimeModel, export_onnx, make_session
+from trainer.fuse import fuse_conv_activations
 from trainer.latency import format_row, layer_latency_table, measure_latency
 from trainer.models import build_model
 
@@ -59,6 +62,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,256" if gpu else "1,32")
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--repeats", type=int, default=20 if gpu else 7)
+    p.add_argument("--fuse", action="store_true",
+                   help="also time eager models with conv+ReLU / conv+add+ReLU fused (trainer.fuse; CPU only)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--onnx", action="store_true", help="also time the models exported to ONNX, in onnxruntime (CPU)")
     p.add_argument("--no-fold", dest="fold", action="store_false", help="keep BatchNorm (default: folded in both)")
@@ -70,6 +75,8 @@ def main() -> None:
                    help="tt: also time the factored model with per-core chains (TTLayer.merge_chains=False)")
     add_json_option(p)
     args = p.parse_args()
+    if args.fuse and gpu:
+        p.error("--fuse: the fused oneDNN kernels are CPU float32 only; this run is on a GPU in bf16")
     apply_malloc_option(args, device)
     report = start("inference_speed", device, args)
     print(f"{args.model} {args.image}px | {'bf16' if gpu else 'fp32'} | BN folded {args.fold} | "
@@ -81,7 +88,7 @@ def main() -> None:
     if args.fold:
         fold_batchnorm(dense)
     batches = [int(b) for b in args.batches.split(",")]
-    modes = ["eager"] + (["compiled"] if args.compile else []) + (["onnxruntime"] if args.onnx else [])
+    modes = ["eager"] + (["fused"] if args.fuse else []) + (["compiled"] if args.compile else []) + (["onnxruntime"] if args.onnx else [])
     onnx_dir = tempfile.TemporaryDirectory(prefix="tdc-bench-onnx-")
     sessions: dict[torch.nn.Module, torch.nn.Module] = {}
 
@@ -96,10 +103,15 @@ def main() -> None:
         return sessions[model]
 
     compiled: dict[torch.nn.Module, torch.nn.Module] = {}  # keyed by the module itself: ids can be reused
+    fused: dict[torch.nn.Module, torch.nn.Module] = {}
 
     def run(model: torch.nn.Module, b: int, mode: str) -> float:
         if mode == "onnxruntime":  # NCHW input: onnxruntime chooses its own blocked layouts inside
             return timed(in_onnxruntime(model), (b, 3, args.image, args.image), device, False, args.repeats, False)
+        if mode == "fused":
+            if model not in fused:
+                fused[model] = fuse_conv_activations(model)
+            model = fused[model]
         if mode == "compiled":
             if model not in compiled:
                 compiled[model] = torch.compile(model, dynamic=False)  # one graph per batch size
