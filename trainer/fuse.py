@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from admm.nn.layers import SVDLayer, Tucker2Layer
+from admm.nn.layers_base import FactoredLayer
 
 __all__ = ["FusedConv", "fuse_conv_activations", "fusable"]
 
@@ -95,8 +96,6 @@ class FusedConv(nn.Module):
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # Factored layers stay whole: fusion swaps a layer, it never rewrites one's internals.
-        from admm.nn.layers_base import FactoredLayer
-
         return isinstance(m, FactoredLayer) or super().is_leaf_module(m, qualname)
 
 
