@@ -6,7 +6,9 @@ planner the runs use) is timed against the dense model built from the same
 weights: CPU fp32 at batch 1 and 32; on a GPU bf16 at batch 1 and 256,
 eager, (``--compile``) torch.compile'd and (``--onnx``) in onnxruntime (the model exported by
 trainer.export.onnx_export, CPU execution provider, all graph optimisations, torch's thread count).
-Ratios below 1 are reported as they are; ``of FLOPs`` is the speed-up divided by the FLOPs ratio.
+Ratios below 1 are reported as they are; ``of FLOPs`` is the speed-up divided by the FLOPs ratio
+(the plan's; for the tuned model the FLOPs it runs, counted by FlopCounterMode: the table's merged
+layers run fewer FLOPs than planned, its dense ones more).
 
 Both models always get the same treatment: BN folded into the convs (``--no-fold``
 to keep BN), channels_last (``--contiguous`` for NCHW), and on Linux/glibc the
@@ -14,12 +16,14 @@ process re-runs itself with trainer.export.malloc's tunables (``--no-malloc-tuni
 measure without). ``--tune`` adds a third column: the factored model after the
 per-layer latency table (trainer.export.latency) picked each layer's fastest exact
 realization at that batch, as ``tdcompress export --tune-batch`` does.
+``--fuse`` adds the mode ``fused``: eager with every conv's ReLU and residual add run inside
+the conv's oneDNN call (trainer.export.fuse), for the dense and the factored models alike (CPU).
 ``--tt-per-core`` adds, for tt, the same factored model with its chains forced to run
 core by core (``TTLayer.merge_chains = False``, the forward before the merged chains),
 timed in the same dense-factored-...-dense window.
 
     python -m bench.inference_speed --formats tucker2,svd --tune
-    python -m bench.inference_speed --formats svd,tucker2 --keep 0.5,0.33 --compile --onnx
+    python -m bench.inference_speed --formats svd,tucker2 --keep 0.5,0.33 --fuse --compile --onnx
 """
 from __future__ import annotations
 
@@ -36,10 +40,12 @@ from admm.nn.realize import realize
 from admm.nn.surgery import decompose_model, manifest_of
 from admm.planning.model_plan import plan_for_model
 from bench.common import add_json_option, add_malloc_option, apply_malloc_option, classes_for, start
+from trainer.export.fuse import fuse_conv_activations
 from trainer.export.latency import format_row, layer_latency_table, measure_latency
 from trainer.export.onnx_export import OnnxRuntimeModel, export_onnx, make_session
 from trainer.export.torch_export import FORMAT_VERSION
 from trainer.models import build_model
+from trainer.phases.decompose import measured_flops
 
 
 def timed(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, bf16: bool, repeats: int,
@@ -60,6 +66,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,256" if gpu else "1,32")
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--repeats", type=int, default=20 if gpu else 7)
+    p.add_argument("--fuse", action="store_true",
+                   help="also time eager models with conv+ReLU / conv+add+ReLU fused (trainer.export.fuse; CPU only)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--onnx", action="store_true", help="also time the models exported to ONNX, in onnxruntime (CPU)")
     p.add_argument("--no-fold", dest="fold", action="store_false", help="keep BatchNorm (default: folded in both)")
@@ -71,6 +79,8 @@ def main() -> None:
                    help="tt: also time the factored model with per-core chains (TTLayer.merge_chains=False)")
     add_json_option(p)
     args = p.parse_args()
+    if args.fuse and gpu:
+        p.error("--fuse: the fused oneDNN kernels are CPU float32 only; this run is on a GPU in bf16")
     apply_malloc_option(args, device)
     report = start("inference_speed", device, args)
     print(f"{args.model} {args.image}px | {'bf16' if gpu else 'fp32'} | BN folded {args.fold} | "
@@ -82,7 +92,7 @@ def main() -> None:
     if args.fold:
         fold_batchnorm(dense)
     batches = [int(b) for b in args.batches.split(",")]
-    modes = ["eager"] + (["compiled"] if args.compile else []) + (["onnxruntime"] if args.onnx else [])
+    modes = ["eager"] + (["fused"] if args.fuse else []) + (["compiled"] if args.compile else []) + (["onnxruntime"] if args.onnx else [])
     onnx_dir = tempfile.TemporaryDirectory(prefix="tdc-bench-onnx-")
     sessions: dict[torch.nn.Module, torch.nn.Module] = {}
 
@@ -97,10 +107,15 @@ def main() -> None:
         return sessions[model]
 
     compiled: dict[torch.nn.Module, torch.nn.Module] = {}  # keyed by the module itself: ids can be reused
+    fused: dict[torch.nn.Module, torch.nn.Module] = {}
 
     def run(model: torch.nn.Module, b: int, mode: str) -> float:
         if mode == "onnxruntime":  # NCHW input: onnxruntime chooses its own blocked layouts inside
             return timed(in_onnxruntime(model), (b, 3, args.image, args.image), device, False, args.repeats, False)
+        if mode == "fused":
+            if model not in fused:
+                fused[model] = fuse_conv_activations(model)
+            model = fused[model]
         if mode == "compiled":
             if model not in compiled:
                 compiled[model] = torch.compile(model, dynamic=False)  # one graph per batch size
@@ -145,6 +160,9 @@ def main() -> None:
                     if args.table:
                         print("\n".join(format_row(r) for r in table))
                     tuned = realize(factored(), choices)
+                    # merged layers run fewer FLOPs than the plan counts, dense ones more: count what runs
+                    one = (1, 3, args.image, args.image)
+                    tuned_flops_x = measured_flops(dense, one) / measured_flops(tuned, one)
                 for m in modes:
                     # dense, factored, tuned, dense: the baseline is the mean of the two dense timings,
                     # so host drift during the pair hits both sides (this is a shared machine).
@@ -167,9 +185,9 @@ def main() -> None:
                     if tt is not None:
                         kinds = sorted(set(choices.values()))
                         row.update(tuned_ms=1e3 * tt, tuned_speedup=base / tt, choices=choices,
-                                   tuned_of_flops=base / tt / row["flops_x"])
-                        line += (f"  tuned {row['tuned_ms']:7.1f} ms ({row['tuned_speedup']:.2f}x, "
-                                 f"{row['tuned_of_flops']:.2f} of FLOPs; "
+                                   tuned_flops_x=tuned_flops_x, tuned_of_flops=base / tt / tuned_flops_x)
+                        line += (f"  tuned {row['tuned_ms']:7.1f} ms ({row['tuned_speedup']:.2f}x, FLOPs run "
+                                 f"{tuned_flops_x:.2f}x, {row['tuned_of_flops']:.2f} of them; "
                                  f"{len(choices)} layers changed{': ' + ', '.join(kinds) if kinds else ''})")
                     if pc is not None:
                         row.update(per_core_ms=1e3 * pc, per_core_speedup=base / pc)
