@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from admm.config import CompressionConfig
+from admm.config import CompressionConfig, LatencyTarget
 from admm.formats.projections import RankSpec, validate_rank
 from admm.nn.layers import layer_class
 from admm.nn.layers_base import Geometry
@@ -138,6 +138,16 @@ def _rank_json(rank: RankSpec) -> Any:
     return list(rank) if isinstance(rank, tuple) else rank
 
 
+def _timing_setup(compression: CompressionConfig, input_shape: tuple[int, ...], device: str | torch.device
+                  ) -> tuple[LatencyTarget, torch.device, bool, tuple[int, ...]]:
+    """The latency target of ``compression`` and what timing at it takes: the device, whether channels_last, and
+    the batch's input shape (``input_shape`` is one image's ``(1, C, H, W)``)."""
+    target = compression.latency
+    if target is None:
+        raise ValueError("compression.latency: measuring needs compression.budget=latency with compression.latency")
+    return target, torch.device(device), target.runtime == "channels_last", (target.batch, *input_shape[1:])
+
+
 def measure_costs(model: nn.Module, compression: CompressionConfig, input_shape: tuple[int, ...],
                   cache: LatencyCache, *, device: str | torch.device = "cpu", repeats: int = 7, warmup: int = 2,
                   model_repeats: int = 10, say: Callable[[str], None] | None = None) -> LatencyCosts:
@@ -151,12 +161,7 @@ def measure_costs(model: nn.Module, compression: CompressionConfig, input_shape:
     Returns:
         ms per batch of the dense model, of every planned layer dense and at each candidate rank.
     """
-    target = compression.latency
-    if target is None:
-        raise ValueError("compression.latency: measuring needs compression.budget=latency with compression.latency")
-    device = torch.device(device)
-    channels_last = target.runtime == "channels_last"
-    batch_shape = (target.batch, *input_shape[1:])
+    target, device, channels_last, batch_shape = _timing_setup(compression, input_shape, device)
     # glibc's malloc tunables change how large activation buffers are paid for (trainer.export.malloc): part of the key
     base = {"device": device_name(device), "torch": torch.__version__, "runtime": target.runtime,
             "batch": target.batch, "malloc_tuned": malloc_tuned()}
@@ -204,12 +209,7 @@ def measure_planned(model: nn.Module, plan: RankPlan, compression: CompressionCo
 
     Not cached: this is the check of the plan's prediction, on the same device, runtime and batch.
     """
-    target = compression.latency
-    if target is None:
-        raise ValueError("compression.latency: measuring needs compression.budget=latency with compression.latency")
-    device = torch.device(device)
-    channels_last = target.runtime == "channels_last"
-    batch_shape = (target.batch, *input_shape[1:])
+    target, device, channels_last, batch_shape = _timing_setup(compression, input_shape, device)
     dense = copy.deepcopy(model).to(device).eval()
     factored = decompose_model(copy.deepcopy(model).to(device), plan).eval()
     return (_ms(dense, batch_shape, device, channels_last, repeats, warmup),
