@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     costs = measure_costs(model, cfg, shape, cache, repeats=args.repeats, say=print)
     measure_s = time.perf_counter() - start
-    plan = plan_for_model(model, cfg, 1, input_shape=shape, latency=costs)
+    try:
+        plan = plan_for_model(model, cfg, 1, input_shape=shape, latency=costs)
+    except ValueError as e:  # an unreachable target is a finding about this device, said in one line
+        print(f"{args.model} {args.format} batch {args.batch} {args.runtime}: {e} "
+              f"({cache.measured} timings measured in {measure_s:.0f} s)")
+        return 2
     print(plan.table())
     dense_ms, planned_ms = measure_planned(model, plan, cfg, shape, repeats=max(args.repeats, 5))
     out = {**info, "model": args.model, "format": args.format, "target": args.target, "batch": args.batch,
