@@ -106,8 +106,9 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     from launcher.results.study_curve_plot import plot_curve
 
     plot_path = check_plot_path(Path(args.plot)) if args.plot else None  # a bad path fails before any reading
-    print(curve_table(Path(args.dir), args.table, args.format))
-    if plot_path and plot_curve(study_rows(load_records(Path(args.dir))), plot_path):
+    rows = study_rows(load_records(Path(args.dir)))
+    print(curve_table(rows, args.table, args.format, args.dir))
+    if plot_path and plot_curve(rows, plot_path):
         print(f"plot: {plot_path}", file=sys.stderr)
     return 0
 

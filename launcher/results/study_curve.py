@@ -11,7 +11,6 @@ ADMM's final top-1 minus direct's, as mean ± std over the seeds that have both.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from launcher.schema import ConfigError
@@ -141,23 +140,22 @@ BEST_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def table(records_dir: Path, which: str, fmt: str) -> str:
-    """The ``which`` table (rows, curve or best) of the records in ``records_dir``, rendered as ``fmt``."""
+def table(rows: list[dict[str, Any]], which: str, fmt: str, where: str) -> str:
+    """The ``which`` table (rows, curve or best) of the study rows ``rows`` (:func:`study_rows` of the records
+    in ``where``), rendered as ``fmt``."""
     from launcher.results.compare import render
-    from launcher.results.records import load_records
 
     if which not in TABLES:
         raise ConfigError(f"--table: must be one of {', '.join(TABLES)}, got {which!r}")
-    rows = study_rows(load_records(records_dir))
     if not rows:
-        return f"(no finished compressed rows in {records_dir} yet)"
+        return f"(no finished compressed rows in {where} yet)"
     if which == "rows":
         return render(rows, fmt, spec=ROW_COLUMNS)
     if which == "best":
         return render(best_per_ratio(rows), fmt, spec=BEST_COLUMNS)
     pairs = curve(rows)
     if not pairs:
-        return f"(no ADMM row in {records_dir} has its direct row of the same budget and seed yet)"
+        return f"(no ADMM row in {where} has its direct row of the same budget and seed yet)"
     for c in pairs:  # the gap's std reads as ± beside it, as in compare's grouped tables
         if c["n"] < 2:
             c.pop("gap_std")
