@@ -1,6 +1,7 @@
 # `make demo`: set up .venv and run the quickstart (embedded Ray, CPU, local MLflow).
 # `make test`: set up .venv, check the layout (ruff, import-linter: launcher -> cluster -> trainer -> admm)
-#              and run the test suite. `make lint` runs the two checks alone.
+#              and run the test suite on TEST_WORKERS processes (pytest-xdist; each file stays on one, the
+#              cluster tests share one cluster; 0 = in this process). `make lint` runs the two checks alone.
 # `make gpu-bundle`: build .gpu-bundle/, what a bare GPU machine needs to run `python -m bench.gpu_suite`
 #              (wheels, data, setup.sh; bench/README.md "GPU" has the command that carries it).
 # The packed CIFAR-10 files are looked up in $TDC_DATA_ROOT, by default ../shared/data/cifar10.
@@ -9,6 +10,8 @@ PY := $(VENV)/bin/python
 TDC_DATA_ROOT ?= $(abspath ../shared/data/cifar10)
 export TDC_DATA_ROOT
 # DeepSpeed picks its CPU accelerator when no GPU is present; saying so silences its probe warning.
+# Two: most tests wait part of their time (process and Ray start-ups), so two share the CPUs well even on 2.
+TEST_WORKERS ?= 2
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
 .PHONY: setup demo lint test clean gpu-bundle
@@ -29,7 +32,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 gpu-bundle: setup
 	$(PY) -m bench.gpu_bundle --out .gpu-bundle

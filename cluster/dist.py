@@ -2,16 +2,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch.distributed as dist
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.processes import free_port
 
 
 def init_local_group(gpu: bool) -> None:

@@ -17,26 +17,18 @@ import json
 import os
 import secrets
 import signal
-import socket
 import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cluster.processes import alive, group_alive, group_members, spawn
+from cluster.processes import alive, free_port, group_alive, group_members, spawn
 
 STATE_ENV = "TDC_CLUSTER_DIR"  # where `cluster up` keeps its state, logs, token and MLflow store
 STATE_FILE = "cluster.json"
 NODE_START_S = 180.0  # a loaded 2-core machine took 41 s for the head alone
 MLFLOW_START_S = 90.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (cluster.dist has one too, but imports torch)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ClusterError(RuntimeError):

@@ -1,9 +1,45 @@
 """The processes `cluster up` starts and `cluster down` stops, read from Linux's /proc: each started in a session
-of its own (one process group per node tree), recognised as ours by its command line (pids get reused)."""
+of its own (one process group per node tree), recognised as ours by its command line (pids get reused); and the
+ports they are told to listen on."""
 from __future__ import annotations
 
+import random
+import socket
 import subprocess
 from pathlib import Path
+
+# Ray's worker processes take their ports from 10002-19999; ours come from above that.
+_PORTS_FROM = 20000
+
+
+def _ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (outgoing connections take their local port from it)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral range when it can be.
+
+    A port from the ephemeral range can be taken, between this call and the server's bind, as the local
+    port of any outgoing connection on the machine (a busy Ray makes hundreds); one below it only by another
+    server. Ray picks its own workers' ports the same way.
+    """
+    top = _ephemeral_start()
+    rng = random.SystemRandom()
+    for _ in range(64 if top - _PORTS_FROM > 1000 else 0):
+        port = rng.randrange(_PORTS_FROM, top)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the range: any port the kernel hands out
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def alive(pid: int, markers: tuple[str, ...]) -> bool:

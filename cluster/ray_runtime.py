@@ -18,8 +18,9 @@ from typing import Any, Iterator
 import torch
 
 from cluster.config import ClusterConfig
-from cluster.dist import free_port, init_local_group
+from cluster.dist import init_local_group
 from cluster.local_cluster import metrics_port_env
+from cluster.processes import free_port
 from trainer.context import WorkerJob
 from trainer.export.malloc import has_glibc, with_tunables
 from trainer.worker import train_func
@@ -200,7 +201,9 @@ def ensure_ray(c: ClusterConfig) -> None:
     # cannot be set through ray.init: taken, that agent serves no HTTP, which only Ray Jobs use.) The GCS port
     # is read from the environment too, so the workers' RAY_ADDRESS can be known before Ray starts.
     with _environ({**metrics_port_env(), "RAY_GCS_SERVER_PORT": str(gcs_port)}), _token_auth_quietly():
-        ray.init(num_cpus=max(need, local_cpus()), num_gpus=torch.cuda.device_count() if gpu else 0,
+        # address="local": a new Ray of this run's own. Without an address Ray joins the cluster the machine's
+        # last `ray start` recorded (a `tdcompress cluster up` left running), and refuses num_cpus there.
+        ray.init(address="local", num_cpus=max(need, local_cpus()), num_gpus=torch.cuda.device_count() if gpu else 0,
                  # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls;
                  # without it that cleaner logs a warning every few seconds. Loopback only.
                  object_store_memory=c.object_store_mb * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",

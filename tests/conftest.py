@@ -162,3 +162,33 @@ def wait_for_path(path: Path, alive, timeout: float = 600, what: str = "the run"
         if time.monotonic() > deadline:
             raise AssertionError(f"no {path} after {timeout} s")
         time.sleep(0.5)
+
+
+# Files that take a minute or more: scheduled first so that, under `pytest -n 2` (make test), the two workers
+# do not end with one of them alone on a long file.
+_LONG_FILES = ("test_cluster_jobs.py", "test_cluster_ray_cli.py", "test_distributed_ray.py", "test_decompose_phase.py",
+               "test_sweep_run.py", "test_rank_prune.py", "test_distill.py", "test_admm_phase.py")
+# Files that share the session's `cluster up` fixture: one xdist worker runs them all, so one cluster starts.
+_CLUSTER_FILES = ("test_cluster_jobs.py", "test_cluster_ray_cli.py")
+
+
+def pytest_configure(config) -> None:
+    """Under ``pytest -n N`` each worker gets its share of the cores: torch's and OpenMP's threads spin while they
+    wait, so N workers with a thread per core each spent more CPU than the tests needed."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the processes a test starts
+        torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Group tests by file for ``--dist loadgroup`` (module fixtures are built once; the cluster files share one
+    group and so one cluster) and put the long files first."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("cluster" if name in _CLUSTER_FILES else name))
+    rank = {name: i for i, name in enumerate(_LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept inside each rank

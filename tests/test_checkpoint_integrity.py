@@ -186,7 +186,7 @@ def _two_rank_worker(rank: int, port: int, root: str, out: str) -> None:
 def test_two_ranks_write_one_manifest_and_agree_on_the_fallback(tmp_path):
     import torch.multiprocessing as mp
 
-    from cluster.dist import free_port
+    from cluster.processes import free_port
 
     (tmp_path / "out").mkdir()
     mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path / "ck"), str(tmp_path / "out")), nprocs=2)

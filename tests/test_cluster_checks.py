@@ -55,6 +55,38 @@ def test_ray_processes_environment_is_restored(monkeypatch):
     assert os.environ["DASHBOARD_METRIC_PORT"] == "1" and "AUTOSCALER_METRIC_PORT" not in os.environ
 
 
+def test_an_embedded_run_starts_its_own_ray_beside_a_cluster_up(tmp_path, monkeypatch):
+    """`cluster up` leaves its head's address where Ray looks first when ray.init has no address
+    (<temp>/ray/ray_current_cluster): an embedded run must start a Ray of its own all the same, not join that
+    cluster (where its num_cpus is refused)."""
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:6379")
+    assert canonicalize_bootstrap_address(None).endswith(":6379")  # what a bare ray.init() would join
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: seen.update(address=address))
+    ray_runtime.ensure_ray(ClusterConfig(num_workers=1))
+    assert seen["address"] is not None and canonicalize_bootstrap_address(seen["address"]) is None  # a new Ray
+
+
+def test_ports_we_choose_are_free_and_below_the_ephemeral_range():
+    """An outgoing connection takes its local port from the kernel's ephemeral range: a port chosen there can be
+    gone before the server binds it; one below it cannot be taken that way."""
+    low = processes._ephemeral_start()
+    ports = {processes.free_port() for _ in range(20)}
+    assert len(ports) > 1 and all(20000 <= p < low for p in ports), (low, ports)
+    with socket.socket() as s:
+        port = min(ports)
+        s.bind(("127.0.0.1", port))  # free a moment ago, bindable now
+        s.listen()
+        assert processes.free_port() != port
+
+
 def test_relative_paths_inside_a_ray_job_are_refused(tmp_path, monkeypatch):
     """A run in a job's uploaded working dir (Ray's cache) must not keep its runs or SQLite store there."""
     monkeypatch.chdir(tmp_path)

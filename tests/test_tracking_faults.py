@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from cluster.processes import free_port
 from launcher.config import ConfigError
 from launcher.run import pipeline
 from trainer.core.component import ComponentBase
@@ -27,12 +27,6 @@ from trainer.tracking import tracker as tracking
 
 TRAIN_PHASES = "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, {kind: admm, epochs: 1, steps_per_epoch: 2}, " \
                "{kind: evaluate}]"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:
@@ -96,7 +90,7 @@ def _repeated_steps(client, run_id: str) -> dict[str, list[int]]:
 @pytest.mark.slow
 def test_training_outlives_the_tracking_server_and_loses_no_metric(tiny, tmp_path, monkeypatch, capsys):
     """The server dies after the first epoch and comes back two epochs later: training goes on, nothing is lost."""
-    server = MlflowServer(tmp_path / "server", _free_port())
+    server = MlflowServer(tmp_path / "server", free_port())
     monkeypatch.setattr(tracking, "RETRY_EVERY_S", 1.0, raising=False)  # retry soon: the test waits for the retry, not the default interval
     epochs = 5
 
@@ -141,7 +135,7 @@ def test_training_outlives_the_tracking_server_and_loses_no_metric(tiny, tmp_pat
 
 
 def test_unreachable_tracking_uri_fails_in_seconds_before_the_run_dir_exists(tiny, tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match=r"tracking\.uri: .*cannot be reached.*tracking\.enabled=false"):
         pipeline.run(tiny(f"tracking.uri={uri}", "run_name=nowhere"))
@@ -263,7 +257,7 @@ def test_tracker_keeps_records_while_the_store_fails_and_retries_only_when_due(t
 def test_an_outage_across_a_phase_start_loses_no_run_and_no_step(tiny, tmp_path, monkeypatch, capsys):
     """The server dies at the end of phase 0 (its close and phase 1's opening happen while it is away) and
     comes back after phase 1's second epoch: both phase runs exist, with their times, states and every step."""
-    server = MlflowServer(tmp_path / "server", _free_port())
+    server = MlflowServer(tmp_path / "server", free_port())
     monkeypatch.setattr(tracking, "RETRY_EVERY_S", 1.0)
 
     class Outage(ComponentBase):
