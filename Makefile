@@ -32,7 +32,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 gpu-bundle: setup
 	$(PY) -m bench.gpu_bundle --out .gpu-bundle

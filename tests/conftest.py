@@ -185,10 +185,21 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Group tests by file for ``--dist loadgroup`` (module fixtures are built once; the cluster files share one
-    group and so one cluster) and put the long files first."""
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("cluster" if name in _CLUSTER_FILES else name))
+    """The long files first (every worker collects the same order; xdist hands out files in it)."""
     rank = {name: i for i, name in enumerate(_LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept inside each rank
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with the cluster files as one unit: a file's tests stay on one worker (its module
+    fixtures are built once) and the files that share the session's cluster on the same one (one cluster)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ClusterFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "cluster tests" if Path(path).name in _CLUSTER_FILES else path
+
+    return ClusterFilesTogether(config, log)
