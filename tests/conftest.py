@@ -164,7 +164,7 @@ def wait_for_path(path: Path, alive, timeout: float = 600, what: str = "the run"
         time.sleep(0.5)
 
 
-# Files that take a minute or more: scheduled first so that, under `pytest -n 2` (make test), the two workers
+# Files that take a minute or more: scheduled first so that, under `pytest -n N` (make test), the workers
 # do not end with one of them alone on a long file.
 _LONG_FILES = ("test_cluster_jobs.py", "test_cluster_ray_cli.py", "test_distributed_ray.py", "test_decompose_phase.py",
                "test_sweep_run.py", "test_rank_prune.py", "test_distill.py", "test_admm_phase.py")
