@@ -33,7 +33,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 gpu-bundle: setup
 	$(PY) -m bench.gpu_bundle --out .gpu-bundle

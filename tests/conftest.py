@@ -165,7 +165,8 @@ def wait_for_path(path: Path, alive, timeout: float = 600, what: str = "the run"
 
 
 # Files that take a minute or more: scheduled first so that, under `pytest -n N` (make test), the workers
-# do not end with one of them alone on a long file.
+# do not end with one of them alone on a long file (xdist keeps the collection's order of files only with
+# --no-loadscope-reorder; by default it hands out the files with the most tests first).
 _LONG_FILES = ("test_cluster_jobs.py", "test_cluster_ray_cli.py", "test_distributed_ray.py", "test_decompose_phase.py",
                "test_sweep_run.py", "test_rank_prune.py", "test_distill.py", "test_admm_phase.py")
 # Files that share the session's `cluster up` fixture: one xdist worker runs them all, so one cluster starts.
