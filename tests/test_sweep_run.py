@@ -1,6 +1,7 @@
 """A tiny sweep end to end (tinycnn on a CIFAR-10 subset, cluster.backend=local): a dense row and a 2 x 2 grid run,
 the sweep is stopped while a row is mid-run, resumes (finished rows skipped, the partial row resumed from its
-checkpoints), and its table regenerates from the exported records with the MLflow store deleted."""
+checkpoints), and its table regenerates from the exported records with the MLflow store deleted. The dense row's
+weights are kept beside the records, and the grid rows start from that file."""
 from __future__ import annotations
 
 import json
@@ -12,11 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import wait_for_path
 
 from launcher.cli import main
 from trainer.checkpoints import files as ckpt
+from trainer.init_weights import load_state, resolve_path
 from trainer.tracking import tracker as tracking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +39,7 @@ def _write(tmp_path: Path) -> Path:
             "phases": [{"kind": "pretrain", "epochs": 2, "steps_per_epoch": 4}, {"kind": "evaluate"}]}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     sweep = {"name": "tiny-sweep", "storage": "runs", "tracking_uri": "sqlite:///mlruns.db", "records": "records",
-             "dense": {"name": "dense-s{seed}", "config": "base.yaml", "seeds": [0]},
+             "dense": {"name": "dense-s{seed}", "config": "base.yaml", "seeds": [0], "weights": "parents/{name}"},
              "grids": [{"name": "{format}-{budget}-s{seed}", "config": "base.yaml", "axes": {
                  "format": ["svd", "tucker2"],
                  "budget": {"short": [FINETUNE.format(e=1)], "long": [FINETUNE.format(e=LONG_EPOCHS), HOLD]}}}]}
@@ -81,6 +84,12 @@ def test_sweep_interrupted_resumes_and_tables_come_from_records(tmp_path, cifar_
     assert proc.wait(timeout=300) == 130, (tmp_path / "first.log").read_text()[-3000:]
 
     assert sorted(p.name for p in (tmp_path / "records").glob("*.json")) == ["dense-s0.json", "svd-short-s0.json"]
+    # The dense weights are kept beside the records (dense.weights), as trained, and the grid rows start from them.
+    kept = tmp_path / "parents" / "dense-s0" / "model.safetensors"
+    trained, copy = (load_state(resolve_path("x", p)) for p in (runs / "dense-s0", kept))
+    assert trained.keys() == copy.keys() and all(torch.equal(trained[k], copy[k]) for k in trained)
+    started = [line for line in (tmp_path / "first.log").read_text().splitlines() if ": starting: " in line]
+    assert len(started) == 3 and all(f"model.init={kept}" in line for line in started[1:]), started
     cut = json.loads((runs / "svd-long-s0" / "run.json").read_text())
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     assert tracking.client(uri).get_run(cut["parent_id"]).info.status == "KILLED"

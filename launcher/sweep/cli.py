@@ -78,7 +78,7 @@ def lower_priority(nice: int) -> None:
     niceness counts only against the processes of the same session, so a sweep started in its own session
     (setsid, a new terminal, nohup from a script) would still take half the machine from an interactive shell:
     the session's own autogroup niceness is lowered too, where the kernel has one."""
-    os.nice(nice)  # the rows' processes inherit it
+    os.nice(max(0, nice - os.nice(0)))  # at that niceness, never above it (already nicer: left so); rows inherit it
     try:
         with open("/proc/self/autogroup", "w") as f:
             f.write(str(nice))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import time
 
-from launcher.sweep.rows import Where, command, configs, finished, status
-from launcher.sweep.run import POLL_S, export_record, say
+from launcher.sweep.rows import Where, command, configs, finished, parent_ready, status
+from launcher.sweep.run import POLL_S, export_record, keep_dense, say
 from launcher.sweep.spec import Sweep
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -34,11 +34,14 @@ def run_jobs(sweep: Sweep, at: Where, address: str | None, only: set[str] | None
     st = target.state
     cfgs, dirs = configs(sweep, at)
     chosen = [r for r in sweep.rows if only is None or r.name in only]
-    states = {r.name: status(r, cfgs, dirs) for r in chosen}
-    pending = [r for r in chosen if states[r.name] not in ("finished", "running")]
+    states = {r.name: status(sweep, at, r, cfgs, dirs) for r in chosen}
+    pending = [r for r in chosen if states[r.name] not in ("finished", "recorded", "running")]
     for r in chosen:
         if states[r.name] == "finished":
             say(f"{r.name}: finished, skipped")
+            keep_dense(sweep, r, cfgs, dirs)
+        elif states[r.name] == "recorded":
+            say(f"{r.name}: recorded in {at.records} (it ran elsewhere), skipped")
     running: dict[str, str] = {}  # row name -> job id
     failed = [n for n, s in states.items() if s == "running"]
     for name in failed:
@@ -49,10 +52,11 @@ def run_jobs(sweep: Sweep, at: Where, address: str | None, only: set[str] | None
                 if row.parent and (row.parent in running or any(p.name == row.parent for p in pending)):
                     continue  # its dense row is still to run
                 pending.remove(row)
-                if row.parent and not finished(dirs[row.parent], cfgs[row.parent]):
+                if not parent_ready(sweep, row, cfgs, dirs):
                     say(f"{row.name}: skipped, its dense row {row.parent} did not finish")
                     failed.append(row.name)
                     continue
+                keep_dense(sweep, row, cfgs, dirs)
                 cmd = command(sweep, at, row, dirs, resume=dirs[row.name].exists())
                 sub = plan_submission(row.config, cmd[3:], len(st.nodes) if st else None, bool(st and st.same_host),
                                       st.mlflow_uri if st else None, dict(os.environ))
@@ -72,6 +76,7 @@ def run_jobs(sweep: Sweep, at: Where, address: str | None, only: set[str] | None
                 if state == "SUCCEEDED" and finished(dirs[name], cfgs[name]):
                     path = export_record(sweep, at, row, cfgs[name], dirs[name])
                     say(f"{name}: job {job_id} succeeded{f'; record {path}' if path else ''}")
+                    keep_dense(sweep, row, cfgs, dirs)
                 else:
                     say(f"{name}: job {job_id} ended {state}; `tdcompress jobs logs {job_id}` says why")
                     failed.append(name)

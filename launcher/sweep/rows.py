@@ -4,7 +4,9 @@ A row's status comes from its run directory (the checkpoints are the truth, as f
 ``finished`` when the newest intact checkpoint closes the last phase; ``running`` when another process on
 this machine runs it now (a `tdcompress run ... run_name=ROW`, e.g. started by hand before the sweep: it is
 waited for, never driven twice); ``partial`` when the directory exists (interrupted, failed, or killed: it
-is resumed); ``waiting`` when its dense row is not finished; else ``new``.
+is resumed); ``recorded`` when there is no run directory but the row's record is in the sweep's records
+directory (and, for a dense row, its kept weights: ``dense.weights``), so it ran on another machine and is not
+run again; ``waiting`` when its dense row is neither finished nor kept; else ``new``.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from launcher.config import load_config
 from launcher.schema import Config
 from launcher.sweep.spec import Row, Sweep
 from trainer.checkpoints import files as ckpt
+from trainer.export.torch_export import WEIGHTS
 
 SWEEP_TAG = "tdcompress.sweep"
 
@@ -38,11 +41,21 @@ def where(sweep: Sweep) -> Where:
                  records=Path(sweep.records).resolve() if sweep.records else None)
 
 
+def weights_file(row: Row) -> Path | None:
+    """Where a dense row's trained weights are kept (``dense.weights``), absolute; None when not kept."""
+    return Path(row.weights).resolve() / WEIGHTS if row.weights else None
+
+
+def parent_of(sweep: Sweep, row: Row) -> Row | None:
+    return next(r for r in sweep.rows if r.name == row.parent) if row.parent else None
+
+
 def _overrides(sweep: Sweep, at: Where, row: Row, run_dirs: dict[str, Path]) -> list[str]:
     over = [f"run_name={row.name}", f"seed={row.seed}", *row.overrides, f"cluster.storage={at.storage}",
             f"tracking.uri={at.tracking_uri}", f"tracking.tags={{{SWEEP_TAG}: {sweep.name}}}"]
-    if row.parent:
-        over.append(f"model.init={run_dirs[row.parent]}")
+    if parent := parent_of(sweep, row):
+        # Kept weights outlive the run directory (they are committed beside the records): start from them.
+        over.append(f"model.init={weights_file(parent) or run_dirs[parent.name]}")
     return over
 
 
@@ -94,15 +107,47 @@ def running_elsewhere(row: Row) -> int | None:
     return None
 
 
-def status(row: Row, cfgs: dict[str, Config], dirs: dict[str, Path]) -> str:
-    """finished, running (by another process), partial, waiting (its dense row is not finished) or new."""
+def kept(row: Row) -> bool:
+    """A dense row whose trained weights are kept (``dense.weights``) and written."""
+    file = weights_file(row)
+    return file is not None and file.is_file()
+
+
+def recorded(at: Where, row: Row, dirs: dict[str, Path]) -> bool:
+    """No run directory here, but the row's record (and a dense row's kept weights) is: it ran elsewhere."""
+    return (at.records is not None and (at.records / f"{row.name}.json").is_file() and not dirs[row.name].exists()
+            and (not row.dense or kept(row)))
+
+
+def parent_ready(sweep: Sweep, row: Row, cfgs: dict[str, Config], dirs: dict[str, Path]) -> bool:
+    """``row`` has no dense row, or its dense row finished here or has its weights kept."""
+    parent = parent_of(sweep, row)
+    return parent is None or kept(parent) or finished(dirs[parent.name], cfgs[parent.name])
+
+
+def keep_weights(row: Row, run_dir: Path) -> Path | None:
+    """Write a finished dense row's weights into its ``dense.weights`` directory (once); returns the file."""
+    file = weights_file(row)
+    if file is None or file.is_file():
+        return file
+    from trainer.export.torch_export import export_run
+
+    # The dense model as trained (BN not folded): the state the grid rows' model.init loads and checks.
+    return export_run(run_dir, file.parent, fold_bn=False) / WEIGHTS
+
+
+def status(sweep: Sweep, at: Where, row: Row, cfgs: dict[str, Config], dirs: dict[str, Path]) -> str:
+    """finished, running (by another process), partial, recorded (ran elsewhere), waiting (its dense row is
+    neither finished nor kept) or new."""
     if finished(dirs[row.name], cfgs[row.name]):
         return "finished"
     if running_elsewhere(row):
         return "running"
     if dirs[row.name].exists():
         return "partial"
-    if row.parent and not finished(dirs[row.parent], cfgs[row.parent]):
+    if recorded(at, row, dirs):
+        return "recorded"
+    if not parent_ready(sweep, row, cfgs, dirs):
         return "waiting"
     return "new"
 
@@ -114,7 +159,8 @@ def dry_run_lines(sweep: Sweep, at: Where, only: set[str] | None = None) -> list
     width = max(len(r.name) for r in rows)
     out = []
     for row in rows:
-        st = status(row, cfgs, dirs)
+        st = status(sweep, at, row, cfgs, dirs)
         cmd = command(sweep, at, row, dirs, resume=st == "partial")
-        out.append(f"{row.name:{width}s}  {st:8s}  {'(skipped)' if st == 'finished' else shlex.join(cmd)}")
+        skipped = st in ("finished", "recorded")
+        out.append(f"{row.name:{width}s}  {st:8s}  {'(skipped)' if skipped else shlex.join(cmd)}")
     return out

@@ -6,7 +6,8 @@ With ``--address`` every ready row is submitted as a Ray Job (launcher/submit.py
 and Ray runs them side by side as far as the cluster has room; the grid rows are submitted once their
 dense rows have finished. Either way a finished row is skipped and a partial one resumes from its
 checkpoints (``resume=true``), and each row's record is exported into the sweep's records directory
-when it finishes.
+when it finishes (a dense row's weights too, with ``dense.weights``); a row recorded on another machine
+is skipped.
 
 One sweep at a time per storage: the sweep holds a lock file there, which its running row inherits, so a
 second sweep (or one started while a row of a killed sweep still runs) stops with a clear message
@@ -25,7 +26,18 @@ import time
 from pathlib import Path
 
 from launcher.schema import Config, ConfigError
-from launcher.sweep.rows import SWEEP_TAG, Where, command, configs, finished, running_elsewhere, status
+from launcher.sweep.rows import (
+    SWEEP_TAG,
+    Where,
+    command,
+    configs,
+    finished,
+    keep_weights,
+    kept,
+    parent_of,
+    running_elsewhere,
+    status,
+)
 from launcher.sweep.spec import Row, Sweep
 
 POLL_S = 10.0  # how often job states (cluster) or another process running a row (here) are looked at
@@ -62,6 +74,15 @@ def export_record(sweep: Sweep, at: Where, row: Row, cfg: Config, run_dir: Path)
               f"{tracking.short_error(e)}); write it with: tdcompress records export {at.records} {row.name} "
               f"--tracking-uri {at.tracking_uri}", file=sys.stderr, flush=True)
         return None
+
+
+def keep_dense(sweep: Sweep, row: Row, cfgs: dict[str, Config], dirs: dict[str, Path]) -> None:
+    """Before ``row`` runs, and after a dense row finishes: the dense weights it needs are written into
+    ``dense.weights`` (a grid row's model.init names that file), from the dense row's finished run here."""
+    dense = row if row.dense else parent_of(sweep, row)
+    if dense is None or dense.weights is None or kept(dense) or not finished(dirs[dense.name], cfgs[dense.name]):
+        return
+    say(f"{dense.name}: weights kept in {keep_weights(dense, dirs[dense.name])}")
 
 
 def _lock(at: Where, sweep: Sweep) -> int:
@@ -102,16 +123,21 @@ def run_local(sweep: Sweep, at: Where, only: set[str] | None = None) -> list[str
                 say(f"{row.name}: process {pid} runs it; waiting for it to end")
                 while running_elsewhere(row):
                     time.sleep(POLL_S)
-            st = status(row, cfgs, dirs)
+            st = status(sweep, at, row, cfgs, dirs)
+            if st == "recorded":
+                say(f"{row.name}: recorded in {at.records} (it ran elsewhere), skipped")
+                continue
             if st == "finished":
                 say(f"{row.name}: finished, skipped")
                 if at.records and not any(at.records.glob(f"{row.name}.json")):
                     export_record(sweep, at, row, cfgs[row.name], dirs[row.name])
+                keep_dense(sweep, row, cfgs, dirs)
                 continue
             if st == "waiting":
                 say(f"{row.name}: skipped, its dense row {row.parent} did not finish")
                 failed.append(row.name)
                 continue
+            keep_dense(sweep, row, cfgs, dirs)
             cmd = command(sweep, at, row, dirs, resume=st == "partial")
             say(f"{row.name}: {'resuming' if st == 'partial' else 'starting'}: {shlex.join(cmd)}")
             t0 = time.time()
@@ -122,6 +148,7 @@ def run_local(sweep: Sweep, at: Where, only: set[str] | None = None) -> list[str
                 path = export_record(sweep, at, row, cfgs[row.name], dirs[row.name])
                 if path:
                     say(f"{row.name}: record {path}")
+                keep_dense(sweep, row, cfgs, dirs)
             else:
                 failed.append(row.name)
     finally:

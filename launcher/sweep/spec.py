@@ -9,6 +9,7 @@
       name: dense-r20-s{seed}
       config: configs/study/dense_resnet20.yaml
       seeds: [0, 1]
+      weights: docs/records/r20-budget/parents/{name}   # optional: see below
     grids:                            # each grid is one cross product of its axes, times its seeds
       - name: "r20-{format}-{ratio}-{method}-b{budget}-s{seed}"
         config: configs/study/admm_r20.yaml     # default config of the grid's rows (an axis value's config wins)
@@ -20,6 +21,12 @@
             direct: {config: configs/study/direct_r20.yaml, overrides: ["phases.1.epochs={budget}"]}
           budget:
             "5": {vars: {admm_epochs: 3}}
+
+``dense.weights`` keeps each dense row's trained weights beside the records (a directory: model.safetensors
+and manifest.json, BN not folded, written when the row finishes), and the grid rows start from that file.
+With it committed, the study outlives the machine its runs were on: a dense row whose weights and record
+are there counts as done (``recorded``), as does a grid row whose record is there, so a new machine runs
+only what is missing.
 
 Every override and row name may use ``{name}`` placeholders: each axis's label, the ``vars`` of the chosen
 values, ``seed`` and ``sweep``. A grid row starts from its seed's dense row (``model.init``), which must be in
@@ -39,7 +46,7 @@ import yaml
 from launcher.schema import ConfigError
 
 TOP_KEYS = ("name", "storage", "tracking_uri", "records", "overrides", "dense", "grids")
-DENSE_KEYS = ("name", "config", "overrides", "seeds")
+DENSE_KEYS = ("name", "config", "overrides", "seeds", "weights")
 GRID_KEYS = ("name", "config", "overrides", "seeds", "axes")
 VALUE_KEYS = ("config", "overrides", "vars")
 SHORTHANDS = {"format": "compression.format", "keep_ratio": "compression.keep_ratio"}
@@ -57,6 +64,7 @@ class Row:
     overrides: tuple[str, ...] = ()
     parent: str | None = None  # name of the dense row whose run is this row's model.init
     dense: bool = False
+    weights: str | None = None  # dense rows: the directory its trained weights are kept in (dense.weights)
 
 
 @dataclass(frozen=True)
@@ -201,11 +209,17 @@ def load_sweep(path: str | Path, base: Path | None = None) -> Sweep:
               f"expected a name with {{seed}} in it (one dense run per seed), got {dense_name!r}")
         config = _config(d.get("config"), "dense.config", base)
         over = _str_list(d.get("overrides"), "dense.overrides")
+        weights = d.get("weights")
+        _need(weights is None or (isinstance(weights, str) and "{name}" in weights), "dense.weights",
+              f"expected a directory with {{name}} in it (one per dense row), got {weights!r}")
         for seed in dense_seeds:
             variables = {"seed": seed, "sweep": name}
-            rows.append(Row(name=fill(dense_name, variables, "dense.name"), config=config, seed=seed,
+            row_name = fill(dense_name, variables, "dense.name")
+            rows.append(Row(name=row_name, config=config, seed=seed,
                             overrides=tuple(fill(o, variables, "dense.overrides") for o in [*common, *over]),
-                            dense=True))
+                            dense=True,
+                            weights=fill(weights, {**variables, "name": row_name}, "dense.weights") if weights
+                            else None))
     grids = data.get("grids") or []
     _need(isinstance(grids, list), "grids", f"expected a list of grids, got {grids!r}")
     for i, grid in enumerate(grids):
