@@ -22,6 +22,7 @@ def _state(info) -> str:
     return str(getattr(info.status, "value", info.status))
 
 
+# long: one polling loop over the rows' states (submit the ready, reap the ended, stop its own jobs on Ctrl-C)
 def run_jobs(sweep: Sweep, at: Where, address: str | None, only: set[str] | None = None,
              state_dir: str | None = None) -> list[str]:
     """Submit the unfinished rows (of ``only``, default all) as Ray Jobs, dense rows first, and wait for them;
