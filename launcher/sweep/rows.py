@@ -125,15 +125,12 @@ def parent_ready(sweep: Sweep, row: Row, cfgs: dict[str, Config], dirs: dict[str
     return parent is None or kept(parent) or finished(dirs[parent.name], cfgs[parent.name])
 
 
-def keep_weights(row: Row, run_dir: Path) -> Path | None:
-    """Write a finished dense row's weights into its ``dense.weights`` directory (once); returns the file."""
-    file = weights_file(row)
-    if file is None or file.is_file():
-        return file
+def keep_weights(row: Row, run_dir: Path) -> Path:
+    """Write a finished dense row's weights into its ``dense.weights`` directory; returns the file."""
     from trainer.export.torch_export import export_run
 
     # The dense model as trained (BN not folded): the state the grid rows' model.init loads and checks.
-    return export_run(run_dir, file.parent, fold_bn=False) / WEIGHTS
+    return export_run(run_dir, Path(row.weights).resolve(), fold_bn=False) / WEIGHTS
 
 
 def status(sweep: Sweep, at: Where, row: Row, cfgs: dict[str, Config], dirs: dict[str, Path]) -> str:
