@@ -31,7 +31,7 @@ def _rows(paths: list[Path]) -> tuple[list[dict[str, Any]], set[str]]:
         banner = report["banner"]
         devices.add(f"{banner['device']}, {banner['cpus']} CPUs, {banner['torch_threads']} torch threads, "
                     f"torch {banner['torch']}, malloc tuned {banner['malloc_tuned']}")
-        rows += [dict(r, source=path.name, complete=report["complete"]) for r in report["results"]]
+        rows += [dict(r, source=path.name) for r in report["results"]]
     return rows, devices
 
 
