@@ -130,7 +130,7 @@ def keep_weights(row: Row, run_dir: Path) -> Path:
     from trainer.export.torch_export import export_run
 
     # The dense model as trained (BN not folded): the state the grid rows' model.init loads and checks.
-    return export_run(run_dir, Path(row.weights).resolve(), fold_bn=False) / WEIGHTS
+    return export_run(run_dir, weights_file(row).parent, fold_bn=False) / WEIGHTS
 
 
 def status(sweep: Sweep, at: Where, row: Row, cfgs: dict[str, Config], dirs: dict[str, Path]) -> str:
