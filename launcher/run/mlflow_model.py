@@ -23,8 +23,11 @@ def save_mlflow_model(export_dir: str | Path, dest: str | Path) -> Path:
     Writes ``model.onnx`` into ``export_dir`` first when it is not there (checked against torch,
     :func:`trainer.export.onnx_export.write_onnx`). The signature fixes the input to float32
     ``(-1, 3, S, S)`` and the output to ``(-1, num_classes)``; onnxruntime runs on the CPU
-    provider with all graph optimisations.
+    provider with all graph optimisations. The pip requirements are stated, not inferred: what the ONNX
+    pyfunc imports is known (mlflow, numpy, onnx, onnxruntime), and MLflow's inference loads the model in a
+    subprocess to find it out, several seconds at the end of every run.
     """
+    import mlflow
     import mlflow.onnx
     import onnx
     from mlflow.models import ModelSignature
@@ -42,6 +45,8 @@ def save_mlflow_model(export_dir: str | Path, dest: str | Path) -> Path:
                            onnx_execution_providers=["CPUExecutionProvider"],
                            onnx_session_options={"graph_optimization_level": 99},  # ORT_ENABLE_ALL
                            save_as_external_data=False,
+                           pip_requirements=[f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}",
+                                             *mlflow.onnx.get_default_pip_requirements()],
                            metadata={"tdcompress_model": manifest["model"],
                                      "factored_layers": len(manifest.get("surgery") or {})})
     for name in (WEIGHTS, MANIFEST):
