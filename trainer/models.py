@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
 from trainer.config import MODEL_NAMES
 
@@ -125,14 +124,22 @@ def _kaiming_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _torchvision_models():
+    """torchvision.models, imported when an ImageNet ResNet is built: the import (~1.8 s of CPU, it pulls in
+    torch._dynamo through torchvision.ops) is paid by every Ray worker at start otherwise, CIFAR runs included."""
+    from torchvision import models
+
+    return models
+
+
 # Keyed by trainer.config.ModelName, the one list of model names (tests/test_layout.py checks they agree).
 MODEL_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "resnet20": lambda k: CifarResNet(3, k),
     "resnet32": lambda k: CifarResNet(5, k),
     "resnet56": lambda k: CifarResNet(9, k),
     # weights=None: random init, never a download.
-    "resnet18": lambda k: tvm.resnet18(weights=None, num_classes=k),
-    "resnet50": lambda k: tvm.resnet50(weights=None, num_classes=k),
+    "resnet18": lambda k: _torchvision_models().resnet18(weights=None, num_classes=k),
+    "resnet50": lambda k: _torchvision_models().resnet50(weights=None, num_classes=k),
     "tinycnn": TinyCNN,
 }
 
