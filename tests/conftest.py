@@ -32,6 +32,34 @@ def cifar_root() -> Path:
     return root
 
 
+_MLFLOW_TEMPLATE: list[Path] = []  # this process's empty MLflow database, made once
+
+
+def empty_mlflow_db(path: Path) -> Path:
+    """``path`` as an empty MLflow SQLite database (its tables made), unless it exists already.
+
+    A copy of one made once per test process: MLflow makes a new database's tables by running its ~60
+    migrations, about 3 s of CPU, which every seconds-long run of the suite paid again. Runs that start
+    from a fresh database of their own still do (the quickstart, the tracking-fault tests).
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    if not _MLFLOW_TEMPLATE:
+        from mlflow.tracking import MlflowClient
+
+        made = tempfile.mkdtemp(prefix="tdc-mlflow-template-")
+        atexit.register(shutil.rmtree, made, True)
+        template = Path(made) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # makes the tables
+        _MLFLOW_TEMPLATE.append(template)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_MLFLOW_TEMPLATE[0], path)
+    return path
+
+
 def tiny_config(tmp_path: Path, data_root: Path, **sections) -> Config:
     """A seconds-long run: tinycnn (no BatchNorm) on a real CIFAR-10 subset, local MLflow in tmp_path.
 
@@ -44,7 +72,10 @@ def tiny_config(tmp_path: Path, data_root: Path, **sections) -> Config:
         "model.name=tinycnn", "data.dataset=packed", f"data.root={data_root}", "data.batch_size=64",
         "data.train_subset=512", "data.eval_subset=256", "data.eval_batch_size=128", "optim.lr=0.05",
         "cluster.backend=local", "cluster.num_workers=1", f"cluster.storage={tmp_path / 'runs'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "log_every=2",
+        f"tracking.uri=sqlite:///{empty_mlflow_db(tmp_path / 'mlflow.db')}", "log_every=2",
+        # The run's model as an MLflow artifact (an ONNX export, ~7 s a run): on where a test reads it
+        # (test_mlflow_records.py).
+        "tracking.log_model=false",
         "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 4}, {kind: evaluate}]",
         *sections.get("overrides", []),
     ]
@@ -175,7 +206,13 @@ _CLUSTER_FILES = ("test_cluster_jobs.py", "test_cluster_ray_cli.py")
 
 def pytest_configure(config) -> None:
     """Under ``pytest -n N`` each worker gets its share of the cores: torch's and OpenMP's threads spin while they
-    wait, so N workers with a thread per core each spent more CPU than the tests needed."""
+    wait, so N workers with a thread per core each spent more CPU than the tests needed.
+
+    Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and each
+    step of a run's start and end waits for a poll: a seconds-long run spent ~4.5 s of its ~27 s there. Every
+    Ray process of the suite (embedded instances, `ray start` nodes, job drivers) inherits 0.5 s from here.
+    """
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch

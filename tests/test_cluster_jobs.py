@@ -7,6 +7,7 @@ at the end, by the pids its state file records; the teardown then checks that no
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from trainer.checkpoints import files as ckpt
 TINY = ["model.name=tinycnn", "data.train_subset=512", "data.eval_subset=256", "data.batch_size=64",
         "data.eval_batch_size=128", "log_every=1", "compression.format=svd", "compression.exclude=[]",
         "compression.min_channels=3", "cluster.num_workers=2", "admm.unit=step", "admm.interval=2",
+        "tracking.log_model=false",
         "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 3}, {kind: admm, epochs: 1, steps_per_epoch: 4},"
         " {kind: evaluate}]"]
 CONFIG = "configs/quickstart.yaml"
@@ -196,25 +198,23 @@ def _a_worker_node(state) -> list[int]:
 
 
 def _admm_checkpoint(run_dir: Path) -> dict:
-    """Z-update count, rho and the weights of the admm phase's final checkpoint."""
+    """The admm phase's final checkpoint: its path, meta and Z-update count."""
     path = [p for p in sorted((run_dir / "checkpoints").glob("ckpt-*")) if p.is_dir()
             and ckpt.read_meta(p)["phase"] == "admm"][-1]
-    shards = [r["admm"] for r in ckpt.load_all_ranks(path)]
-    return {"updates": shards[0]["updates"], "rho": shards[0]["rho"],
-            "weights": ckpt.load_shared(path)["model"]["weights"]}
+    return {"path": path, "meta": ckpt.read_meta(path), "updates": ckpt.load_rank(path, 0)["admm"]["updates"]}
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_worker_node_killed_mid_admm_resumes(cluster2, tmp_path, cifar_root, monkeypatch, capsys):
     """SIGKILL a node holding a worker (its raylet and workers) during ADMM: Ray Train restarts the group on the
-    nodes left (cluster.max_failures=1), it resumes from the last checkpoint, ADMM state included."""
+    nodes left (cluster.max_failures=1), which resumes from the last checkpoint, ADMM state included.
+
+    That a restarted group's weights equal an unfaulted run's is test_distributed_ray.py's (the same resume);
+    here the node: the new group is not on the dead one, and the run goes on from the held checkpoint."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the cluster's MLflow server, not a stray store
     import os
     import signal
-
-    import torch
-
 
     monkeypatch.setenv("TDC_DATA_ROOT", str(cifar_root))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -236,8 +236,11 @@ def test_worker_node_killed_mid_admm_resumes(cluster2, tmp_path, cifar_root, mon
         return getattr(status, "value", status) in ("PENDING", "RUNNING")
 
     wait_for_path(run_dir / "held-1-1", running, what=f"job {job}")
-    meta = ckpt.read_meta(ckpt.latest_checkpoint(run_dir / "checkpoints"))
+    held = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    meta = ckpt.read_meta(held)
     assert (meta["phase"], meta["epoch"], meta["phase_done"]) == ("admm", 1, False), meta
+    held_nodes = {ckpt.load_rank(held, r)["node"] for r in range(2)}
+    assert len(held_nodes) == 2, held_nodes
     for pid in _a_worker_node(cluster2):  # the node goes down: its raylet and its workers
         os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -257,14 +260,10 @@ def test_worker_node_killed_mid_admm_resumes(cluster2, tmp_path, cifar_root, mon
     with capsys.disabled():
         print(f"\nkill -> training again: {back_at - killed_at:.1f} s")
 
-    # The same run without the fault, on the same cluster with 2 workers (the same data split and reduction
-    # order as the faulted run, so the weights compare to float rounding).
-    code, ref_job, text = _submit(cluster2, capsys, f"cluster.storage={runs}", "run_name=ref", phases, *bigger)
-    assert code == 0, text
-    assert _wait(target, ref_job, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED"
-    ref = _admm_checkpoint(runs / "quickstart" / "ref")
-    got = _admm_checkpoint(runs / "quickstart" / "fault")
-    assert got["updates"] == ref["updates"] == 6 and got["rho"] == ref["rho"]  # 12 steps, one Z-update per 2
-    assert got["weights"].keys() == ref["weights"].keys()
-    for k in ref["weights"]:
-        torch.testing.assert_close(got["weights"][k], ref["weights"][k], rtol=1e-4, atol=1e-5)
+    # Resumed from the held checkpoint (phase 1, epoch 1), not from the start: every Z-update once.
+    assert re.search(r"\[resume\] from \S+ \(phase 1 'admm', epoch 1,", log), log[-3000:]
+    final = _admm_checkpoint(run_dir)
+    assert final["meta"]["phase_done"] and final["updates"] == 6, final  # 12 steps, one Z-update per 2
+    # The new group is on the two nodes alive: the held group's survivor and the spare, not the dead one.
+    nodes = {ckpt.load_rank(final["path"], r)["node"] for r in range(2)}
+    assert len(nodes) == 2 and len(nodes & held_nodes) == 1, (held_nodes, nodes)

@@ -32,6 +32,7 @@ CONFIG = "configs/quickstart.yaml"
 TINY = ["model.name=tinycnn", "data.train_subset=512", "data.eval_subset=256", "data.batch_size=64",
         "data.eval_batch_size=128", "log_every=1", "compression.format=svd", "compression.exclude=[]",
         "compression.min_channels=3", "cluster.num_workers=2", "admm.unit=step", "admm.interval=2",
+        "tracking.log_model=false",
         "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 3}, {kind: admm, epochs: 1, steps_per_epoch: 4},"
         " {kind: evaluate}]"]
 PROGRESS = "[pretrain] epoch 1/1 step 1/3 "  # a line rank 0 prints once

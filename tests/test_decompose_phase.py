@@ -33,15 +33,19 @@ def _decompose_metrics(info) -> dict[str, float]:
 
 
 def test_admm_makes_decomposition_nearly_free(tiny):
-    """The papers' point: after ADMM, decomposing loses far less accuracy than after plain training."""
-    with_admm = pipeline.run(tiny(*BASE, "run_name=admm",
-                                  f"phases=[{PRE}, {{kind: admm, epochs: 3, steps_per_epoch: 16}}, {{kind: decompose}}]"))
-    without = pipeline.run(tiny(*BASE, "run_name=plain",
-                                f"phases=[{PRE}, {{kind: pretrain, epochs: 3, steps_per_epoch: 16}}, {{kind: decompose}}]"))
+    """The papers' point: after ADMM, decomposing loses far less accuracy than after plain training
+    (both arms from the same pretrained model, 48 more steps each)."""
+    pre = pipeline.run(tiny(*BASE, "run_name=pre", f"phases=[{PRE}]"))
+    with_admm = pipeline.run(tiny(*BASE, "run_name=admm", f"model.init={pre.dir}",
+                                  "phases=[{kind: admm, epochs: 3, steps_per_epoch: 16}, {kind: decompose}]"))
+    without = pipeline.run(tiny(*BASE, "run_name=plain", f"model.init={pre.dir}",
+                                "phases=[{kind: pretrain, epochs: 3, steps_per_epoch: 16}, {kind: decompose}]"))
     a, b = _decompose_metrics(with_admm), _decompose_metrics(without)
-    assert a["before_decompose_top1"] > 12 and b["before_decompose_top1"] > 12, (a, b)  # both above chance (10%); seed 2 gave 13.5
-    # Measured drops in points, ADMM vs none (this config): 11.1 vs 27.5 (seed 0), 6.6 vs 23.2 (seed 1),
-    # 3.1 vs 22.3 (seed 2).
+    print(f"decompose top-1 drop: admm {a['decompose_top1_drop']:.1f}, plain {b['decompose_top1_drop']:.1f} "
+          f"(before: {a['before_decompose_top1']:.1f}, {b['before_decompose_top1']:.1f})")
+    assert a["before_decompose_top1"] > 12 and b["before_decompose_top1"] > 12, (a, b)  # both above chance (10%)
+    # Measured drops in points, ADMM vs none (this config): 11.9 vs 24.6 (seed 0), 3.5 vs 22.5 (seed 1),
+    # 9.6 vs 25.0 (seed 2); the ADMM arm before decomposing: 21.1, 13.9, 19.5.
     assert a["decompose_top1_drop"] + 10 < b["decompose_top1_drop"], (a["decompose_top1_drop"], b["decompose_top1_drop"])
     assert a["compression"] > 1.5 and a["flops_reduction"] > 1.5
     assert a["params_factored"] == b["params_factored"]

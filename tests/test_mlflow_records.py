@@ -41,7 +41,7 @@ def finished(tmp_path_factory, cifar_root):
         mp.setenv("TDC_DATA_ROOT", str(cifar_root))  # the data root from the environment must be recorded
         mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's own knob: a warm run lasts ~1 s
         tmp = tmp_path_factory.mktemp("finished")
-        overrides = ["data.root=null", "seed=3", "tracking.register_as=tiny-model", TWO]
+        overrides = ["data.root=null", "seed=3", "tracking.log_model=true", "tracking.register_as=tiny-model", TWO]
         return pipeline.run(tiny_config(tmp, cifar_root, overrides=overrides)), tmp
 
 

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY = ["model.name=tinycnn", "data.train_subset=512", "data.eval_subset=256", "data.batch_size=64",
-        "data.eval_batch_size=128", "log_every=1", "cluster.num_workers=2",
+        "data.eval_batch_size=128", "log_every=1", "cluster.num_workers=2", "tracking.log_model=false",
         "phases=[{kind: pretrain, epochs: 2, steps_per_epoch: 2}, {kind: evaluate}]",
         "debug.hold_at={phase: 0, epoch: 1}"]
 # Lines every run printed before the project handled them: Ray's token-auth notices (a WARNING on every start,
