@@ -166,17 +166,24 @@ def test_a_row_started_by_hand_is_recorded_and_tagged(tmp_path):
 
 
 def test_nice_lowers_the_process_and_its_session():
-    """`sweep --nice` must make the rows yield even when the sweep runs in a session of its own (autogroup)."""
+    """`sweep --nice` must make the rows yield even when the sweep runs in a session of its own (autogroup), and
+    the rows' Ray must outlast minutes without CPU (its own liveness timeouts, read from the environment)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    code = ("import os; from launcher.sweep.cli import lower_priority; lower_priority(7); "
+    from launcher.sweep.cli import STARVED_RAY_ENV
+
+    code = ("import os, subprocess, sys; from launcher.sweep.cli import lower_priority; lower_priority(7); "
             "ag = '/proc/self/autogroup'; "
-            "print(os.nice(0), open(ag).read().split()[-1] if os.path.exists(ag) else 'none')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+            "print(os.nice(0), open(ag).read().split()[-1] if os.path.exists(ag) else 'none'); "
+            "sys.stdout.flush(); "  # a row: a child process, what it inherits
+            "subprocess.run(['printenv', 'RAY_gcs_rpc_server_reconnect_timeout_s', 'RAY_health_check_timeout_ms'])")
+    env = {k: v for k, v in os.environ.items() if k not in STARVED_RAY_ENV}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
                          start_new_session=True).stdout.split()
     assert out[0] == str(max(7, os.nice(0)))  # at niceness 7, or left nicer (the suite itself run under `nice`)
     if Path("/proc/self/autogroup").exists():
         assert out[1] == "7"
+    assert out[2:] == ["600", "60000"], out

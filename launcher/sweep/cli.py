@@ -73,11 +73,22 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# A niced row's Ray gets no CPU for as long as other work wants it all. With Ray's defaults its raylet exits
+# when the GCS has not answered for 60 s, and the GCS declares a raylet dead after 5 missed health checks
+# (10 s timeout each): a study row died both ways while a test suite ran beside it. Ten minutes instead; the
+# rows' embedded Ray (started by `tdcompress run`) reads these from its environment. A value set already wins.
+STARVED_RAY_ENV = {"RAY_gcs_rpc_server_reconnect_timeout_s": "600", "RAY_health_check_timeout_ms": "60000",
+                   "RAY_health_check_failure_threshold": "10", "RAY_worker_register_timeout_seconds": "600"}
+
+
 def lower_priority(nice: int) -> None:
     """Run this process and every row it starts at niceness ``nice``. Under Linux's autogroup scheduling a
     niceness counts only against the processes of the same session, so a sweep started in its own session
     (setsid, a new terminal, nohup from a script) would still take half the machine from an interactive shell:
-    the session's own autogroup niceness is lowered too, where the kernel has one."""
+    the session's own autogroup niceness is lowered too, where the kernel has one. The rows' Ray tolerates
+    being starved for minutes (:data:`STARVED_RAY_ENV`)."""
+    for key, value in STARVED_RAY_ENV.items():
+        os.environ.setdefault(key, value)
     os.nice(max(0, nice - os.nice(0)))  # at that niceness, never above it (already nicer: left so); rows inherit it
     try:
         with open("/proc/self/autogroup", "w") as f:
