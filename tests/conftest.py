@@ -83,6 +83,16 @@ def tiny_config(tmp_path: Path, data_root: Path, **sections) -> Config:
     return from_dict(Config, apply_overrides({"name": "tiny"}, overrides))
 
 
+# A run for the session's cluster (tests/test_cluster_*.py): tinycnn on a real CIFAR-10 subset, pretrain and ADMM
+# on 2 workers (one per 1-CPU node), a few steps each, with configs/quickstart.yaml as the base.
+CLUSTER_TINY = ["model.name=tinycnn", "data.train_subset=512", "data.eval_subset=256", "data.batch_size=64",
+                "data.eval_batch_size=128", "log_every=1", "compression.format=svd", "compression.exclude=[]",
+                "compression.min_channels=3", "cluster.num_workers=2", "admm.unit=step", "admm.interval=2",
+                "tracking.log_model=false",
+                "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 3}, {kind: admm, epochs: 1, steps_per_epoch: 4},"
+                " {kind: evaluate}]"]
+
+
 def make_image_folder(root: Path, wnids: tuple[str, ...] = ("n01", "n02"), per_class: int = 2) -> None:
     """A tiny ImageNet-style tree: root/{train,val}/<wnid>/<k>.JPEG, random 50x40 RGB images (seeded)."""
     import numpy as np

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_for_path
+from conftest import CLUSTER_TINY, wait_for_path
 
 from cluster import jobs, local_cluster
 from cluster.ray_runtime import _beside_job_env
@@ -20,13 +20,7 @@ from cluster.storage import storage_problem, tracking_problem
 from launcher.cli import main
 from trainer.checkpoints import files as ckpt
 
-# tinycnn on a real CIFAR-10 subset: pretrain and ADMM on 2 workers, a few steps each.
-TINY = ["model.name=tinycnn", "data.train_subset=512", "data.eval_subset=256", "data.batch_size=64",
-        "data.eval_batch_size=128", "log_every=1", "compression.format=svd", "compression.exclude=[]",
-        "compression.min_channels=3", "cluster.num_workers=2", "admm.unit=step", "admm.interval=2",
-        "tracking.log_model=false",
-        "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 3}, {kind: admm, epochs: 1, steps_per_epoch: 4},"
-        " {kind: evaluate}]"]
+TINY = CLUSTER_TINY
 CONFIG = "configs/quickstart.yaml"
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cmdline, is_loopback, listeners, pids_naming, process_tree, wait_for_path
+from conftest import CLUSTER_TINY, cmdline, is_loopback, listeners, pids_naming, process_tree, wait_for_path
 
 from cluster import jobs
 from launcher.cli import main
@@ -28,13 +28,7 @@ from trainer.checkpoints import files as ckpt
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/quickstart.yaml"
-# tinycnn on a real CIFAR-10 subset, 2 workers (one per 1-CPU node of the cluster), a few steps per phase.
-TINY = ["model.name=tinycnn", "data.train_subset=512", "data.eval_subset=256", "data.batch_size=64",
-        "data.eval_batch_size=128", "log_every=1", "compression.format=svd", "compression.exclude=[]",
-        "compression.min_channels=3", "cluster.num_workers=2", "admm.unit=step", "admm.interval=2",
-        "tracking.log_model=false",
-        "phases=[{kind: pretrain, epochs: 1, steps_per_epoch: 3}, {kind: admm, epochs: 1, steps_per_epoch: 4},"
-        " {kind: evaluate}]"]
+TINY = CLUSTER_TINY
 PROGRESS = "[pretrain] epoch 1/1 step 1/3 "  # a line rank 0 prints once
 
 
