@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from contextlib import contextmanager
@@ -32,31 +33,34 @@ def cifar_root() -> Path:
     return root
 
 
-_MLFLOW_TEMPLATE: list[Path] = []  # this process's empty MLflow database, made once
-
-
-def empty_mlflow_db(path: Path) -> Path:
-    """``path`` as an empty MLflow SQLite database (its tables made), unless it exists already.
-
-    A copy of one made once per test process: MLflow makes a new database's tables by running its ~60
-    migrations, about 3 s of CPU, which every seconds-long run of the suite paid again. Runs that start
-    from a fresh database of their own still do (the quickstart, the tracking-fault tests).
-    """
+@functools.cache
+def _mlflow_template() -> Path:
+    """An empty MLflow SQLite database (its tables made), made once per test process, removed at its exit."""
     import atexit
     import shutil
     import tempfile
 
-    if not _MLFLOW_TEMPLATE:
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
-        made = tempfile.mkdtemp(prefix="tdc-mlflow-template-")
-        atexit.register(shutil.rmtree, made, True)
-        template = Path(made) / "mlflow.db"
-        MlflowClient(f"sqlite:///{template}").search_experiments()  # makes the tables
-        _MLFLOW_TEMPLATE.append(template)
+    made = tempfile.mkdtemp(prefix="tdc-mlflow-template-")
+    atexit.register(shutil.rmtree, made, True)
+    template = Path(made) / "mlflow.db"
+    MlflowClient(f"sqlite:///{template}").search_experiments()  # makes the tables
+    return template
+
+
+def empty_mlflow_db(path: Path) -> Path:
+    """``path`` as an empty MLflow SQLite database, unless it exists already: a copy of :func:`_mlflow_template`.
+
+    MLflow makes a new database's tables by running its ~60 migrations, about 3 s of CPU, which every
+    seconds-long run of the suite paid again. Runs that start from a fresh database of their own still do
+    (the quickstart, the tracking-fault tests).
+    """
+    import shutil
+
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_MLFLOW_TEMPLATE[0], path)
+        shutil.copyfile(_mlflow_template(), path)
     return path
 
 

@@ -20,7 +20,6 @@ from cluster.storage import storage_problem, tracking_problem
 from launcher.cli import main
 from trainer.checkpoints import files as ckpt
 
-TINY = CLUSTER_TINY
 CONFIG = "configs/quickstart.yaml"
 
 
@@ -70,7 +69,7 @@ def cluster2(ray_cluster):
 
 
 def _submit(state, capsys, *overrides: str) -> tuple[int, str, str]:
-    code = main(["submit", CONFIG, *TINY, *overrides, "--state-dir", state.dir])
+    code = main(["submit", CONFIG, *CLUSTER_TINY, *overrides, "--state-dir", state.dir])
     out, err = capsys.readouterr()
     job = next((line.split()[1] for line in out.splitlines() if line.startswith("job ")), "")
     return code, job, out + err

@@ -28,7 +28,6 @@ from trainer.checkpoints import files as ckpt
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/quickstart.yaml"
-TINY = CLUSTER_TINY
 PROGRESS = "[pretrain] epoch 1/1 step 1/3 "  # a line rank 0 prints once
 
 
@@ -45,7 +44,7 @@ def _ray_job_submit(cluster, env: dict[str, str], cifar_root: Path, *overrides: 
     ray = str(Path(sys.executable).parent / "ray")
     cmd = [ray, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", ".",
            "--runtime-env-json", json.dumps({"env_vars": {"TDC_DATA_ROOT": str(cifar_root)}}), "--",
-           "tdcompress", "run", CONFIG, *TINY, "cluster.address=auto", *overrides]
+           "tdcompress", "run", CONFIG, *CLUSTER_TINY, "cluster.address=auto", *overrides]
     return subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -109,7 +108,7 @@ def test_ray_job_submit_as_documented(cluster, tmp_path, cifar_root):
 
 
 def _submit(cluster, capsys, *args: str) -> tuple[int, str, str]:
-    code = main(["submit", CONFIG, *TINY, *args, "--state-dir", cluster.dir])
+    code = main(["submit", CONFIG, *CLUSTER_TINY, *args, "--state-dir", cluster.dir])
     out, err = capsys.readouterr()
     job = next((line.split()[1] for line in out.splitlines() if line.startswith("job ")), "")
     return code, job, out + err
