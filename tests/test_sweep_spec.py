@@ -187,3 +187,38 @@ def test_nice_lowers_the_process_and_its_session():
     if Path("/proc/self/autogroup").exists():
         assert out[1] == "7"
     assert out[2:] == ["600", "60000"], out
+
+
+@pytest.mark.parametrize("exits, runs, finishes", [
+    ([1, 0], 2, True),    # failed while running (a crashed worker, a Ray that did not start): run again, resumed
+    ([1, 1, 1], 3, False),  # 1 + --retries 2, then the row is reported not finished
+    ([2], 1, False),      # bad input fails the same way every time: not retried
+    ([130], 1, False),    # interrupted on purpose: not retried
+])
+def test_a_failed_row_runs_again_from_its_checkpoints(tmp_path, monkeypatch, capsys, exits, runs, finishes):
+    """The row's process is replaced by one that exits with each code in turn (a run directory appears on the
+    first, as a real run makes one); the real path, a row failing once and finishing, is test_sweep_run.py's."""
+    from launcher.sweep import run as sweep_run
+
+    sweep = load_sweep(_sweep(tmp_path))
+    at = where(sweep)
+    _, dirs = configs(sweep, at)
+    calls = []
+
+    def fake_row(cmd, lock_fd):
+        calls.append(cmd)
+        dirs["dense-s0"].mkdir(parents=True, exist_ok=True)
+        return exits[len(calls) - 1]
+
+    monkeypatch.setattr(sweep_run, "_run_local", fake_row)
+    monkeypatch.setattr(sweep_run, "finished", lambda run_dir, cfg: calls and exits[len(calls) - 1] == 0)
+    failed = sweep_run.run_local(sweep, at, only={"dense-s0"}, retries=2)
+    assert len(calls) == runs and failed == ([] if finishes else ["dense-s0"])
+    assert "resume=true" not in calls[0] and all(c[-1] == "resume=true" for c in calls[1:])
+    out = capsys.readouterr().out
+    assert [f"retry {k}/2, resuming" in out for k in (1, 2)] == [runs > 1, runs > 2], out
+
+
+def test_retries_must_not_be_negative(tmp_path, capsys):
+    assert main(["sweep", str(_sweep(tmp_path)), "--retries", "-1"]) == 2
+    assert "--retries: must be 0 or more, got -1" in capsys.readouterr().err

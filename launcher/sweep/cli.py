@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", metavar="URI", help="the rows' MLflow store (default: the sweep file's)")
     p.add_argument("--records", metavar="DIR", help="export each finished row's record here (default: the sweep "
                    "file's records)")
+    p.add_argument("--retries", type=int, default=2, help="a row whose run fails (exit 1: a crashed worker, a Ray "
+                   "that did not start) runs again from its checkpoints up to this many times (default 2; bad input "
+                   "is not retried; with --address a failed job is reported, not submitted again)")
     p.add_argument("--nice", type=int, default=0, help="run the rows at this niceness (0..19; default 0)")
     p.set_defaults(func=run)
 
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--only: unknown row(s) {', '.join(unknown)}; rows: {', '.join(names)}")
     if not 0 <= args.nice <= 19:
         raise ConfigError(f"--nice: must be in 0..19, got {args.nice}")
+    if args.retries < 0:
+        raise ConfigError(f"--retries: must be 0 or more, got {args.retries}")
     only = set(args.only) or None
     at = where(sweep)
     print(f"[sweep] {sweep.name}: {len(sweep.rows)} rows, storage {at.storage}, tracking {at.tracking_uri}, "
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         from launcher.sweep.run import run_local
 
         sigterm_interrupts()
-        failed = run_local(sweep, at, only)
+        failed = run_local(sweep, at, only, retries=args.retries)
     print(f"[sweep] {sweep.name}: done; not finished: {', '.join(failed) or 'none'}", flush=True)
     return 1 if failed else 0
 
@@ -77,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
 # when the GCS has not answered for 60 s, and the GCS declares a raylet dead after 5 missed health checks
 # (10 s timeout each): a study row died both ways while a test suite ran beside it. Ten minutes instead; the
 # rows' embedded Ray (started by `tdcompress run`) reads these from its environment. A value set already wins.
+# Ray's wait for a new node's raylet to register (30 s) is fixed in its code: a row failing there is retried
+# (--retries, launcher/sweep/run.py).
 STARVED_RAY_ENV = {"RAY_gcs_rpc_server_reconnect_timeout_s": "600", "RAY_health_check_timeout_ms": "60000",
                    "RAY_health_check_failure_threshold": "10", "RAY_worker_register_timeout_seconds": "600"}
 

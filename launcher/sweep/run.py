@@ -111,9 +111,36 @@ def _run_local(cmd: list[str], lock_fd: int) -> int:
         raise
 
 
-def run_local(sweep: Sweep, at: Where, only: set[str] | None = None) -> list[str]:
-    """Run every unfinished row (of ``only``, default all) in order on this machine; returns the names of rows
-    that did not finish."""
+# A row that exits 1 failed while it ran (a worker crashed, Ray did not start on a starved machine); bad input
+# (2) fails the same way every time, and an interrupted row (130) was stopped on purpose: neither is retried.
+RETRIED_EXIT = 1
+
+
+def _run_row(sweep: Sweep, at: Where, row: Row, st: str, cfgs: dict[str, Config], dirs: dict[str, Path],
+             lock_fd: int, retries: int) -> tuple[int, bool]:
+    """Run ``row`` (status ``st``: new or partial), and again from its checkpoints after a failure, up to
+    ``retries`` more times; returns (the last exit code, whether the row finished)."""
+    resume = st == "partial"
+    for attempt in range(retries + 1):
+        cmd = command(sweep, at, row, dirs, resume=resume)
+        verb = "resuming" if resume else "starting"
+        if attempt:
+            verb = f"retry {attempt}/{retries}, {verb}"
+        say(f"{row.name}: {verb}: {shlex.join(cmd)}")
+        t0 = time.time()
+        rc = _run_local(cmd, lock_fd)
+        done = finished(dirs[row.name], cfgs[row.name])
+        say(f"{row.name}: exit {rc} after {(time.time() - t0) / 60:.1f} min{'' if done else ', not finished'}")
+        if done or rc != RETRIED_EXIT:
+            return rc, done
+        resume = dirs[row.name].exists()
+    return rc, done
+
+
+def run_local(sweep: Sweep, at: Where, only: set[str] | None = None, retries: int = 0) -> list[str]:
+    """Run every unfinished row (of ``only``, default all) in order on this machine; a row whose run fails
+    (exit 1) runs again from its checkpoints up to ``retries`` times. Returns the names of rows that did not
+    finish."""
     cfgs, dirs = configs(sweep, at)
     lock_fd = _lock(at, sweep)
     failed = []
@@ -138,12 +165,7 @@ def run_local(sweep: Sweep, at: Where, only: set[str] | None = None) -> list[str
                 failed.append(row.name)
                 continue
             keep_dense(sweep, row, cfgs, dirs)
-            cmd = command(sweep, at, row, dirs, resume=st == "partial")
-            say(f"{row.name}: {'resuming' if st == 'partial' else 'starting'}: {shlex.join(cmd)}")
-            t0 = time.time()
-            rc = _run_local(cmd, lock_fd)
-            done = finished(dirs[row.name], cfgs[row.name])
-            say(f"{row.name}: exit {rc} after {(time.time() - t0) / 60:.1f} min{'' if done else ', not finished'}")
+            rc, done = _run_row(sweep, at, row, st, cfgs, dirs, lock_fd, retries)
             if rc == 0 and done:
                 path = export_record(sweep, at, row, cfgs[row.name], dirs[row.name])
                 if path:
