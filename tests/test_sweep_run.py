@@ -1,5 +1,5 @@
 """A tiny sweep end to end (tinycnn on a CIFAR-10 subset, cluster.backend=local): a dense row and a 2 x 2 grid run,
-a row that fails once is run again from its checkpoint, the sweep is stopped while a row is mid-run, resumes (finished rows skipped, the partial row resumed from its
+the dense row, failing once, is run again from its checkpoint, the sweep is stopped while a row is mid-run, resumes (finished rows skipped, the partial row resumed from its
 checkpoints), and its table regenerates from the exported records with the MLflow store deleted. The dense row's
 weights are kept beside the records, and the grid rows start from that file."""
 from __future__ import annotations
@@ -28,8 +28,8 @@ LONG_EPOCHS = 3  # the row stopped mid-run: it holds after its first fine-tune e
 # The long rows wait once after the checkpoint of their first fine-tune epoch (debug.hold_at): the sweep is
 # stopped in that state, not raced; the row resumed later has held already, the other long row is released.
 HOLD = "debug.hold_at={phase: 1, epoch: 1}"
-# The short rows fail once after their fine-tune epoch's checkpoint (exit 1); the sweep runs them again, resumed.
-FAIL_ONCE = "debug.fail_at={phase: 1, epoch: 1}"
+# The dense row fails once after its first epoch's checkpoint (exit 1); the sweep runs it again, resumed.
+FAIL_ONCE = "debug.fail_at={phase: 0, epoch: 1}"
 
 
 def _write(tmp_path: Path) -> Path:
@@ -41,10 +41,11 @@ def _write(tmp_path: Path) -> Path:
             "phases": [{"kind": "pretrain", "epochs": 2, "steps_per_epoch": 4}, {"kind": "evaluate"}]}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     sweep = {"name": "tiny-sweep", "storage": "runs", "tracking_uri": "sqlite:///mlruns.db", "records": "records",
-             "dense": {"name": "dense-s{seed}", "config": "base.yaml", "seeds": [0], "weights": "parents/{name}"},
+             "dense": {"name": "dense-s{seed}", "config": "base.yaml", "seeds": [0], "weights": "parents/{name}",
+                       "overrides": [FAIL_ONCE]},
              "grids": [{"name": "{format}-{budget}-s{seed}", "config": "base.yaml", "axes": {
                  "format": ["svd", "tucker2"],
-                 "budget": {"short": [FINETUNE.format(e=1), FAIL_ONCE], "long": [FINETUNE.format(e=LONG_EPOCHS), HOLD]}}}]}
+                 "budget": {"short": [FINETUNE.format(e=1)], "long": [FINETUNE.format(e=LONG_EPOCHS), HOLD]}}}]}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
     return tmp_path / "sweep.yaml"
 
@@ -93,11 +94,11 @@ def test_sweep_interrupted_resumes_and_tables_come_from_records(tmp_path, cifar_
     first = (tmp_path / "first.log").read_text()
     started = [line for line in first.splitlines() if ": starting: " in line]
     assert len(started) == 3 and all(f"model.init={kept}" in line for line in started[1:]), started
-    # The short row failed once (exit 1) and ran again from its checkpoint, to the end (its record is above).
-    assert "[sweep] svd-short-s0: exit 1 " in first and "injected failure" in first, first[-3000:]
-    retry = next(line for line in first.splitlines() if line.startswith("[sweep] svd-short-s0: retry 1/2, resuming:"))
-    assert retry.endswith("resume=true")
-    assert json.loads((tmp_path / "records" / "svd-short-s0.json").read_text())["status"] == "FINISHED"
+    # The dense row failed once (exit 1) and ran again from its checkpoint, to the end: its record, its weights.
+    assert "[sweep] dense-s0: exit 1 " in first and "injected failure" in first, first[-3000:]
+    retry = next(line for line in first.splitlines() if line.startswith("[sweep] dense-s0: retry 1/2, resuming:"))
+    assert retry.endswith("resume=true") and f"[resume] from {runs / 'dense-s0'}" in first
+    assert json.loads((tmp_path / "records" / "dense-s0.json").read_text())["status"] == "FINISHED"
     cut = json.loads((runs / "svd-long-s0" / "run.json").read_text())
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     assert tracking.client(uri).get_run(cut["parent_id"]).info.status == "KILLED"
