@@ -1,8 +1,8 @@
 """Ray Train + DeepSpeed on 2 CPU workers (gloo) with ADMM owner sharding.
 
 Replicas agree; weights, Z and U match a 1-worker run with the same global
-batch; a failed worker group restarts from the checkpoint; a run cut on 2
-workers resumes on 1. One embedded Ray instance serves the whole module.
+batch, also after a failed worker group restarted from the checkpoint; a run
+cut on 2 workers resumes on 1. One embedded Ray instance serves the whole module.
 """
 from __future__ import annotations
 
@@ -67,14 +67,18 @@ def _assert_same_model(a_path, b_path, atol=1e-5):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol)
 
 
-def test_two_workers_under_zero2_match_one_worker_with_sharded_admm(tiny, ray_local, reference):
-    """Sharded ADMM on 2 workers under ZeRO 2 (gradients reduced and partitioned by DeepSpeed) == 1 worker.
+def test_two_workers_under_zero2_restarted_mid_admm_match_one_worker_with_sharded_admm(tiny, ray_local, reference):
+    """Sharded ADMM on 2 workers under ZeRO 2 (gradients reduced and partitioned by DeepSpeed) == 1 worker,
+    although rank 1 fails inside the admm phase: FailureConfig(max_failures=1) restarts the group, which
+    resumes from the checkpoint, its ZeRO shards and each owner's Z/U included.
 
-    ZeRO 2 here, stage 0 in the failure tests below (they compare with the same reference). With DeepSpeed's
-    default bucket (5e8 elements) the reduction waits for the end of backward, so this run would also pass
-    with the hooks registered after ZeRO's; their order is checked directly in test_admm_phase.py.
+    With DeepSpeed's default bucket (5e8 elements) the reduction waits for the end of backward, so this run
+    would also pass with the hooks registered after ZeRO's; their order is checked directly in
+    test_admm_phase.py. The cut below runs ZeRO stage 0 (a run moves to another world size only there).
     """
-    two = pipeline.run(tiny(*RAY2, *SHARDED, "engine.zero_stage=2", "run_name=two"))
+    two = pipeline.run(tiny(*RAY2, *SHARDED, *FAIL, "debug.fail_at.rank=1", "cluster.max_failures=1",
+                            "engine.zero_stage=2", "run_name=two"))
+    assert (two.dir / "injected-failure-1-1").exists()  # it failed, and went on
     one = reference
     path2, meta = _last(two)
     path1, _ = _last(one)
@@ -104,15 +108,6 @@ def test_two_workers_under_zero2_match_one_worker_with_sharded_admm(tiny, ray_lo
     assert len(history) == 5 and len({m.step for m in history}) == 5
     per_layer = {"layers/primal/conv1", "layers/primal/conv2", "layers/primal/fc"}  # under their own prefix
     assert per_layer <= set(client.get_run(two.phase_ids[1]).data.metrics)
-
-
-def test_worker_failure_restarts_from_checkpoint(tiny, ray_local, reference):
-    """FailureConfig(max_failures=1): rank 1 failing inside the admm phase restarts the group, which resumes
-    (ZeRO stage 0: a 2-worker run without ZeRO matches the reference too)."""
-    flaky = pipeline.run(tiny(*RAY2, *SHARDED, *FAIL, "debug.fail_at.rank=1", "run_name=flaky",
-                              "cluster.max_failures=1"))
-    assert (flaky.dir / "injected-failure-1-1").exists()
-    _assert_same_model(_last(flaky)[0], _last(reference)[0])
 
 
 def test_cut_on_two_workers_resumes_on_one(tiny, ray_local, reference):

@@ -152,7 +152,12 @@ class ZeroOptimizerState:
         return self._split()[0]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict([{**state, **self._split()[1]}])
+        # DeepSpeed takes the list of every rank's state and reads the entry at this rank's data-parallel index
+        # (a rigid checkpoint, DeepSpeed's default: only that one). A rank holds only its own, so it goes at its
+        # index; the others stay None, so that a DeepSpeed reading them fails loudly instead of restoring wrong.
+        group = self.optimizer.dp_process_group
+        rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
+        self.optimizer.load_state_dict([None] * rank + [{**state, **self._split()[1]}])
 
 
 def fingerprint(model: nn.Module) -> torch.Tensor:
