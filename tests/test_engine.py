@@ -87,3 +87,25 @@ def test_one_rank_skips_the_identity_all_reduce():
                               steps_per_epoch=1, world_size=1, precision=Precision(False, False))
         flags[stage] = (engine.enable_backward_allreduce, engine.basic_optimizer.defaults["fused"])
     assert flags == {0: (False, True), 1: (True, False)}
+
+
+def test_building_an_engine_compiles_no_deepspeed_op(tmp_path):
+    """DeepSpeed's shared-memory all-reduce op is JIT-compiled (C++, over a minute of CPU, again for every new
+    environment) by the first engine of a process unless it is marked incompatible: build_engine does that for
+    every caller, so a fresh process that builds an engine leaves the extensions directory empty."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch; from cluster.dist import init_local_group; from trainer.core.engine import Precision, "
+            "build_engine; from trainer.config import EngineConfig, OptimConfig; from trainer.models import "
+            "build_model; init_local_group(gpu=False); build_engine(build_model('tinycnn', 10), OptimConfig(), "
+            "EngineConfig(), batch_size=16, lr=0.1, total_steps=1, steps_per_epoch=1, world_size=1, "
+            "precision=Precision(False, False)); print('engine ok')")
+    ext = tmp_path / "torch_extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "engine ok" in res.stdout, res.stderr[-3000:]
+    assert "built successfully" not in res.stdout + res.stderr
+    assert not ext.exists() or not any(ext.rglob("*")), sorted(ext.rglob("*"))

@@ -36,7 +36,11 @@ def resolve_precision(engine: EngineConfig, device: torch.device) -> Precision:
 
 
 def prepare_deepspeed_env() -> None:
-    """Set what DeepSpeed needs before it is first used in this process."""
+    """Set what DeepSpeed needs before it is first used in this process.
+
+    DeepSpeed's communication layer JIT-compiles a shared-memory all-reduce op (C++) the first time it
+    initialises: over a minute of CPU, cached per Python environment (a new venv or checkout pays it
+    again), for an op gloo does not need. It is marked incompatible here, so it is never built."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed  # noqa: WPS433 (import after the env is set)
@@ -118,6 +122,7 @@ def build_engine(model: nn.Module, optim: OptimConfig, engine_cfg: EngineConfig,
     Returns:
         The DeepSpeed engine; ``engine.module`` is the (unwrapped) model.
     """
+    prepare_deepspeed_env()  # every caller, benchmarks and probes too: none may JIT-build DeepSpeed's ops
     import deepspeed
 
     o = optim
