@@ -1,7 +1,8 @@
 """A tiny sweep end to end (tinycnn on a CIFAR-10 subset, cluster.backend=local): a dense row and a 2 x 2 grid run,
-the dense row, failing once, is run again from its checkpoint, the sweep is stopped while a row is mid-run, resumes (finished rows skipped, the partial row resumed from its
-checkpoints), and its table regenerates from the exported records with the MLflow store deleted. The dense row's
-weights are kept beside the records, and the grid rows start from that file."""
+the dense row, failing once, is run again from its checkpoint, the sweep is stopped while a row is mid-run,
+resumes (finished rows skipped, the partial row resumed from its checkpoints), and its table regenerates from the
+exported records with the MLflow store deleted. The dense row's weights are kept beside the records, and the grid
+rows start from that file."""
 from __future__ import annotations
 
 import json
