@@ -41,9 +41,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import tensorly as tl
 import torch
-from tensorly.decomposition import tensor_train
 from torch import Tensor
 
 from admm.config import FORMATS
@@ -56,7 +54,15 @@ from admm.formats.lowrank_sparse import (
     project_lowrank_sparse,
     top_k,
 )
-from admm.formats.projections_base import RankSpec, check_format, computing, max_rank, svd_truncate, validate_rank
+from admm.formats.projections_base import (
+    RankSpec,
+    check_format,
+    computing,
+    max_rank,
+    svd_truncate,
+    tensorly_torch,
+    validate_rank,
+)
 from admm.formats.reshape import (
     from_3way,
     from_matrix,
@@ -173,8 +179,8 @@ def tt_cores(weight: Tensor, rank: RankSpec) -> list[Tensor]:
     """
     r = validate_rank(weight.shape, "tt", rank)
     layout = tt_layout(weight.shape)
-    with computing(weight) as w:
-        return list(tensor_train(to_tt(w, layout), rank=list(layout.ranks(r))).factors)
+    with computing(weight) as w, tensorly_torch() as tl:
+        return list(tl.decomposition.tensor_train(to_tt(w, layout), rank=list(layout.ranks(r))).factors)
 
 
 def project_tt(weight: Tensor, rank: RankSpec) -> Tensor:
@@ -185,7 +191,7 @@ def project_tt(weight: Tensor, rank: RankSpec) -> Tensor:
     """
     cores = tt_cores(weight, rank)
     layout = tt_layout(weight.shape)
-    with torch.no_grad(), tl.backend_context("pytorch", local_threadsafe=True):
+    with torch.no_grad(), tensorly_torch() as tl:
         full = tl.tt_to_tensor(cores).reshape(layout.modes)
         z = from_tt(full, layout, weight.shape)
     return z.to(weight.dtype)

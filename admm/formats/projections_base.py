@@ -4,8 +4,8 @@ A rank spec (``RankSpec``) is an int for svd/tt/cp, a pair for tucker2
 ``(r_out, r_in)`` and lowrank_sparse ``(r, k)``; tt also takes one rank per bond.
 ``max_rank`` gives the full spec of a format for a weight shape (projecting at it
 returns W); ``validate_rank`` checks a spec and names the field, shape and
-allowed range. ``computing`` is the dtype / no_grad / tensorly-backend context
-every projection runs its arithmetic in. The projections themselves:
+allowed range. ``computing`` is the dtype / no_grad context every projection runs its
+arithmetic in; ``tensorly_torch`` the tensorly backend context of the two that call tensorly (tt). The projections themselves:
 :mod:`admm.formats.projections` (svd, tucker2, tt, cp, and the dispatch by format) and
 :mod:`admm.formats.lowrank_sparse`.
 """
@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from numbers import Integral
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
-import tensorly as tl
 import torch
 from torch import Tensor
 
@@ -114,17 +113,30 @@ def _validate_tt_bonds(shape: Sequence[int], rank: Sequence[object]) -> tuple[in
 
 @contextmanager
 def computing(weight: Tensor) -> Iterator[Tensor]:
-    """Yield ``weight`` detached in the compute dtype, inside no_grad and tensorly's pytorch backend.
+    """Yield ``weight`` detached in the compute dtype, inside no_grad.
 
     float32/float64 inputs are not copied (callers never write into them);
-    bf16/fp16 are upcast to float32. The tensorly backend is switched for this
-    thread only and restored after, so other tensorly users are unaffected.
+    bf16/fp16 are upcast to float32.
     """
     if not weight.is_floating_point():
         raise TypeError(f"projections need a floating-point weight, got {weight.dtype}")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    with torch.no_grad(), tl.backend_context("pytorch", local_threadsafe=True):
+    with torch.no_grad():
         yield weight.detach().to(dtype)
+
+
+@contextmanager
+def tensorly_torch() -> Iterator[Any]:
+    """Yield the ``tensorly`` module with its pytorch backend set, for this thread only (restored after, so
+    other tensorly users are unaffected).
+
+    Imported here, not at the top: tensorly (and the scipy it loads) costs ~0.5-1.3 s of start-up, and only
+    tt calls it; every other process (drivers, CLI commands, the other formats' workers) never pays it.
+    """
+    import tensorly as tl
+
+    with tl.backend_context("pytorch", local_threadsafe=True):
+        yield tl
 
 
 def svd_truncate(matrix: Tensor, r: int) -> Tensor:
