@@ -54,11 +54,16 @@ def build_tree(root: Path, repeat: int, sample: Path = SAMPLE, limit: int = 0) -
     if not sample.is_dir():
         raise SystemExit(f"--sample {sample}: no such directory (ImageNet JPEGs in <wnid>/ folders; "
                          "TDC_IMAGENET_SAMPLE sets the default)")
-    files = [f for d in sorted(d for d in sample.iterdir() if d.is_dir()) for f in sorted(d.iterdir())]
+    files = [f for d in sorted(d for d in sample.iterdir() if d.is_dir()) for f in sorted(d.iterdir()) if f.is_file()]
+    if not files:  # e.g. the sample's root, whose train/ and val/ hold the <wnid>/ folders
+        inner = [d for d in (sample / "val", sample / "train") if d.is_dir()]
+        raise SystemExit(f"--sample {sample}: no image files in its <wnid>/ folders (ImageNet JPEGs in <wnid>/ "
+                         "folders; TDC_IMAGENET_SAMPLE sets the default)"
+                         + (f"; {inner[0]} looks like one" if inner else ""))
     for f in files[:limit or None]:
         for split, names in (("train", [f"{k}_{f.name}" for k in range(repeat)]), ("val", [f.name] if limit else [])):
-            (root / split / f.parent.name).mkdir(parents=True, exist_ok=True)
-            for name in names:
+            for name in names:  # no limit: val/ is a link to the whole sample, made below
+                (root / split / f.parent.name).mkdir(parents=True, exist_ok=True)
                 (root / split / f.parent.name / name).symlink_to(f)
     if not limit:
         (root / "val").symlink_to(sample)
