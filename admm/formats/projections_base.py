@@ -5,9 +5,9 @@ A rank spec (``RankSpec``) is an int for svd/tt/cp, a pair for tucker2
 ``max_rank`` gives the full spec of a format for a weight shape (projecting at it
 returns W); ``validate_rank`` checks a spec and names the field, shape and
 allowed range. ``computing`` is the dtype / no_grad context every projection runs its
-arithmetic in; ``tensorly_torch`` the tensorly backend context of the two that call tensorly (tt). The projections themselves:
-:mod:`admm.formats.projections` (svd, tucker2, tt, cp, and the dispatch by format) and
-:mod:`admm.formats.lowrank_sparse`.
+arithmetic in; ``tensorly_torch`` is tensorly's pytorch backend, for tt's two functions, the only
+callers of tensorly. The projections themselves: :mod:`admm.formats.projections` (svd, tucker2,
+tt, cp, and the dispatch by format) and :mod:`admm.formats.lowrank_sparse`.
 """
 
 from __future__ import annotations
