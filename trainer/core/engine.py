@@ -49,13 +49,14 @@ def prepare_deepspeed_env() -> None:
     whoever imports it afterwards gets it as usual."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+    hide_mlflow = "deepspeed" not in sys.modules and "mlflow" not in sys.modules
+    if hide_mlflow:
         sys.modules["mlflow"] = None  # type: ignore[assignment]  # an import of it raises ImportError
-        try:
-            import deepspeed  # noqa: F401, WPS433 (import after the env is set)
-        finally:
+    try:
+        import deepspeed  # noqa: WPS433 (import after the env is set)
+    finally:
+        if hide_mlflow:
             del sys.modules["mlflow"]
-    import deepspeed  # noqa: WPS433
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
