@@ -79,6 +79,31 @@ def _loopback_only() -> None:
 
 
 @contextmanager
+def _agent_http_port(port: int) -> Iterator[None]:
+    """The embedded Ray's dashboard agent serves HTTP on ``port`` instead of Ray's fixed 52365.
+
+    ``ray.init`` has no argument for that port (``ray start`` has ``--dashboard-agent-listen-port``). With
+    another Ray on the machine holding 52365, the agent retried the bind with backoff for ~3.3 s and the raylet
+    waited for it: every such start was that much slower. The node's parameters are built by
+    ``ray._private.parameter.RayParams``, replaced for this block by one whose default port is ``port``.
+    """
+    from ray._private import parameter
+
+    base = parameter.RayParams
+
+    class WithAgentPort(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("dashboard_agent_listen_port", port)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = WithAgentPort
+    try:
+        yield
+    finally:
+        parameter.RayParams = base
+
+
+@contextmanager
 def _token_auth_quietly() -> Iterator[None]:
     """Ray's token authentication for the embedded Ray, without its notices.
 
@@ -197,10 +222,10 @@ def ensure_ray(c: ClusterConfig) -> None:
     # force-killed at every end of training, left an error line (E) in the run's output.
     env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     # Ray's dashboard and autoscaler take fixed Prometheus ports (44227, 44217) unless told otherwise in their
-    # environment; a second Ray on the machine then logged bind errors. (The dashboard agent's HTTP port, 52365,
-    # cannot be set through ray.init: taken, that agent serves no HTTP, which only Ray Jobs use.) The GCS port
+    # environment; a second Ray on the machine then logged bind errors. The GCS port
     # is read from the environment too, so the workers' RAY_ADDRESS can be known before Ray starts.
-    with _environ({**metrics_port_env(), "RAY_GCS_SERVER_PORT": str(gcs_port)}), _token_auth_quietly():
+    with _environ({**metrics_port_env(), "RAY_GCS_SERVER_PORT": str(gcs_port)}), _token_auth_quietly(), \
+            _agent_http_port(free_port()):
         # address="local": a new Ray of this run's own. Without an address Ray joins the cluster the machine's
         # last `ray start` recorded (a `tdcompress cluster up` left running), and refuses num_cpus there.
         ray.init(address="local", num_cpus=max(need, local_cpus()), num_gpus=torch.cuda.device_count() if gpu else 0,
