@@ -1,6 +1,7 @@
-"""A tiny sweep end to end (tinycnn on a CIFAR-10 subset, cluster.backend=local): a dense row and a 2 x 2 grid run,
-the dense row, failing once, is run again from its checkpoint, the sweep is stopped while a row is mid-run,
-resumes (finished rows skipped, the partial row resumed from its checkpoints), and its table regenerates from the
+"""A tiny sweep end to end (tinycnn on a CIFAR-10 subset, cluster.backend=local): a dense row and a grid of two rows
+run, the dense row, failing once, is run again from its checkpoint, the sweep is stopped while a row is mid-run,
+resumes (the finished row skipped, the partial row resumed from its checkpoints, the new row run), and its table
+regenerates from the
 exported records with the MLflow store deleted. The dense row's weights are kept beside the records, and the grid
 rows start from that file."""
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import wait_for_path
+from conftest import empty_mlflow_db, wait_for_path
 
 from launcher.cli import main
 from trainer.checkpoints import files as ckpt
@@ -26,8 +27,8 @@ from trainer.tracking import tracker as tracking
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = "phases=[{{kind: decompose}}, {{kind: finetune, epochs: {e}, steps_per_epoch: 2}}, {{kind: evaluate}}]"
 LONG_EPOCHS = 3  # the row stopped mid-run: it holds after its first fine-tune epoch (HOLD) until stopped
-# The long rows wait once after the checkpoint of their first fine-tune epoch (debug.hold_at): the sweep is
-# stopped in that state, not raced; the row resumed later has held already, the other long row is released.
+# The grid's rows wait once after the checkpoint of their first fine-tune epoch (debug.hold_at): the sweep is
+# stopped in that state, not raced; the row resumed later has held already, the other row is released.
 HOLD = "debug.hold_at={phase: 1, epoch: 1}"
 # The dense row fails once after its first epoch's checkpoint (exit 1); the sweep runs it again, resumed.
 FAIL_ONCE = "debug.fail_at={phase: 0, epoch: 1}"
@@ -45,9 +46,9 @@ def _write(tmp_path: Path) -> Path:
              "dense": {"name": "dense-s{seed}", "config": "base.yaml", "seeds": [0], "weights": "parents/{name}",
                        "overrides": [FAIL_ONCE]},
              "grids": [{"name": "{format}-{budget}-s{seed}", "config": "base.yaml", "axes": {
-                 "format": ["svd", "tucker2"],
-                 "budget": {"short": [FINETUNE.format(e=1)], "long": [FINETUNE.format(e=LONG_EPOCHS), HOLD]}}}]}
+                 "format": ["svd", "tucker2"], "budget": {"long": [FINETUNE.format(e=LONG_EPOCHS), HOLD]}}}]}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    empty_mlflow_db(tmp_path / "mlruns.db")
     return tmp_path / "sweep.yaml"
 
 
@@ -87,14 +88,14 @@ def test_sweep_interrupted_resumes_and_tables_come_from_records(tmp_path, cifar_
     proc.send_signal(signal.SIGTERM)  # the sweep stops its running row the same way, then itself
     assert proc.wait(timeout=300) == 130, (tmp_path / "first.log").read_text()[-3000:]
 
-    assert sorted(p.name for p in (tmp_path / "records").glob("*.json")) == ["dense-s0.json", "svd-short-s0.json"]
+    assert sorted(p.name for p in (tmp_path / "records").glob("*.json")) == ["dense-s0.json"]
     # The dense weights are kept beside the records (dense.weights), as trained, and the grid rows start from them.
     kept = tmp_path / "parents" / "dense-s0" / "model.safetensors"
     trained, copy = (load_state(resolve_path("x", p)) for p in (runs / "dense-s0", kept))
     assert trained.keys() == copy.keys() and all(torch.equal(trained[k], copy[k]) for k in trained)
     first = (tmp_path / "first.log").read_text()
     started = [line for line in first.splitlines() if ": starting: " in line]
-    assert len(started) == 3 and all(f"model.init={kept}" in line for line in started[1:]), started
+    assert len(started) == 2 and f"model.init={kept}" in started[1], started
     # The dense row failed once (exit 1) and ran again from its checkpoint, to the end: its record, its weights.
     assert "[sweep] dense-s0: exit 1 " in first and "injected failure" in first, first[-3000:]
     retry = next(line for line in first.splitlines() if line.startswith("[sweep] dense-s0: retry 1/2, resuming:"))
@@ -104,22 +105,20 @@ def test_sweep_interrupted_resumes_and_tables_come_from_records(tmp_path, cifar_
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     assert tracking.client(uri).get_run(cut["parent_id"]).info.status == "KILLED"
     cut_ckpt = ckpt.latest_checkpoint(runs / "svd-long-s0" / "checkpoints")
-    done_before = {n: sorted(p.name for p in (runs / n / "checkpoints").iterdir()) for n in ("dense-s0", "svd-short-s0")}
+    done_before = sorted(p.name for p in (runs / "dense-s0" / "checkpoints").iterdir())
     monkeypatch.chdir(tmp_path)
     assert main(["sweep", "sweep.yaml", "--dry-run"]) == 0
     status = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
-    assert status == {"dense-s0": "finished", "svd-short-s0": "finished", "svd-long-s0": "partial",
-                      "tucker2-short-s0": "new", "tucker2-long-s0": "new"}
+    assert status == {"dense-s0": "finished", "svd-long-s0": "partial", "tucker2-long-s0": "new"}
 
     proc = _sweep(tmp_path, cifar_root, "second.log")
     _release(runs / "tucker2-long-s0", proc)
     assert proc.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
     log = (tmp_path / "second.log").read_text()
-    assert "[sweep] dense-s0: finished, skipped" in log and "[sweep] svd-short-s0: finished, skipped" in log
+    assert "[sweep] dense-s0: finished, skipped" in log
     resumed = next(line for line in log.splitlines() if line.startswith("[sweep] svd-long-s0: resuming:"))
     assert resumed.endswith("resume=true")
-    for name, files in done_before.items():  # finished rows were not run again
-        assert sorted(p.name for p in (runs / name / "checkpoints").iterdir()) == files
+    assert sorted(p.name for p in (runs / "dense-s0" / "checkpoints").iterdir()) == done_before  # not run again
     assert f"[resume] from {cut_ckpt} " in log  # the row continued from the checkpoint it had when it was stopped
     rec = json.loads((tmp_path / "records" / "svd-long-s0.json").read_text())
     assert rec["run_id"] == cut["parent_id"] and rec["status"] == "FINISHED"  # the same MLflow run, continued
@@ -136,4 +135,4 @@ def test_sweep_interrupted_resumes_and_tables_come_from_records(tmp_path, cifar_
     assert main([*args, "--records", "records"]) == 0
     table = capsys.readouterr().out
     assert table == from_store
-    assert len(table.splitlines()) == 2 + 5 and all(f"| {n} |" in table for n in status)
+    assert len(table.splitlines()) == 2 + 3 and all(f"| {n} |" in table for n in status)
