@@ -2,7 +2,7 @@
 
 Ray binds its servers to the node's address, and turns a loopback address into the host's external
 one unless its "local only" mode is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, see
-``cluster.ray_runtime._loopback_only``); but in that mode ``ray start --address`` refuses to join a
+``cluster.ray_workarounds.loopback_only``); but in that mode ``ray start --address`` refuses to join a
 head at all. `tdcompress cluster up` runs every node of the one-machine cluster through this module:
 the environment variable stays 0 for every process the node starts (raylet, agents, workers, job
 drivers resolve 127.0.0.1 as 127.0.0.1), and only this CLI process lets a worker node join and keeps

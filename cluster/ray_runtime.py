@@ -1,6 +1,6 @@
 """Ray: start the embedded local instance or connect to a cluster, and run the workers.
 
-Embedded Ray binds to 127.0.0.1 with no dashboard unless asked, and a small
+Embedded Ray binds to 127.0.0.1 (its dashboard included; cluster/ray_workarounds.py), with a small
 object store (the workers exchange tensors through torch.distributed, not
 through Ray's object store). The ``local`` backend runs the single worker in
 this process with a one-rank gloo/NCCL process group: no Ray at all, which
@@ -21,6 +21,7 @@ from cluster.config import ClusterConfig
 from cluster.dist import init_local_group
 from cluster.local_cluster import metrics_port_env
 from cluster.processes import free_port
+from cluster.ray_workarounds import agent_http_port, loopback_only, token_auth_quietly
 from trainer.context import WorkerJob
 from trainer.export.malloc import has_glibc, with_tunables
 from trainer.worker import train_func
@@ -60,73 +61,6 @@ def wants_gpu(cluster: ClusterConfig) -> bool:
     if cluster.use_gpu == "auto":
         return torch.cuda.is_available()
     return cluster.use_gpu == "yes"
-
-
-def _loopback_only() -> None:
-    """Make the embedded Ray bind every server to 127.0.0.1.
-
-    Ray 2.60 ignores ``_node_ip_address`` for its own servers: GCS, raylet, agents and workers
-    listened on all interfaces and the host's address, and metrics endpoints answered
-    unauthenticated on 0.0.0.0. Its "local only" mode (meant for laptops) binds them all to
-    loopback; the Ray processes read it from the environment, and the driver from a constant
-    Ray sets when it is first imported, so both are set. tests/test_distributed_ray.py lists the
-    listening sockets of a running embedded Ray.
-    """
-    import ray._private.ray_constants as ray_constants
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-@contextmanager
-def _agent_http_port(port: int) -> Iterator[None]:
-    """The embedded Ray's dashboard agent serves HTTP on ``port`` instead of Ray's fixed 52365.
-
-    ``ray.init`` has no argument for that port (``ray start`` has ``--dashboard-agent-listen-port``). With
-    another Ray on the machine holding 52365, the agent retried the bind with backoff for ~3.3 s and the raylet
-    waited for it: every such start was that much slower. The node's parameters are built by
-    ``ray._private.parameter.RayParams``, replaced for this block by one whose default port is ``port``.
-    """
-    from ray._private import parameter
-
-    base = parameter.RayParams
-
-    class WithAgentPort(base):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("dashboard_agent_listen_port", port)
-            super().__init__(*args, **kwargs)
-
-    parameter.RayParams = WithAgentPort
-    try:
-        yield
-    finally:
-        parameter.RayParams = base
-
-
-@contextmanager
-def _token_auth_quietly() -> Iterator[None]:
-    """Ray's token authentication for the embedded Ray, without its notices.
-
-    Ray 2.60 turns token authentication on for a new local Ray, logs a WARNING saying so on every start,
-    and the first time an INFO line that it generated ~/.ray/auth_token. Both read as failures to a user.
-    Ray's behaviour is kept (its mode, its token file; a RAY_AUTH_MODE the user set still wins) and its
-    logger for this is quieted while Ray starts; the token's creation is one line of ours. Ray's CLI and
-    dashboard ask for that token (``ray get-auth-token``).
-    """
-    import logging
-
-    token = Path.home() / ".ray" / "auth_token"
-    had_token = token.exists() or bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
-    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-    if not had_token and token.exists():
-        print(f"embedded Ray: token authentication on; its token was created in {token} (Ray's CLI and "
-              "dashboard ask for it)", flush=True)
 
 
 def _cluster_address(address: str) -> str:
@@ -206,7 +140,7 @@ def ensure_ray(c: ClusterConfig) -> None:
     if c.address:
         address = _cluster_address(c.address)
         if address.split("://")[-1].startswith(("127.0.0.1:", "localhost:")):
-            _loopback_only()  # else Ray replaces 127.0.0.1 by the host's address, where a loopback head is not
+            loopback_only()  # else Ray replaces 127.0.0.1 by the host's address, where a loopback head is not
         if "://" not in address and address != "auto":
             env["env_vars"]["RAY_ADDRESS"] = address
         ray.init(address=address, runtime_env=_beside_job_env(env), log_to_driver=True)
@@ -214,7 +148,7 @@ def ensure_ray(c: ClusterConfig) -> None:
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray job's driver: the cluster is right there
         raise ValueError("cluster.address: this run is a Ray job on a cluster but has no cluster.address, so it would "
                          "start a Ray of its own on the head node; add cluster.address=auto (the job's own cluster)")
-    _loopback_only()
+    loopback_only()
     need = c.num_workers * c.cpus_per_worker
     port, gcs_port = embedded_dashboard_port(), free_port()
     env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"  # only the workers': the driver's would mean "connect"
@@ -224,8 +158,8 @@ def ensure_ray(c: ClusterConfig) -> None:
     # Ray's dashboard and autoscaler take fixed Prometheus ports (44227, 44217) unless told otherwise in their
     # environment; a second Ray on the machine then logged bind errors. The GCS port
     # is read from the environment too, so the workers' RAY_ADDRESS can be known before Ray starts.
-    with _environ({**metrics_port_env(), "RAY_GCS_SERVER_PORT": str(gcs_port)}), _token_auth_quietly(), \
-            _agent_http_port(free_port()):
+    with _environ({**metrics_port_env(), "RAY_GCS_SERVER_PORT": str(gcs_port)}), token_auth_quietly(), \
+            agent_http_port(free_port()):
         # address="local": a new Ray of this run's own. Without an address Ray joins the cluster the machine's
         # last `ray start` recorded (a `tdcompress cluster up` left running), and refuses num_cpus there.
         ray.init(address="local", num_cpus=max(need, local_cpus()), num_gpus=torch.cuda.device_count() if gpu else 0,
