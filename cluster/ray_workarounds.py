@@ -17,8 +17,8 @@ def loopback_only() -> None:
     listened on all interfaces and the host's address, and metrics endpoints answered
     unauthenticated on 0.0.0.0. Its "local only" mode (meant for laptops) binds them all to
     loopback; the Ray processes read it from the environment, and the driver from a constant
-    Ray sets when it is first imported, so both are set. tests/test_distributed_ray.py lists the
-    listening sockets of a running embedded Ray.
+    Ray sets when it is first imported, so both are set. tests/test_run_listeners.py lists the
+    listening sockets of an embedded run's whole process tree while it trains.
     """
     import ray._private.ray_constants as ray_constants
 
