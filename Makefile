@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TDC_DATA_ROOT ?= $(abspath ../shared/data/cifar10)
 export TDC_DATA_ROOT
 # Three: most tests wait much of their time (process and Ray start-ups, polling a job), so three keep 2 CPUs busy
-# (measured on 2 AMD EPYC cores, nothing else running: 3 processes 12m31s-14m17s, 4 processes 14m29s).
+# (measured on 2 AMD EPYC cores beside a training run: 3 processes 13m59s, 4 processes 14m38s).
 TEST_WORKERS ?= 3
 # DeepSpeed picks its CPU accelerator when no GPU is present; saying so silences its probe warning.
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
