@@ -1,6 +1,6 @@
 """Ray: start the embedded local instance or connect to a cluster, and run the workers.
 
-Embedded Ray binds to 127.0.0.1 (its dashboard included; cluster/ray_workarounds.py), with a small
+Embedded Ray binds every server to 127.0.0.1 (cluster/ray_workarounds.py) and has a small
 object store (the workers exchange tensors through torch.distributed, not
 through Ray's object store). The ``local`` backend runs the single worker in
 this process with a one-rank gloo/NCCL process group: no Ray at all, which
@@ -156,8 +156,8 @@ def ensure_ray(c: ClusterConfig) -> None:
     # force-killed at every end of training, left an error line (E) in the run's output.
     env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     # Ray's dashboard and autoscaler take fixed Prometheus ports (44227, 44217) unless told otherwise in their
-    # environment; a second Ray on the machine then logged bind errors. The GCS port
-    # is read from the environment too, so the workers' RAY_ADDRESS can be known before Ray starts.
+    # environment; a second Ray on the machine then logged bind errors. The GCS port is read from the
+    # environment too, so the workers' RAY_ADDRESS can be known before Ray starts.
     with _environ({**metrics_port_env(), "RAY_GCS_SERVER_PORT": str(gcs_port)}), token_auth_quietly(), \
             agent_http_port(free_port()):
         # address="local": a new Ray of this run's own. Without an address Ray joins the cluster the machine's

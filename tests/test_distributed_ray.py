@@ -152,7 +152,6 @@ def test_reported_accuracy_is_the_saved_models(tiny, ray_local, tmp_path):
         assert evaluate(model, loader, device=cpu, precision=fp32)["top1"] == pytest.approx(logged, abs=1e-9)
 
 
-
 def test_the_embedded_rays_agent_serves_on_a_free_port_not_rays_fixed_one(ray_local):
     """Ray's dashboard agent takes HTTP port 52365 unless told otherwise; with another Ray on the machine holding
     it (the suite runs several at once), the agent retried the bind for ~3.3 s and the node's start waited."""
