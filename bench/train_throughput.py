@@ -10,11 +10,13 @@ No Ray, no MLflow: runs on a bare GPU box.
 
     python -m bench.train_throughput                # device defaults
     python -m bench.train_throughput --models resnet50 --batch 256 --steps 30 --compile
+    python -m bench.train_throughput --models resnet20 --batch 64 --fused 1 --precision fp32,bf16 --threads 1
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +61,9 @@ def engine_step_fn(engine, x, y):
 
 
 def bench_model(name: str, batch: int, steps: int, warmup: int, device: torch.device, zero: int,
-                compile_: bool, fused: bool) -> dict:
-    optim, engine_cfg = OptimConfig(fused=fused), EngineConfig(zero_stage=zero, compile=compile_)
+                compile_: bool, fused: bool, precision_name: str = "auto") -> dict:
+    optim = OptimConfig(fused=fused)
+    engine_cfg = EngineConfig(zero_stage=zero, compile=compile_, precision=precision_name)
     precision = resolve_precision(engine_cfg, device)
     size, classes = image_size(name, device), classes_for(name)
     x, y = synthetic_batch(batch, size, classes, device, precision.channels_last)
@@ -101,9 +104,18 @@ def main() -> None:
     p.add_argument("--compile-only", action="store_true", help="time engine.compile() alone (no eager rows)")
     p.add_argument("--fused", default="1,0", help="optim.fused values to time (1: torch's fused SGD, in both "
                    "the engine and the plain loop; 0: its default per-tensor SGD)")
+    p.add_argument("--precision", default="auto", help="engine.precision values to time, comma-separated "
+                   "(auto, fp32, bf16; auto: bf16 on a GPU, fp32 on a CPU); the plain loop follows each")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add_malloc_option(p)
     add_json_option(p)
     args = p.parse_args()
+    precisions = args.precision.split(",")
+    allowed = typing.get_args(typing.get_type_hints(EngineConfig)["precision"])
+    if bad := [v for v in precisions if v not in allowed]:
+        p.error(f"--precision: {bad} not among {list(allowed)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     apply_malloc_option(args, device)
     prepare_deepspeed_env()
     init_process_group(device)
@@ -113,8 +125,8 @@ def main() -> None:
     for m, b in zip(models, batches):
         for zero in [int(z) for z in args.zero.split(",")]:
             for comp in [True] if args.compile_only else [False, True] if args.compile else [False]:
-                for fused in [bool(int(f)) for f in args.fused.split(",")]:
-                    r = bench_model(m, b, args.steps, args.warmup, device, zero, comp, fused)
+                for fused, prec in [(bool(int(f)), v) for f in args.fused.split(",") for v in precisions]:
+                    r = bench_model(m, b, args.steps, args.warmup, device, zero, comp, fused, prec)
                     report.add(r)
                     print(f"{m:9s} batch {b:4d} {r['image']}px zero {zero} compile {comp!s:5s} "
                           f"fused {fused!s:5s} bf16 {r['bf16']!s:5s} "
