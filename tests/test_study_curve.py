@@ -95,3 +95,29 @@ def test_cli_tables_plot_and_rendered_block(records, tmp_path, capsys, monkeypat
     text = doc.read_text()
     assert "| tucker2 | 0.33 | plain | 20 | 2 | 87.25 | 86.50 | 0.75 ± 0.35 |" in text
     assert main(["records", "render", str(doc), "--check"]) == 0
+
+
+def test_trend_fits_each_arm_per_doubling_and_meets_or_extrapolates_the_goal(records, capsys):
+    def arms(goal: str) -> dict:
+        assert main(["records", "curve", str(records), "--table", "trend", "--goal", goal, "--format", "json"]) == 0
+        return {(t["keep_ratio"], t["method"], t["variant"]): t for t in json.loads(capsys.readouterr().out)}
+
+    met = arms("0.33=1.0,0.2=2.5")
+    admm = met[("0.33", "admm", "plain")]
+    # gaps -4.0 at 5 epochs, -0.5 and -1.0 at 20 (two seeds): a line through the three rows, not the means
+    assert admm["gaps"] == "5: -4.00, 20: -0.75" and admm["rows"] == 3
+    assert admm["per_doubling"] == pytest.approx(1.625)
+    assert admm["reach"] == "met at 20"  # the mean of the 20-epoch seeds is within 1.0 point
+    assert met[("0.33", "direct", "plain")]["per_doubling"] == pytest.approx(0.75)
+    # the line: -1.5 at 20 epochs, +0.75 a doubling, so -1.0 two thirds of a doubling later (20 * 2^(2/3))
+    assert met[("0.33", "direct", "plain")]["reach"] == "about 32 (extrapolated)"
+    assert met[("0.2", "admm", "plain")]["reach"] == "one budget: no trend"
+    assert met[("0.33", "admm", "fixed-rho")]["goal"] == "-1"
+    strict = arms("0.33=0.5")
+    assert strict[("0.33", "admm", "plain")]["reach"] == "about 22 (extrapolated)"
+    assert strict[("0.2", "admm", "plain")]["reach"] == "-"  # no goal for its ratio
+
+
+def test_a_malformed_goal_is_refused_before_any_record_is_read(tmp_path, capsys):
+    assert main(["records", "curve", str(tmp_path / "missing"), "--table", "trend", "--goal", "3x=1"]) == 2
+    assert "--goal: '3x=1' is not KEEP=POINTS" in capsys.readouterr().err

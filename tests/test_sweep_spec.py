@@ -222,3 +222,13 @@ def test_a_failed_row_runs_again_from_its_checkpoints(tmp_path, monkeypatch, cap
 def test_retries_must_not_be_negative(tmp_path, capsys):
     assert main(["sweep", str(_sweep(tmp_path)), "--retries", "-1"]) == 2
     assert "--retries: must be 0 or more, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "study" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_expands_into_valid_configs(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # a sweep's config paths are relative to the repository root
+    sweep = load_sweep(path)
+    names = [r.name for r in sweep.rows]
+    assert names and len(set(names)) == len(names)
+    cfgs, _ = configs(sweep, where(sweep))
+    assert set(cfgs) == set(names) and all(c.phases for c in cfgs.values())

@@ -2,7 +2,8 @@
 
     tdcompress records export DIR [--filter EXPR] [RUN ...]   one JSON per parent run (launcher/results/records.py)
     tdcompress records import DIR [--tracking-uri URI]        back into an MLflow store (launcher/results/records_import.py)
-    tdcompress records curve DIR [--table rows|curve|best]    a study's stages, budget curve and best models
+    tdcompress records curve DIR [--table rows|curve|best|trend]    a study's stages, budget curve, best models
+                                                                    and each arm's gap to dense by budget
     tdcompress records render RESULTS.md [--check]            regenerate the file's tables
 
 A table in a rendered file is the output of the `tdcompress compare` or `tdcompress records curve` command
@@ -59,7 +60,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          "direct by budget and ratio, the best model per ratio")
     cv.add_argument("dir", help="records directory (e.g. docs/records/r20-budget)")
     cv.add_argument("--table", default="curve", help="rows (every row, each stage), curve (ADMM - direct by "
-                    "budget; default) or best (the best row per ratio, with its command)")
+                    "budget; default), best (the best row per ratio, with its command) or trend (each arm's "
+                    "gap to dense by budget, its gain per doubling and the budget that meets --goal)")
+    cv.add_argument("--goal", default="", metavar="KEEP=POINTS,...", help="for --table trend: the most points "
+                    "below dense each keep ratio may end, e.g. 0.33=1.0,0.2=2.5 (default: none)")
     cv.add_argument("--format", default="table", help="table (default), markdown, csv or json")
     cv.add_argument("--plot", default="", metavar="PNG", help="also draw the budget curve here (e.g. "
                     "docs/r20_budget_curve.png; default: none)")
@@ -104,10 +108,12 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     from launcher.results.study_curve import study_rows
     from launcher.results.study_curve import table as curve_table
     from launcher.results.study_curve_plot import plot_curve
+    from launcher.results.study_trend import parse_goals
 
     plot_path = check_plot_path(Path(args.plot)) if args.plot else None  # a bad path fails before any reading
+    goals = parse_goals(args.goal)
     rows = study_rows(load_records(Path(args.dir)))
-    print(curve_table(rows, args.table, args.format, args.dir))
+    print(curve_table(rows, args.table, args.format, args.dir, goals))
     if plot_path and plot_curve(rows, plot_path):
         print(f"plot: {plot_path}", file=sys.stderr)
     return 0

@@ -16,7 +16,7 @@ from typing import Any
 from launcher.schema import ConfigError
 
 TRAINING_AFTER_DENSE = ("admm", "finetune", "rank_prune")
-TABLES = ("rows", "curve", "best")
+TABLES = ("rows", "curve", "best", "trend")
 
 # (key, header, kind) in launcher.results.compare's column format, so its renderer draws these tables too.
 ROW_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -140,10 +140,11 @@ BEST_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def table(rows: list[dict[str, Any]], which: str, fmt: str, where: str) -> str:
-    """The ``which`` table (rows, curve or best) of the study rows ``rows`` (:func:`study_rows` of the records
-    in ``where``), rendered as ``fmt``."""
+def table(rows: list[dict[str, Any]], which: str, fmt: str, where: str, goals: dict[float, float] | None = None) -> str:
+    """The ``which`` table (rows, curve, best or trend) of the study rows ``rows`` (:func:`study_rows` of the
+    records in ``where``), rendered as ``fmt``; ``goals``: the trend table's points below dense per keep ratio."""
     from launcher.results.compare import render
+    from launcher.results.study_trend import TREND_COLUMNS, trend
 
     if which not in TABLES:
         raise ConfigError(f"--table: must be one of {', '.join(TABLES)}, got {which!r}")
@@ -153,6 +154,8 @@ def table(rows: list[dict[str, Any]], which: str, fmt: str, where: str) -> str:
         return render(rows, fmt, spec=ROW_COLUMNS)
     if which == "best":
         return render(best_per_ratio(rows), fmt, spec=BEST_COLUMNS)
+    if which == "trend":
+        return render(trend(rows, goals or {}), fmt, spec=TREND_COLUMNS)
     pairs = curve(rows)
     if not pairs:
         return f"(no ADMM row in {where} has its direct row of the same budget and seed yet)"
