@@ -114,7 +114,7 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     goals = parse_goals(args.goal)
     rows = study_rows(load_records(Path(args.dir)))
     print(curve_table(rows, args.table, args.format, args.dir, goals))
-    if plot_path and plot_curve(rows, plot_path):
+    if plot_path and plot_curve(rows, plot_path, goals):
         print(f"plot: {plot_path}", file=sys.stderr)
     return 0
 

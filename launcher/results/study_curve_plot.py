@@ -1,20 +1,82 @@
-"""The budget curve as a figure: final top-1 by budget for every arm (left) and ADMM minus direct (right)."""
+"""The budget curve as a figure: each arm's distance from its dense model by budget, with its trend and the goals
+(left), and ADMM minus direct (right); budgets on a log2 axis, where the trends are straight lines."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-from launcher.results.study_curve import curve, mean_std
+from launcher.results.study_curve import curve
+from launcher.results.study_trend import trend
 
 _STYLE = {"admm": "-", "direct": "--"}
 
 
-def plot_curve(rows: list[dict[str, Any]], path: Path) -> Path | None:
+def _budget_axis(ax: Any, budgets: list[int], reach: float = 0.0) -> None:
+    """A log2 budget axis ticked at the budgets run, wide enough to show an extrapolated ``reach`` too."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(budgets)), [str(b) for b in sorted(set(budgets))])
+    ax.minorticks_off()
+    lo, hi = min(budgets), max(max(budgets), reach)
+    ax.set_xlim(lo / 1.15, hi * 1.15)
+
+
+def _draw_distance(ax: Any, rows: list[dict[str, Any]], goals: dict[float, float]) -> None:
+    """Each arm's final - dense by budget, its log2 trend (dotted, on to an extrapolated goal) and the goals."""
+    budgets: list[int] = []
+    reach = 0.0
+    for arm in trend(rows, goals):
+        xs = sorted(arm["by_budget"])
+        label = f"{arm['format']} keep {arm['keep_ratio']} {arm['method']}" + \
+            ("" if arm["variant"] == "plain" else f" ({arm['variant']})")
+        (line,) = ax.plot(xs, [arm["by_budget"][b] for b in xs], marker="o", label=label,
+                          linestyle=_STYLE.get(arm["method"], ":"))
+        budgets += xs
+        if arm["fit"] is None:
+            continue
+        end = max(xs[-1], arm["reach_budget"] or 0)
+        intercept, slope = arm["fit"]
+        grid = [xs[0] * (end / xs[0]) ** (i / 20) for i in range(21)]
+        ax.plot(grid, [intercept + slope * math.log2(b) for b in grid], color=line.get_color(), linestyle=":",
+                linewidth=1)
+        if end > xs[-1]:
+            ax.annotate(f"~{end:.0f}", (end, -arm["goal_points"]), fontsize=7, color=line.get_color(),
+                        ha="center", va="bottom")
+            reach = max(reach, end)
+    for keep, points in sorted(goals.items()):
+        ax.axhline(-points, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(f"goal at keep {keep:g}: -{points:g}", (0.01, -points), xycoords=("axes fraction", "data"),
+                    fontsize=7, va="bottom", color="grey")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    _budget_axis(ax, budgets, reach)
+    ax.set(xlabel="training budget after the dense model (epochs, log2)", ylabel="final - dense top-1 (points)",
+           title="distance from the dense model by budget (dotted: log2 trend)")
+    ax.legend(fontsize=7)
+
+
+def _draw_admm_minus_direct(ax: Any, rows: list[dict[str, Any]]) -> None:
+    lines: dict[tuple, list[dict[str, Any]]] = {}
+    for c in curve(rows):
+        lines.setdefault((c["format"], c["keep_ratio"], c["variant"]), []).append(c)
+    for (fmt, keep, var), cells in sorted(lines.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        ax.errorbar([c["budget"] for c in cells], [c["gap"] for c in cells], yerr=[c["gap_std"] for c in cells],
+                    marker="o", capsize=3, label=f"{fmt} keep {keep}" + ("" if var == "plain" else f" ({var})"))
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set(xlabel="training budget after the dense model (epochs, log2)",
+           ylabel="ADMM - direct, final top-1 (points)", title="where ADMM pays (above zero)")
+    if lines:
+        _budget_axis(ax, [c["budget"] for cells in lines.values() for c in cells])
+        ax.legend(fontsize=7)
+
+
+def plot_curve(rows: list[dict[str, Any]], path: Path, goals: dict[float, float] | None = None) -> Path | None:
     """Write the figure of the study rows ``rows`` (:func:`launcher.results.study_curve.study_rows`) to ``path`` (PNG).
 
-    Left: each arm's final top-1 (mean over seeds, bars: std) against its budget in epochs, one line per
-    (format, ratio, method, variant), the dense baselines dotted. Right: ADMM minus direct at each budget
-    (points), one line per (format, ratio, ADMM variant); above zero ADMM pays. None when ``rows`` is empty.
+    Left: each arm's final top-1 minus its rows' dense parents (points; mean over seeds) against its budget in
+    epochs, one colour per (format, ratio, method, variant), with its log2 trend (thin dotted line, drawn on to
+    the budget that meets its goal when that is an extrapolation) and each goal of ``goals`` (keep ratio ->
+    points below dense) as a grey line. Right: ADMM minus direct at each budget (bars: std over seeds), one line
+    per (format, ratio, ADMM variant); above zero ADMM pays. None when ``rows`` is empty.
     """
     import matplotlib
 
@@ -24,35 +86,8 @@ def plot_curve(rows: list[dict[str, Any]], path: Path) -> Path | None:
     if not rows:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    arms: dict[tuple, dict[int, list[float]]] = {}
-    for r in rows:
-        key = (r["format"], r["keep_ratio"], r["method"], r["variant"])
-        arms.setdefault(key, {}).setdefault(r["budget"], []).append(r["top1"])
-    for (fmt, keep, method, var), by_budget in sorted(arms.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        xs = sorted(by_budget)
-        stats = [mean_std(by_budget[b]) for b in xs]
-        left.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
-                      linestyle=_STYLE.get(method, ":"), label=f"{fmt} keep {keep} {method}"
-                      + ("" if var == "plain" else f" ({var})"))
-    for dense in sorted({r["dense_top1"] for r in rows if r["dense_top1"] is not None}):
-        left.axhline(dense, color="grey", linestyle=":", linewidth=1)
-        left.annotate(f"dense {dense:.2f}", (0.01, dense), xycoords=("axes fraction", "data"), fontsize=7,
-                      va="bottom", color="grey")
-    left.set(xlabel="training budget after the dense model (epochs)", ylabel="final top-1 (%)",
-             title="final top-1 by budget")
-    left.legend(fontsize=7)
-    lines: dict[tuple, list[dict[str, Any]]] = {}
-    for c in curve(rows):
-        lines.setdefault((c["format"], c["keep_ratio"], c["variant"]), []).append(c)
-    for (fmt, keep, var), cells in sorted(lines.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        right.errorbar([c["budget"] for c in cells], [c["gap"] for c in cells],
-                       yerr=[c["gap_std"] for c in cells], marker="o", capsize=3,
-                       label=f"{fmt} keep {keep}" + ("" if var == "plain" else f" ({var})"))
-    right.axhline(0.0, color="black", linewidth=0.8)
-    right.set(xlabel="training budget after the dense model (epochs)", ylabel="ADMM - direct, final top-1 (points)",
-              title="where ADMM pays (above zero)")
-    if lines:
-        right.legend(fontsize=7)
+    _draw_distance(left, rows, goals or {})
+    _draw_admm_minus_direct(right, rows)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -41,7 +41,7 @@ def parse_goals(text: str) -> dict[float, float]:
     return goals
 
 
-def _fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
+def fit_log2(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     """(intercept, slope) of gap = intercept + slope * log2(budget); None with fewer than two budgets."""
     xs, ys = [math.log2(b) for b, _ in points], [g for _, g in points]
     if len(set(xs)) < 2:
@@ -51,24 +51,28 @@ def _fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     return my - slope * mx, slope
 
 
-def _reach(by_budget: dict[int, float], fit: tuple[float, float] | None, goal: float | None) -> str:
+def _reach(by_budget: dict[int, float], fit: tuple[float, float] | None, goal: float | None) -> tuple[str, float | None]:
+    """The trend table's words for when ``goal`` is met, and that budget in epochs (None when there is none)."""
     if goal is None:
-        return "-"
+        return "-", None
     met = [b for b, g in sorted(by_budget.items()) if g >= -goal]
     if met:
-        return f"met at {met[0]}"
+        return f"met at {met[0]}", float(met[0])
     if fit is None:
-        return "one budget: no trend"
+        return "one budget: no trend", None
     intercept, slope = fit
     if slope <= 0:
-        return "not on this trend"
-    return f"about {2 ** ((-goal - intercept) / slope):.0f} (extrapolated)"
+        return "not on this trend", None
+    budget = 2 ** ((-goal - intercept) / slope)
+    return f"about {budget:.0f} (extrapolated)", budget
 
 
 def trend(rows: list[dict[str, Any]], goals: dict[float, float]) -> list[dict[str, Any]]:
     """One line per arm of the study rows ``rows`` (:func:`launcher.results.study_curve.study_rows`): its gap to
     dense at each budget, the fitted gain per doubling and, where ``goals`` names its keep ratio, the budget that
-    meets the goal (the first run budget that did, else the trend's extrapolation)."""
+    meets the goal (the first run budget that did, else the trend's extrapolation). Each line also carries its
+    numbers for a figure: ``by_budget`` (budget -> mean gap), ``fit`` ((intercept, slope) or None), ``goal_points``
+    and ``reach_budget`` (epochs, or None)."""
     arms: dict[tuple, list[tuple[int, float]]] = {}
     for r in rows:
         if r["top1_delta"] is not None and r["budget"] > 0:
@@ -78,11 +82,13 @@ def trend(rows: list[dict[str, Any]], goals: dict[float, float]) -> list[dict[st
     for (model, fmt, keep, method, var), points in arms.items():
         budgets = sorted({b for b, _ in points})
         by_budget = {b: statistics.fmean([g for bb, g in points if bb == b]) for b in budgets}
-        fit = _fit(points)
+        fit = fit_log2(points)
         goal = next((p for k, p in goals.items() if keep is not None and math.isclose(k, float(keep))), None)
+        reach, reach_budget = _reach(by_budget, fit, goal)
         out.append({"model": model, "format": fmt, "keep_ratio": keep, "method": method, "variant": var,
                     "gaps": ", ".join(f"{b}: {by_budget[b]:+.2f}" for b in budgets), "rows": len(points),
                     "per_doubling": fit[1] if fit else None, "goal": "-" if goal is None else f"-{goal:g}",
-                    "reach": _reach(by_budget, fit, goal)})
+                    "reach": reach, "by_budget": by_budget, "fit": fit, "goal_points": goal,
+                    "reach_budget": reach_budget})
     return sorted(out, key=lambda t: (str(t["model"]), str(t["format"]), -float(t["keep_ratio"] or 0),
                                       t["method"], t["variant"]))
