@@ -62,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cv.add_argument("--table", default="curve", help="rows (every row, each stage), curve (ADMM - direct by "
                     "budget; default), best (the best row per ratio, with its command) or trend (each arm's "
                     "gap to dense by budget, its gain per doubling and the budget that meets --goal)")
-    cv.add_argument("--goal", default="", metavar="KEEP=POINTS,...", help="for --table trend: the most points "
+    cv.add_argument("--goal", default="", metavar="KEEP=POINTS,...", help="for --table trend and --plot: the most points "
                     "below dense each keep ratio may end, e.g. 0.33=1.0,0.2=2.5 (default: none)")
     cv.add_argument("--format", default="table", help="table (default), markdown, csv or json")
     cv.add_argument("--plot", default="", metavar="PNG", help="also draw the budget curve here (e.g. "
