@@ -46,9 +46,8 @@ def fit_log2(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     xs, ys = [math.log2(b) for b, _ in points], [g for _, g in points]
     if len(set(xs)) < 2:
         return None
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - slope * mx, slope
+    line = statistics.linear_regression(xs, ys)
+    return line.intercept, line.slope
 
 
 def _reach(by_budget: dict[int, float], fit: tuple[float, float] | None, goal: float | None) -> tuple[str, float | None]:
