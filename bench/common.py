@@ -32,6 +32,7 @@ import torch
 
 from cluster.dist import init_local_group
 from trainer.export.malloc import malloc_tuned, reexec_with_tuned_malloc
+from trainer.hardware import cpu_kernels, cpu_model
 
 __all__ = ["SCHEMA", "Report", "Timing", "add_json_option", "add_malloc_option", "apply_malloc_option", "banner", "banner_line", "classes_for", "cpu_count",
            "device_name", "image_size", "init_process_group", "peak_memory_gib", "pick_device", "start", "sync",
@@ -45,16 +46,6 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_count() -> int:
     """CPUs this process may run on (the affinity mask, not the host's total)."""
     try:
@@ -66,7 +57,7 @@ def cpu_count() -> int:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {_cpu_model()}"
+    return f"CPU {cpu_model()} ({cpu_kernels()} kernels)"
 
 
 def _version(package: str) -> str:

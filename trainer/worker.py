@@ -21,6 +21,7 @@ from trainer.config import COMPRESSING_PHASES, DataConfig
 from trainer.context import WorkerContext, WorkerJob
 from trainer.core.engine import prepare_deepspeed_env
 from trainer.data import dataset_identity, load_datasets, make_loader
+from trainer.hardware import cpu_model, describe_device
 from trainer.init_weights import apply_init
 from trainer.logs import get_logger
 from trainer.models import build_model
@@ -78,17 +79,11 @@ def build_context(job: WorkerJob) -> WorkerContext:
     # No-ops until their phase starts: _tracked_phase opens each phase's MLflow run then (trainer.tracking.runs).
     phases = [Tracker(None, None) for _ in cfg.phases]
     if lead:
-        parent.tags({"device": describe_device(device, world)})
+        parent.tags({"device": describe_device(device, world), "cpu_model": cpu_model()})
         parent.dataset(**dataset_record(d, len(sets.train), len(sets.eval), cfg.seed))
     return WorkerContext(cfg=cfg, rank=rank, world=world, device=device, run_dir=Path(job.run_dir),
                          train_loader=train_loader, eval_loader=eval_loader, num_classes=sets.num_classes,
                          image_size=sets.image_size, parent=parent, phase_trackers=phases, teachers=job.teachers)
-
-
-def describe_device(device: torch.device, world: int) -> str:
-    """E.g. ``cpu x2`` or ``NVIDIA H200 x8``: what the run trained on (the ``device`` tag of the parent run)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"{name} x{world}"
 
 
 def dataset_record(d: DataConfig, n_train: int, n_eval: int, seed: int) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,6 +37,7 @@ from admm.planning.planner import layer_format, select
 from admm.planning.rank_plan import RankPlan
 from trainer.checkpoints.files import atomic_write_text
 from trainer.export.malloc import malloc_tuned
+from trainer.hardware import cpu_model
 
 CACHE_ENV = "TDC_LATENCY_CACHE"
 CACHE_VERSION = 1
@@ -53,15 +53,7 @@ def device_name(device: torch.device) -> str:
     """What the timings depend on of the device: the GPU's name, or the CPU model and torch's thread count."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:  # no /proc (macOS): platform.processor() names the CPU well enough
-        pass
-    return f"cpu:{model}:{torch.get_num_threads()} threads"
+    return f"cpu:{cpu_model()}:{torch.get_num_threads()} threads"
 
 
 @dataclass
