@@ -119,6 +119,20 @@ def test_trend_fits_each_arm_per_doubling_and_meets_or_extrapolates_the_goal(rec
     assert strict[("0.2", "admm", "plain")]["reach"] == "-"  # no goal for its ratio
 
 
+def test_trend_also_extrapolates_the_last_doubling_where_returns_shrink(tmp_path, capsys):
+    # direct rows 3.0, 2.25, 1.5 and 1.25 points under dense at 5, 10, 20 and 40 epochs: 0.75 a doubling, then 0.25
+    for budget, gap in ((5, 3.0), (10, 2.25), (20, 1.5), (40, 1.25)):
+        rec = _record(f"d{budget}", "direct", "0.33", 0, DENSE - gap, ft=budget)
+        (tmp_path / f"d{budget}.json").write_text(json.dumps(rec))
+    assert main(["records", "curve", str(tmp_path), "--table", "trend", "--goal", "0.33=1.0", "--format", "json"]) == 0
+    (arm,) = json.loads(capsys.readouterr().out)
+    assert arm["last_doubling"] == pytest.approx(0.25) and arm["per_doubling"] == pytest.approx(0.6)
+    # the line through all four (0.6 a doubling) meets -1.0 near 45 epochs; at 0.25 a doubling, -1.25 at 40 takes one more: 80
+    assert arm["reach"] == "about 45 (extrapolated); about 80 at the last doubling's rate"
+    assert main(["records", "curve", str(tmp_path), "--table", "trend", "--goal", "0.33=1.0"]) == 0
+    assert "last doubling (points)" in capsys.readouterr().out
+
+
 def test_a_malformed_goal_is_refused_before_any_record_is_read(tmp_path, capsys):
     assert main(["records", "curve", str(tmp_path / "missing"), "--table", "trend", "--goal", "3x=1"]) == 2
     assert "--goal: '3x=1' is not KEEP=POINTS" in capsys.readouterr().err

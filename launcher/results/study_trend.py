@@ -3,11 +3,11 @@ would reach a goal.
 
 An *arm* is the rows of one (model, format, ratio, method, variant), over budgets and seeds. Its gap at a budget
 is final top-1 minus the row's own dense parent (points; mean over the seeds there). The trend is a least-squares
-line of the gap against log2(budget) through every row of the arm: the gain per doubling of the budget, the
-shape the study's direct rows follow (about the same gain from 5 to 10 epochs as from 10 to 20). Where a goal is
-given for the arm's ratio (``--goal 0.33=1.0``: within 1.0 point of dense at keep 0.33) and no budget run has
-met it, the line is extrapolated to the budget that would: an estimate to be checked by running that budget,
-not a measurement.
+line of the gap against log2(budget) through every row of the arm: the gain per doubling of the budget. Beside it
+stands the gain of the last doubling alone (between the arm's two largest budgets), because returns can shrink as
+the budget grows and a line through the small budgets then promises too much. Where a goal is given for the
+arm's ratio (``--goal 0.33=1.0``: within 1.0 point of dense at keep 0.33) and no budget run has met it, both are
+extrapolated to the budget that would meet it: estimates to be checked by running that budget, not measurements.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from launcher.schema import ConfigError
 TREND_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("format", "format", "text"), ("keep_ratio", "keep", "text"), ("method", "method", "text"),
     ("variant", "variant", "text"), ("gaps", "final - dense by budget (epochs: points)", "text"),
-    ("rows", "rows", "text"), ("per_doubling", "points per doubling", "num"), ("goal", "goal (points)", "text"),
+    ("rows", "rows", "text"), ("per_doubling", "points per doubling", "num"),
+    ("last_doubling", "last doubling (points)", "num"), ("goal", "goal (points)", "text"),
     ("reach", "budget for the goal", "text"),
 )
 
@@ -50,8 +51,18 @@ def fit_log2(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     return line.intercept, line.slope
 
 
+def last_doubling(by_budget: dict[int, float]) -> float | None:
+    """Points gained per doubling between the two largest budgets of ``by_budget`` (budget -> mean gap); None
+    with fewer than two budgets."""
+    if len(by_budget) < 2:
+        return None
+    (b1, g1), (b2, g2) = sorted(by_budget.items())[-2:]
+    return (g2 - g1) / math.log2(b2 / b1)
+
+
 def _reach(by_budget: dict[int, float], fit: tuple[float, float] | None, goal: float | None) -> tuple[str, float | None]:
-    """The trend table's words for when ``goal`` is met, and that budget in epochs (None when there is none)."""
+    """The trend table's words for when ``goal`` is met, and that budget in epochs on the fitted line (None when
+    there is none). With three budgets or more the words add where the last doubling's rate would meet it."""
     if goal is None:
         return "-", None
     met = [b for b, g in sorted(by_budget.items()) if g >= -goal]
@@ -60,10 +71,19 @@ def _reach(by_budget: dict[int, float], fit: tuple[float, float] | None, goal: f
     if fit is None:
         return "one budget: no trend", None
     intercept, slope = fit
-    if slope <= 0:
-        return "not on this trend", None
-    budget = 2 ** ((-goal - intercept) / slope)
-    return f"about {budget:.0f} (extrapolated)", budget
+    budget = 2 ** ((-goal - intercept) / slope) if slope > 0 else None
+    words = f"about {budget:.0f} (extrapolated)" if budget else "not on this trend"
+    if len(by_budget) >= 3:
+        words += "; " + _reach_at_last_rate(by_budget, goal)
+    return words, budget
+
+
+def _reach_at_last_rate(by_budget: dict[int, float], goal: float) -> str:
+    """Where the gain of the last doubling, kept up, would meet ``goal`` (points below dense)."""
+    last, rate = max(by_budget), last_doubling(by_budget)
+    if rate is None or rate <= 0:
+        return "the last doubling gained nothing"
+    return f"about {last * 2 ** ((-goal - by_budget[last]) / rate):.0f} at the last doubling's rate"
 
 
 def trend(rows: list[dict[str, Any]], goals: dict[float, float]) -> list[dict[str, Any]]:
@@ -86,7 +106,7 @@ def trend(rows: list[dict[str, Any]], goals: dict[float, float]) -> list[dict[st
         reach, reach_budget = _reach(by_budget, fit, goal)
         out.append({"model": model, "format": fmt, "keep_ratio": keep, "method": method, "variant": var,
                     "gaps": ", ".join(f"{b}: {by_budget[b]:+.2f}" for b in budgets), "rows": len(points),
-                    "per_doubling": fit[1] if fit else None, "goal": "-" if goal is None else f"-{goal:g}",
+                    "per_doubling": fit[1] if fit else None, "last_doubling": last_doubling(by_budget), "goal": "-" if goal is None else f"-{goal:g}",
                     "reach": reach, "by_budget": by_budget, "fit": fit, "goal_points": goal,
                     "reach_budget": reach_budget})
     return sorted(out, key=lambda t: (str(t["model"]), str(t["format"]), -float(t["keep_ratio"] or 0),
