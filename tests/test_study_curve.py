@@ -127,7 +127,8 @@ def test_trend_also_extrapolates_the_last_doubling_where_returns_shrink(tmp_path
     assert main(["records", "curve", str(tmp_path), "--table", "trend", "--goal", "0.33=1.0", "--format", "json"]) == 0
     (arm,) = json.loads(capsys.readouterr().out)
     assert arm["last_doubling"] == pytest.approx(0.25) and arm["per_doubling"] == pytest.approx(0.6)
-    # the line through all four (0.6 a doubling) meets -1.0 near 45 epochs; at 0.25 a doubling, -1.25 at 40 takes one more: 80
+    # the line through all four (0.6 a doubling) meets -1.0 near 45 epochs; at 0.25 a doubling, -1.25 at 40
+    # takes one more doubling: 80
     assert arm["reach"] == "about 45 (extrapolated); about 80 at the last doubling's rate"
     assert main(["records", "curve", str(tmp_path), "--table", "trend", "--goal", "0.33=1.0"]) == 0
     assert "last doubling (points)" in capsys.readouterr().out

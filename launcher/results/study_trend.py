@@ -106,7 +106,8 @@ def trend(rows: list[dict[str, Any]], goals: dict[float, float]) -> list[dict[st
         reach, reach_budget = _reach(by_budget, fit, goal)
         out.append({"model": model, "format": fmt, "keep_ratio": keep, "method": method, "variant": var,
                     "gaps": ", ".join(f"{b}: {by_budget[b]:+.2f}" for b in budgets), "rows": len(points),
-                    "per_doubling": fit[1] if fit else None, "last_doubling": last_doubling(by_budget), "goal": "-" if goal is None else f"-{goal:g}",
+                    "per_doubling": fit[1] if fit else None, "last_doubling": last_doubling(by_budget),
+                    "goal": "-" if goal is None else f"-{goal:g}",
                     "reach": reach, "by_budget": by_budget, "fit": fit, "goal_points": goal,
                     "reach_budget": reach_budget})
     return sorted(out, key=lambda t: (str(t["model"]), str(t["format"]), -float(t["keep_ratio"] or 0),
