@@ -60,9 +60,11 @@ def last_doubling(by_budget: dict[int, float]) -> float | None:
     return (g2 - g1) / math.log2(b2 / b1)
 
 
-def _reach(by_budget: dict[int, float], fit: tuple[float, float] | None, goal: float | None) -> tuple[str, float | None]:
+def _reach(by_budget: dict[int, float], fit: tuple[float, float] | None, last_rate: float | None,
+           goal: float | None) -> tuple[str, float | None]:
     """The trend table's words for when ``goal`` is met, and that budget in epochs on the fitted line (None when
-    there is none). With three budgets or more the words add where the last doubling's rate would meet it."""
+    there is none). With three budgets or more the words add where ``last_rate`` (:func:`last_doubling`) would
+    meet it."""
     if goal is None:
         return "-", None
     met = [b for b, g in sorted(by_budget.items()) if g >= -goal]
@@ -74,13 +76,13 @@ def _reach(by_budget: dict[int, float], fit: tuple[float, float] | None, goal: f
     budget = 2 ** ((-goal - intercept) / slope) if slope > 0 else None
     words = f"about {budget:.0f} (extrapolated)" if budget else "not on this trend"
     if len(by_budget) >= 3:
-        words += "; " + _reach_at_last_rate(by_budget, goal)
+        words += "; " + _reach_at_last_rate(by_budget, last_rate, goal)
     return words, budget
 
 
-def _reach_at_last_rate(by_budget: dict[int, float], goal: float) -> str:
-    """Where the gain of the last doubling, kept up, would meet ``goal`` (points below dense)."""
-    last, rate = max(by_budget), last_doubling(by_budget)
+def _reach_at_last_rate(by_budget: dict[int, float], rate: float | None, goal: float) -> str:
+    """Where the gain of the last doubling, ``rate`` points, kept up, would meet ``goal`` (points below dense)."""
+    last = max(by_budget)
     if rate is None or rate <= 0:
         return "the last doubling gained nothing"
     return f"about {last * 2 ** ((-goal - by_budget[last]) / rate):.0f} at the last doubling's rate"
@@ -101,12 +103,12 @@ def trend(rows: list[dict[str, Any]], goals: dict[float, float]) -> list[dict[st
     for (model, fmt, keep, method, var), points in arms.items():
         budgets = sorted({b for b, _ in points})
         by_budget = {b: statistics.fmean([g for bb, g in points if bb == b]) for b in budgets}
-        fit = fit_log2(points)
+        fit, last_rate = fit_log2(points), last_doubling(by_budget)
         goal = next((p for k, p in goals.items() if keep is not None and math.isclose(k, float(keep))), None)
-        reach, reach_budget = _reach(by_budget, fit, goal)
+        reach, reach_budget = _reach(by_budget, fit, last_rate, goal)
         out.append({"model": model, "format": fmt, "keep_ratio": keep, "method": method, "variant": var,
                     "gaps": ", ".join(f"{b}: {by_budget[b]:+.2f}" for b in budgets), "rows": len(points),
-                    "per_doubling": fit[1] if fit else None, "last_doubling": last_doubling(by_budget),
+                    "per_doubling": fit[1] if fit else None, "last_doubling": last_rate,
                     "goal": "-" if goal is None else f"-{goal:g}",
                     "reach": reach, "by_budget": by_budget, "fit": fit, "goal_points": goal,
                     "reach_budget": reach_budget})
