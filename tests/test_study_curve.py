@@ -137,3 +137,29 @@ def test_trend_also_extrapolates_the_last_doubling_where_returns_shrink(tmp_path
 def test_a_malformed_goal_is_refused_before_any_record_is_read(tmp_path, capsys):
     assert main(["records", "curve", str(tmp_path / "missing"), "--table", "trend", "--goal", "3x=1"]) == 2
     assert "--goal: '3x=1' is not KEEP=POINTS" in capsys.readouterr().err
+
+
+def test_figure_gives_a_pair_one_colour_in_both_panels_and_hides_no_point_under_a_legend(records):
+    import matplotlib.pyplot as plt
+
+    from launcher.results.records import load_records
+    from launcher.results.study_curve_plot import curve_figure
+
+    fig = curve_figure(study_rows(load_records(records)), {0.33: 1.0})
+    try:
+        left, right = fig.axes
+        colour = {}
+        for ax in (left, right):
+            handles, labels = ax.get_legend_handles_labels()
+            for h, label in zip(handles, labels):
+                line = h.lines[0] if hasattr(h, "lines") else h  # an errorbar's handle holds its line first
+                colour[label] = line.get_color()
+        pair = [colour["tucker2 keep 0.33 admm"], colour["tucker2 keep 0.33 direct"], colour["tucker2 keep 0.33"]]
+        assert len(set(pair)) == 1  # both arms and their ADMM - direct line
+        assert colour["tucker2 keep 0.33 admm (fixed-rho)"] != pair[0]
+        assert colour["tucker2 keep 0.33 admm (distill)"] == colour["tucker2 keep 0.33 direct (distill)"]
+        fig.canvas.draw()
+        for ax in (left, right):  # the legend lies wholly under its panel
+            assert ax.get_legend().get_window_extent().y1 < ax.get_window_extent().y0
+    finally:
+        plt.close(fig)

@@ -12,6 +12,18 @@ from launcher.results.study_trend import trend
 _STYLE = {"admm": "-", "direct": "--"}
 
 
+def _colours(rows: list[dict[str, Any]]) -> dict[tuple, str]:
+    """One colour per (format, keep ratio, variant), shared by both panels, so a pair's arms (solid: ADMM,
+    dashed: direct) and its ADMM - direct line read as one colour."""
+    keys = sorted({(r["format"], r["keep_ratio"], r["variant"]) for r in rows}, key=lambda k: tuple(map(str, k)))
+    return {k: f"C{i % 10}" for i, k in enumerate(keys)}
+
+
+def _legend_below(ax: Any) -> None:
+    """The legend under the axes, where it hides no point however many arms there are."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+
+
 def _budget_axis(ax: Any, budgets: list[int], reach: float = 0.0) -> None:
     """A log2 budget axis ticked at the budgets run, wide enough to show an extrapolated ``reach`` too."""
     ax.set_xscale("log", base=2)
@@ -21,7 +33,8 @@ def _budget_axis(ax: Any, budgets: list[int], reach: float = 0.0) -> None:
     ax.set_xlim(lo / 1.15, hi * 1.15)
 
 
-def _draw_distance(ax: Any, rows: list[dict[str, Any]], goals: dict[float, float]) -> None:
+def _draw_distance(ax: Any, rows: list[dict[str, Any]], goals: dict[float, float],
+                   colours: dict[tuple, str]) -> None:
     """Each arm's final - dense by budget, its log2 trend (dotted, on to an extrapolated goal) and the goals."""
     budgets: list[int] = []
     reach = 0.0
@@ -30,7 +43,8 @@ def _draw_distance(ax: Any, rows: list[dict[str, Any]], goals: dict[float, float
         label = f"{arm['format']} keep {arm['keep_ratio']} {arm['method']}" + \
             ("" if arm["variant"] == "plain" else f" ({arm['variant']})")
         (line,) = ax.plot(xs, [arm["by_budget"][b] for b in xs], marker="o", label=label,
-                          linestyle=_STYLE.get(arm["method"], ":"))
+                          linestyle=_STYLE.get(arm["method"], ":"),
+                          color=colours[(arm["format"], arm["keep_ratio"], arm["variant"])])
         budgets += xs
         if arm["fit"] is None:
             continue
@@ -51,44 +65,55 @@ def _draw_distance(ax: Any, rows: list[dict[str, Any]], goals: dict[float, float
     _budget_axis(ax, budgets, reach)
     ax.set(xlabel="training budget after the dense model (epochs, log2)", ylabel="final - dense top-1 (points)",
            title="distance from the dense model by budget (dotted: log2 trend)")
-    ax.legend(fontsize=7)
+    _legend_below(ax)
 
 
-def _draw_admm_minus_direct(ax: Any, rows: list[dict[str, Any]]) -> None:
+def _draw_admm_minus_direct(ax: Any, rows: list[dict[str, Any]], colours: dict[tuple, str]) -> None:
     lines: dict[tuple, list[dict[str, Any]]] = {}
     for c in curve(rows):
         lines.setdefault((c["format"], c["keep_ratio"], c["variant"]), []).append(c)
     for (fmt, keep, var), cells in sorted(lines.items(), key=lambda kv: tuple(map(str, kv[0]))):
         ax.errorbar([c["budget"] for c in cells], [c["gap"] for c in cells], yerr=[c["gap_std"] for c in cells],
-                    marker="o", capsize=3, label=f"{fmt} keep {keep}" + ("" if var == "plain" else f" ({var})"))
+                    marker="o", capsize=3, label=f"{fmt} keep {keep}" + ("" if var == "plain" else f" ({var})"),
+                    color=colours[(fmt, keep, var)])
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set(xlabel="training budget after the dense model (epochs, log2)",
            ylabel="ADMM - direct, final top-1 (points)", title="where ADMM pays (above zero)")
     if lines:
         _budget_axis(ax, [c["budget"] for cells in lines.values() for c in cells])
-        ax.legend(fontsize=7)
+        _legend_below(ax)
 
 
-def plot_curve(rows: list[dict[str, Any]], path: Path, goals: dict[float, float] | None = None) -> Path | None:
-    """Write the figure of the study rows ``rows`` (:func:`launcher.results.study_curve.study_rows`) to ``path`` (PNG).
+def curve_figure(rows: list[dict[str, Any]], goals: dict[float, float] | None = None) -> Any:
+    """The matplotlib figure of the study rows ``rows`` (:func:`launcher.results.study_curve.study_rows`).
 
     Left: each arm's final top-1 minus its rows' dense parents (points; mean over seeds) against its budget in
-    epochs, one colour per (format, ratio, method, variant), with its log2 trend (thin dotted line, drawn on to
+    epochs, one line per (format, ratio, method, variant), with its log2 trend (thin dotted line, drawn on to
     the budget that meets its goal when that is an extrapolation) and each goal of ``goals`` (keep ratio ->
     points below dense) as a grey line. Right: ADMM minus direct at each budget (bars: std over seeds), one line
-    per (format, ratio, ADMM variant); above zero ADMM pays. None when ``rows`` is empty.
+    per (format, ratio, ADMM variant); above zero ADMM pays. A (format, ratio, variant) has one colour in both
+    panels; legends sit under the panels. The caller closes it.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    colours = _colours(rows)
+    _draw_distance(left, rows, goals or {}, colours)
+    _draw_admm_minus_direct(right, rows, colours)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curve(rows: list[dict[str, Any]], path: Path, goals: dict[float, float] | None = None) -> Path | None:
+    """Write :func:`curve_figure` of ``rows`` to ``path`` (PNG, legends included); None when ``rows`` is empty."""
+    import matplotlib.pyplot as plt
+
     if not rows:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    _draw_distance(left, rows, goals or {})
-    _draw_admm_minus_direct(right, rows)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig = curve_figure(rows, goals)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
