@@ -109,11 +109,11 @@ def curve_figure(rows: list[dict[str, Any]], goals: dict[float, float] | None = 
 
 def plot_curve(rows: list[dict[str, Any]], path: Path, goals: dict[float, float] | None = None) -> Path | None:
     """Write :func:`curve_figure` of ``rows`` to ``path`` (PNG, legends included); None when ``rows`` is empty."""
-    import matplotlib.pyplot as plt
-
     if not rows:
         return None
     fig = curve_figure(rows, goals)
+    import matplotlib.pyplot as plt  # after curve_figure has chosen the Agg backend
+
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
