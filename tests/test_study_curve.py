@@ -78,6 +78,18 @@ def test_curve_pairs_by_budget_seed_and_distillation(records):
     assert cells[("0.33", "distill", 20)]["gap"] == pytest.approx(87.9 - 87.0)  # against the distilled direct row
 
 
+def test_curve_compares_what_each_arm_lost_where_the_pair_had_different_parents(tmp_path):
+    from launcher.results.records import load_records
+
+    admm = _record("a10", "admm", "0.33", 0, 84.7, admm=7, ft=3)
+    admm["metrics"]["dense_top1"] = 87.25  # the same seed's model from another machine
+    for r in (admm, _record("d10", "direct", "0.33", 0, 85.7, ft=10)):  # from the 88.0 parent
+        (tmp_path / f"{r['name']}.json").write_text(json.dumps(r))
+    (cell,) = curve(study_rows(load_records(tmp_path)))
+    assert cell["admm_delta"] == pytest.approx(84.7 - 87.25) and cell["direct_delta"] == pytest.approx(85.7 - DENSE)
+    assert cell["gap"] == pytest.approx((84.7 - 87.25) - (85.7 - DENSE))  # -0.25, not the top-1 difference -1.0
+
+
 def test_cli_tables_plot_and_rendered_block(records, tmp_path, capsys, monkeypatch):
     png = tmp_path / "curve.png"
     assert main(["records", "curve", str(records), "--table", "best", "--format", "json", "--plot", str(png),
@@ -94,7 +106,7 @@ def test_cli_tables_plot_and_rendered_block(records, tmp_path, capsys, monkeypat
     assert main(["records", "render", str(doc), "--check"]) == 1
     assert main(["records", "render", str(doc)]) == 0
     text = doc.read_text()
-    assert "| tucker2 | 0.33 | plain | 20 | 2 | 87.25 | 86.50 | 0.75 ± 0.35 |" in text
+    assert "| tucker2 | 0.33 | plain | 20 | 2 | -0.75 | -1.50 | 0.75 ± 0.35 |" in text  # each arm against dense
     assert main(["records", "render", str(doc), "--check"]) == 0
 
 
