@@ -83,9 +83,12 @@ def test_curve_compares_what_each_arm_lost_where_the_pair_had_different_parents(
 
     admm = _record("a10", "admm", "0.33", 0, 84.7, admm=7, ft=3)
     admm["metrics"]["dense_top1"] = 87.25  # the same seed's model from another machine
-    for r in (admm, _record("d10", "direct", "0.33", 0, 85.7, ft=10)):  # from the 88.0 parent
+    unmeasured = _record("a40", "admm", "0.33", 0, 86.0, admm=28, ft=12)
+    del unmeasured["metrics"]["dense_top1"]  # no dense figure: nothing to count its loss against
+    for r in (admm, _record("d10", "direct", "0.33", 0, 85.7, ft=10), unmeasured,
+              _record("d40", "direct", "0.33", 0, 86.5, ft=40)):  # the direct rows from the 88.0 parent
         (tmp_path / f"{r['name']}.json").write_text(json.dumps(r))
-    (cell,) = curve(study_rows(load_records(tmp_path)))
+    (cell,) = curve(study_rows(load_records(tmp_path)))  # the 40-epoch pair is left out
     assert cell["admm_delta"] == pytest.approx(84.7 - 87.25) and cell["direct_delta"] == pytest.approx(85.7 - DENSE)
     assert cell["gap"] == pytest.approx((84.7 - 87.25) - (85.7 - DENSE))  # -0.25, not the top-1 difference -1.0
 

@@ -96,8 +96,9 @@ def curve(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """ADMM minus direct per (model, format, ratio, ADMM variant, budget): mean ± std over the seeds where both
     arms finished; ``n`` seeds. Each arm counts as its final top-1 minus its own dense parent's (points), so a
     pair whose rows started from different parents (another machine's model of the same seed) compares the
-    distances each arm lost; from one parent that is the plain top-1 difference. Rows come by format, ratio
-    (3x before 5x), variant, budget."""
+    distances each arm lost; from one parent that is the plain top-1 difference. A row that measured no dense
+    parent pairs with nothing, as it counts in no trend. Rows come by format, ratio (3x before 5x), variant,
+    budget."""
     direct = {(r["model"], r["format"], r["keep_ratio"], r["budget"], r["seed"], "distill" in r["variant"]): r
               for r in rows if r["method"] == "direct"}
     cells: dict[tuple, list[tuple[float, float, float]]] = {}
@@ -105,9 +106,9 @@ def curve(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["method"] != "admm":
             continue
         d = direct.get((r["model"], r["format"], r["keep_ratio"], r["budget"], r["seed"], "distill" in r["variant"]))
-        if d is not None:
+        if d is not None and None not in (r["top1_delta"], d["top1_delta"]):
             key = (r["model"], r["format"], r["keep_ratio"], r["variant"], r["budget"])
-            a, b = r["top1"] - r["dense_top1"], d["top1"] - d["dense_top1"]
+            a, b = r["top1_delta"], d["top1_delta"]
             cells.setdefault(key, []).append((a - b, a, b))
     out = []
     for (model, fmt, keep, var, budget), xs in cells.items():
