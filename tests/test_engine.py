@@ -102,7 +102,9 @@ def test_building_an_engine_compiles_no_deepspeed_op(tmp_path):
             "build_engine; from trainer.config import EngineConfig, OptimConfig; from trainer.models import "
             "build_model; init_local_group(gpu=False); build_engine(build_model('tinycnn', 10), OptimConfig(), "
             "EngineConfig(), batch_size=16, lr=0.1, total_steps=1, steps_per_epoch=1, world_size=1, "
-            "precision=Precision(False, False)); print('engine ok')")
+            "precision=Precision(False, False)); print('engine ok'); torch.distributed.destroy_process_group()")
+    # The group is closed before the interpreter exits: a gloo group left open can abort the exit
+    # ("terminate called without an active exception") after the engine was built.
     ext = tmp_path / "torch_extensions"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
