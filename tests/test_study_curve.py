@@ -173,6 +173,10 @@ def test_figure_gives_a_pair_one_colour_in_both_panels_and_hides_no_point_under_
         assert len(set(pair)) == 1  # both arms and their ADMM - direct line
         assert colour["tucker2 keep 0.33 admm (fixed-rho)"] != pair[0]
         assert colour["tucker2 keep 0.33 admm (distill)"] == colour["tucker2 keep 0.33 direct (distill)"]
+        # a one-budget pair draws no line, so its arms differ by marker
+        arms = {label: h for h, label in zip(*left.get_legend_handles_labels())}
+        admm, direct = arms["tucker2 keep 0.33 admm (distill)"], arms["tucker2 keep 0.33 direct (distill)"]
+        assert (admm.get_marker(), admm.get_markerfacecolor()) != (direct.get_marker(), direct.get_markerfacecolor())
         fig.canvas.draw()
         for ax in (left, right):  # the legend lies wholly under its panel
             assert ax.get_legend().get_window_extent().y1 < ax.get_window_extent().y0

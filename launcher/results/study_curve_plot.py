@@ -10,6 +10,9 @@ from launcher.results.study_curve import curve
 from launcher.results.study_trend import trend
 
 _STYLE = {"admm": "-", "direct": "--"}
+# A single budget draws no line, so the marker alone must tell the arms apart: filled circles for ADMM,
+# open squares for direct decomposition.
+_MARKER = {"admm": {"marker": "o"}, "direct": {"marker": "s", "markerfacecolor": "white"}}
 
 
 def _colours(rows: list[dict[str, Any]]) -> dict[tuple, str]:
@@ -42,8 +45,8 @@ def _draw_distance(ax: Any, rows: list[dict[str, Any]], goals: dict[float, float
         xs = sorted(arm["by_budget"])
         label = f"{arm['format']} keep {arm['keep_ratio']} {arm['method']}" + \
             ("" if arm["variant"] == "plain" else f" ({arm['variant']})")
-        (line,) = ax.plot(xs, [arm["by_budget"][b] for b in xs], marker="o", label=label,
-                          linestyle=_STYLE.get(arm["method"], ":"),
+        (line,) = ax.plot(xs, [arm["by_budget"][b] for b in xs], label=label,
+                          linestyle=_STYLE.get(arm["method"], ":"), **_MARKER.get(arm["method"], {"marker": "^"}),
                           color=colours[(arm["format"], arm["keep_ratio"], arm["variant"])])
         budgets += xs
         if arm["fit"] is None:
@@ -88,7 +91,8 @@ def curve_figure(rows: list[dict[str, Any]], goals: dict[float, float] | None = 
     """The matplotlib figure of the study rows ``rows`` (:func:`launcher.results.study_curve.study_rows`).
 
     Left: each arm's final top-1 minus its rows' dense parents (points; mean over seeds) against its budget in
-    epochs, one line per (format, ratio, method, variant), with its log2 trend (thin dotted line, drawn on to
+    epochs, one line per (format, ratio, method, variant: ADMM solid with filled circles, direct dashed with open
+    squares), with its log2 trend (thin dotted line, drawn on to
     the budget that meets its goal when that is an extrapolation) and each goal of ``goals`` (keep ratio ->
     points below dense) as a grey line. Right: ADMM minus direct at each budget (bars: std over seeds), one line
     per (format, ratio, ADMM variant); above zero ADMM pays. A (format, ratio, variant) has one colour in both
