@@ -93,9 +93,10 @@ def curve_figure(rows: list[dict[str, Any]], goals: dict[float, float] | None = 
     Left: each arm's final top-1 minus its rows' dense parents (points; mean over seeds) against its budget in
     epochs, one line per (format, ratio, method, variant: ADMM solid with filled circles, direct dashed with open
     squares), with its log2 trend (thin dotted line, drawn on to the budget that meets its goal when that is an
-    extrapolation) and each goal of ``goals`` (keep ratio -> points below dense) as a grey line. Right: ADMM minus direct at each budget (bars: std over seeds), one line
-    per (format, ratio, ADMM variant); above zero ADMM pays. A (format, ratio, variant) has one colour in both
-    panels; legends sit under the panels. The caller closes it.
+    extrapolation) and each goal of ``goals`` (keep ratio -> points below dense) as a grey line. Right: ADMM
+    minus direct at each budget (bars: std over seeds), one line per (format, ratio, ADMM variant); above zero
+    ADMM pays. A (format, ratio, variant) has one colour in both panels; legends sit under the panels. The
+    caller closes it.
     """
     import matplotlib
 
